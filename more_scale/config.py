@@ -1,0 +1,267 @@
+"""Typed experiment config: dataclass defaults < YAML file < dotted `key=value` overrides.
+
+`load_config` merges the three once, checks every key and value, and returns a frozen `Config`.
+Each builder receives only its slice (`cfg.data`, `cfg.model`, ...). Errors name the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key or value is unknown, mistyped or impossible; the message names it."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train: str = ""  # shard directory (holds shards.json) for training
+    tokenizer: str = ""  # local tokenizer dir; "" = the one stored beside the shards (<train>/../tokenizer)
+    batch_size: int = 8  # micro-batch per rank
+    workers: int = 2  # loader processes per rank
+    shuffle_buffer: int = 256  # samples held for in-stream shuffling
+    image_size: int = 224  # X-ray side fed to the model (random crop from the stored image)
+    ecg_samples: int = 1000  # ECG length fed to the model (10 s at 100 Hz)
+    max_text_tokens: int = 256  # reports are padded per batch to the longest, truncated here
+    seed: int = 0  # stream seed; rank and worker are mixed in
+
+
+@dataclass(frozen=True)
+class VitConfig:
+    width: int = 768
+    depth: int = 12
+    heads: int = 12
+    mlp_ratio: float = 4.0
+    drop_token_keep: float = 1.0  # fraction of patch tokens kept in training (FLIP); 1.0 = off
+    drop_key: float = 0.0  # DropKey rate on attention logits, training only (MoRE reference: 0.3)
+
+
+@dataclass(frozen=True)
+class CxrConfig(VitConfig):
+    image_size: int = 224
+    patch_size: int = 16
+    channels: int = 1  # grayscale stem; 3 repeats the gray channel like the reference
+
+
+@dataclass(frozen=True)
+class EcgConfig(VitConfig):
+    leads: int = 12
+    samples: int = 1000  # 10 s at 100 Hz -> 196 tokens through the paper's Conv1d stem
+    stem_channels: int = 256  # first Conv1d width of the paper's stem
+    stem_norm: str = "batch"  # batch (paper) | group: batch-independent, so N ranks equal 1 rank exactly
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    pretrained: str = ""  # local HF model dir; "" = random weights from the sizes below (tests, demo)
+    hidden: int = 768
+    layers: int = 12
+    heads: int = 12
+    intermediate: int = 3072
+    max_positions: int = 514  # RoBERTa counts padding_idx + 1 extra positions
+    dropout: float = 0.1  # hidden and attention dropout of a randomly initialised LM
+    lora_r: int = 16  # MoRE reference: r=16, alpha=8, dropout 0.1
+    lora_alpha: int = 8
+    lora_dropout: float = 0.1
+    lora_targets: tuple[str, ...] = ("query", "value")
+    lora_bias: str = "none"  # peft bias: none | all | lora_only (the reference trains all)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    cxr: CxrConfig = field(default_factory=CxrConfig)
+    ecg: EcgConfig = field(default_factory=EcgConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    head_hidden: int = 768  # projection MLP hidden width (reference 768 -> 768 -> 128)
+    embed_dim: int = 128  # shared space
+    temperature: float = 0.02  # reference tau; learned through logit_scale when learn_temperature
+    learn_temperature: bool = True
+    max_logit_scale: float = 100.0  # clamp, as CLIP
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    text_cxr: float = 1.0  # weight of the symmetric text<->X-ray InfoNCE
+    text_ecg: float = 1.0  # weight of the symmetric text<->ECG InfoNCE
+    cxr_ecg: float = 0.0  # optional direct X-ray<->ECG term (absent in the reference)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1000  # optimizer steps
+    lr: float = 1e-4
+    min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr
+    warmup_steps: int = 100
+    weight_decay: float = 0.05
+    betas: tuple[float, ...] = (0.9, 0.98)
+    grad_accum: int = 1  # micro-batches per optimizer step
+    grad_clip: float = 1.0  # global norm; 0 = off
+    deepspeed_config: str = "ds_configs/zero2.json"  # ZeRO stage / offload; bf16 set by `precision`
+    precision: str = "bf16"  # bf16 | fp32 (fp16 has no fast path on CPU and is not offered)
+    save_every: int = 500  # checkpoint every N steps (and always at the end)
+    keep_checkpoints: int = 2  # newest N kept on disk
+    log_every: int = 10
+    resume: str = "none"  # none | auto (latest checkpoint in output_dir) | path to a checkpoint dir
+    seed: int = 0  # model init and dropout
+
+
+@dataclass(frozen=True)
+class Config:
+    output_dir: str = "runs/default"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Defaults < YAML at `path` < `overrides` ("train.steps=20"); validated and frozen."""
+    tree: dict = {}
+    if path is not None:
+        text = Path(path).read_text()
+        tree = yaml.safe_load(text) or {}
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level, got {type(tree).__name__}")
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected dotted.key=value")
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+    cfg = _build(Config, tree, "")
+    validate(cfg)
+    return cfg
+
+
+def config_to_dict(cfg) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def config_from_dict(tree: dict) -> Config:
+    cfg = _build(Config, tree, "")
+    validate(cfg)
+    return cfg
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+def resolve_path(path: str) -> Path:
+    """A config path as given, else relative to the repository (ds_configs/... from any directory)."""
+    given = Path(path)
+    if given.is_absolute() or given.exists():
+        return given
+    in_repo = Path(__file__).resolve().parent.parent / path
+    return in_repo if in_repo.exists() else given
+
+
+def _set_dotted(tree: dict, key: str, value) -> None:
+    *parents, leaf = key.split(".")
+    node = tree
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {key}: {part} is a value, not a section")
+    node[leaf] = value
+
+
+def _build(cls, tree, prefix: str):
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a section (mapping), got {tree!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(tree) - names)
+    if unknown:
+        raise ConfigError(f"unknown key {prefix}{unknown[0]} (known in this section: {', '.join(sorted(names))})")
+    kwargs = {}
+    for name, value in tree.items():
+        kwargs[name] = _coerce(hints[name], value, prefix + name)
+    return cls(**kwargs)
+
+
+def _coerce(hint, value, key: str):
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key + ".")
+    if typing.get_origin(hint) is tuple:
+        (item_type, _) = typing.get_args(hint)
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return tuple(_coerce(item_type, v, key) for v in value)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise ConfigError(f"{key}: expected {hint.__name__}, got {value!r}")
+    return value
+
+
+def validate(cfg: Config) -> None:
+    """Every impossible combination, checked once, with the numbers that disagree."""
+    d, m, t = cfg.data, cfg.model, cfg.train
+    checks = [
+        (d.batch_size >= 1, f"data.batch_size must be >= 1, got {d.batch_size}"),
+        (d.workers >= 0, f"data.workers must be >= 0, got {d.workers}"),
+        (d.image_size == m.cxr.image_size,
+         f"data.image_size ({d.image_size}) != model.cxr.image_size ({m.cxr.image_size})"),
+        (d.ecg_samples == m.ecg.samples, f"data.ecg_samples ({d.ecg_samples}) != model.ecg.samples ({m.ecg.samples})"),
+        (d.max_text_tokens + 2 <= m.text.max_positions or bool(m.text.pretrained),
+         f"data.max_text_tokens ({d.max_text_tokens}) + 2 exceeds model.text.max_positions ({m.text.max_positions})"),
+        (m.cxr.image_size % m.cxr.patch_size == 0,
+         f"model.cxr.image_size ({m.cxr.image_size}) is not a multiple of model.cxr.patch_size ({m.cxr.patch_size})"),
+        (m.cxr.channels in (1, 3), f"model.cxr.channels must be 1 or 3, got {m.cxr.channels}"),
+        (m.ecg.samples >= 10 and (m.ecg.samples // 5) > 4,
+         f"model.ecg.samples ({m.ecg.samples}) too short for the Conv1d stem (stride 5, kernel 5)"),
+        (m.text.hidden % m.text.heads == 0,
+         f"model.text.hidden ({m.text.hidden}) is not divisible by model.text.heads ({m.text.heads})"),
+        (m.ecg.stem_norm in ("batch", "group"), f"model.ecg.stem_norm must be batch or group, got {m.ecg.stem_norm!r}"),
+        (m.text.lora_bias in ("none", "all", "lora_only"),
+         f"model.text.lora_bias must be none|all|lora_only, got {m.text.lora_bias!r}"),
+        (m.temperature > 0, f"model.temperature must be > 0, got {m.temperature}"),
+        (1.0 / m.temperature <= m.max_logit_scale,
+         f"1/model.temperature ({1 / m.temperature:g}) exceeds model.max_logit_scale ({m.max_logit_scale})"),
+        (cfg.loss.text_cxr + cfg.loss.text_ecg + cfg.loss.cxr_ecg > 0, "loss: every pair weight is 0"),
+        (min(cfg.loss.text_cxr, cfg.loss.text_ecg, cfg.loss.cxr_ecg) >= 0, "loss: pair weights must be >= 0"),
+        (t.steps >= 1, f"train.steps must be >= 1, got {t.steps}"),
+        (0 <= t.warmup_steps <= t.steps, f"train.warmup_steps ({t.warmup_steps}) must be in [0, train.steps={t.steps}]"),
+        (t.lr > 0, f"train.lr must be > 0, got {t.lr}"),
+        (0 <= t.min_lr_ratio <= 1, f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}"),
+        (len(t.betas) == 2, f"train.betas needs two values, got {list(t.betas)}"),
+        (t.grad_accum >= 1, f"train.grad_accum must be >= 1, got {t.grad_accum}"),
+        (t.grad_clip >= 0, f"train.grad_clip must be >= 0, got {t.grad_clip}"),
+        (t.precision in ("bf16", "fp32"), f"train.precision must be bf16 or fp32, got {t.precision!r}"),
+        (t.save_every >= 1, f"train.save_every must be >= 1, got {t.save_every}"),
+        (t.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1, got {t.keep_checkpoints}"),
+        (t.log_every >= 1, f"train.log_every must be >= 1, got {t.log_every}"),
+    ]
+    for vit_name, vit in (("cxr", m.cxr), ("ecg", m.ecg)):
+        checks += [
+            (vit.width % vit.heads == 0,
+             f"model.{vit_name}.width ({vit.width}) is not divisible by model.{vit_name}.heads ({vit.heads})"),
+            (0 < vit.drop_token_keep <= 1,
+             f"model.{vit_name}.drop_token_keep must be in (0, 1], got {vit.drop_token_keep}"),
+            (0 <= vit.drop_key < 1, f"model.{vit_name}.drop_key must be in [0, 1), got {vit.drop_key}"),
+        ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    ds_path = resolve_path(t.deepspeed_config)
+    if not ds_path.is_file():
+        raise ConfigError(f"train.deepspeed_config: no such file {t.deepspeed_config}")
+    ds = json.loads(ds_path.read_text())
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (1, 2, 3):
+        raise ConfigError(f"train.deepspeed_config {t.deepspeed_config}: ZeRO stage must be 1, 2 or 3, got {stage}")
+    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                "gradient_clipping", "fp16", "optimizer", "scheduler"):
+        if key in ds:
+            raise ConfigError(f"train.deepspeed_config {t.deepspeed_config}: {key!r} belongs to the typed config "
+                              "(data.batch_size, train.grad_accum, train.grad_clip, train.precision, train.lr)")

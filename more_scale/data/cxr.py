@@ -1,0 +1,49 @@
+"""Chest X-ray files -> preprocessed grayscale arrays (build time) and model tensors (load time)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+MEAN, STD = 0.499, 0.293  # MoRE reference normalisation of [0, 1] grayscale
+
+
+def read_gray(path: str | Path) -> np.ndarray:
+    """Any 8/16-bit grayscale, RGB or RGBA image file -> (H, W) uint8."""
+    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if image is None:
+        raise ValueError(f"{path}: not a readable image (expected JPEG/PNG)")
+    if image.dtype == np.uint16:
+        image = (image / 257).astype(np.uint8)
+    if image.ndim == 3:
+        code = cv2.COLOR_BGRA2GRAY if image.shape[2] == 4 else cv2.COLOR_BGR2GRAY
+        image = cv2.cvtColor(image, code)
+    return image
+
+
+def clahe(image: np.ndarray, clip_limit: float = 2.0, tiles: int = 8) -> np.ndarray:
+    return cv2.createCLAHE(clipLimit=clip_limit, tileGridSize=(tiles, tiles)).apply(image)
+
+
+def resize_short_side(image: np.ndarray, size: int) -> np.ndarray:
+    h, w = image.shape[:2]
+    scale = size / min(h, w)
+    new = (max(size, round(w * scale)), max(size, round(h * scale)))
+    interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC
+    return cv2.resize(image, new, interpolation=interp)
+
+
+def preprocess_file(path: str | Path, short_side: int = 256) -> np.ndarray:
+    """What a shard stores: grayscale, CLAHE, short side resized."""
+    return resize_short_side(clahe(read_gray(path)), short_side)
+
+
+def to_model_input(image: np.ndarray, size: int) -> np.ndarray:
+    """(H, W) uint8 -> (1, size, size) float32: short side to `size`, centre crop, normalised."""
+    image = resize_short_side(image, size)
+    h, w = image.shape
+    top, left = (h - size) // 2, (w - size) // 2
+    crop = image[top:top + size, left:left + size].astype(np.float32) / 255.0
+    return ((crop - MEAN) / STD)[None]

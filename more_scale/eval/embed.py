@@ -1,0 +1,67 @@
+"""Load a trained run and embed a shard set: what zero-shot, retrieval and probes stand on."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+from rich.progress import track
+
+from more_scale.config import Config, load_config
+from more_scale.data.pipeline import iter_batches
+from more_scale.data.tokenizer import load_tokenizer
+from more_scale.models.more import MODALITIES, MoRE, build_model
+from more_scale.train.checkpoint import checkpoint_root, latest_tag
+
+
+@dataclass
+class Embeddings:
+    vectors: dict[str, np.ndarray]  # modality -> (N, D) unit-norm
+    masks: dict[str, np.ndarray]  # modality -> (N,) bool: present in the sample
+    keys: list[str]
+    meta: list[dict]
+
+
+def load_trained(run_dir: str | Path, tag: str | None = None) -> tuple[MoRE, Config, object]:
+    """(model in eval mode, fp32; the run's config; its tokenizer) from a run folder's checkpoint.
+    Works for any ZeRO stage and world size: DeepSpeed's zero_to_fp32 merges the rank shards."""
+    run_dir = Path(run_dir)
+    cfg = load_config(run_dir / "config.yaml")
+    tokenizer = load_tokenizer(run_dir / "tokenizer")
+    model = build_model(cfg.model, len(tokenizer), tokenizer.pad_token_id)
+    state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_root(run_dir)), tag or latest_tag(run_dir))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{run_dir}: checkpoint does not match the config's model "
+                         f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+    return model.float().eval(), cfg, tokenizer
+
+
+@torch.no_grad()
+def embed(model: MoRE, shards: str | Path, cfg: Config, tokenizer, batch_size: int = 64) -> Embeddings:
+    vectors = {m: [] for m in MODALITIES}
+    masks = {m: [] for m in MODALITIES}
+    keys, meta = [], []
+    for batch in track(iter_batches(shards, cfg.data, tokenizer, batch_size), description=f"embedding {shards}"):
+        out = model(batch)
+        for m in MODALITIES:
+            vectors[m].append(out[m].numpy())
+        masks["cxr"].append(batch["cxr_mask"].numpy())
+        masks["ecg"].append(batch["ecg_mask"].numpy())
+        masks["text"].append(np.ones(len(batch["keys"]), bool))
+        keys += batch["keys"]
+        meta += batch["meta"]
+    if not keys:
+        raise ValueError(f"{shards}: no samples to embed")
+    return Embeddings({m: np.concatenate(v) for m, v in vectors.items()},
+                      {m: np.concatenate(v) for m, v in masks.items()}, keys, meta)
+
+
+@torch.no_grad()
+def embed_texts(model: MoRE, tokenizer, texts: list[str], max_tokens: int) -> np.ndarray:
+    tokens = tokenizer(texts, padding="longest", truncation=True, max_length=max_tokens, return_tensors="pt")
+    features = model.encoders["text"](tokens["input_ids"], tokens["attention_mask"])
+    return torch.nn.functional.normalize(model.heads["text"](features), dim=-1).numpy()

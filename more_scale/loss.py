@@ -1,0 +1,64 @@
+"""Text-anchored, gathered, masked InfoNCE (MoRE): 1/2[CE(t->x)+CE(x->t)] per modality pair.
+
+Each rank scores its own rows against the columns gathered from every rank (local loss: memory
+O(B x N), not O(N x N)). Rows whose pair lacks a modality are left out and columns of a missing
+modality are masked to -inf, so an X-ray-only sample still serves as a negative for X-rays.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from more_scale import dist
+from more_scale.config import LossConfig
+
+PAIRS = (("text", "cxr"), ("text", "ecg"), ("cxr", "ecg"))
+
+
+def negatives_for_microbatch(local: torch.Tensor) -> torch.Tensor:
+    """The columns a micro-batch is scored against: this micro-batch's rows from every rank,
+    (B_local, D) -> (B_global, D) in rank order, with gradients. Earlier accumulation steps'
+    rows are not reused (no memory bank), so the negatives per step are micro x world."""
+    return dist.gather_with_grad(local)
+
+
+class ContrastiveLoss:
+    def __init__(self, cfg: LossConfig, rank: int, world: int):
+        self.weights = {f"{a}_{b}": getattr(cfg, f"{a}_{b}") for a, b in PAIRS}
+        self.rank, self.world = rank, world
+
+    def __call__(self, emb: dict[str, torch.Tensor], batch: dict) -> dict[str, torch.Tensor]:
+        """emb: unit-norm (B, D) per modality and the scalar `logit_scale`; returns the loss by name.
+        Each value is this rank's share: its mean over ranks is the mean over all valid global rows,
+        so DeepSpeed's gradient averaging yields the gradient of the global loss."""
+        b = emb["text"].shape[0]
+        masks = {"text": torch.ones(b, dtype=torch.bool, device=emb["text"].device),
+                 "cxr": batch["cxr_mask"].to(emb["text"].device), "ecg": batch["ecg_mask"].to(emb["text"].device)}
+        used = {m for a, c in PAIRS if self.weights[f"{a}_{c}"] > 0 for m in (a, c)}
+        columns = {m: negatives_for_microbatch(emb[m]) for m in used}  # (B_global, D)
+        column_masks = {m: dist.gather(masks[m]) for m in used}  # (B_global,)
+        # row i of this rank matches global column rank * B + i (equal micro-batches on every rank)
+        targets = torch.arange(b, device=emb["text"].device) + self.rank * b
+        scale = emb["logit_scale"]
+        out, total = {}, 0.0
+        for a, c in PAIRS:
+            weight = self.weights[f"{a}_{c}"]
+            if weight == 0:
+                continue
+            rows = masks[a] & masks[c]
+            n_global = (column_masks[a] & column_masks[c]).sum().clamp(min=1)
+            ce = (_masked_ce(scale * emb[a] @ columns[c].T, targets, rows, column_masks[c])
+                  + _masked_ce(scale * emb[c] @ columns[a].T, targets, rows, column_masks[a]))
+            pair = 0.5 * ce * self.world / n_global
+            out[f"loss/{a}_{c}"] = pair
+            total = total + weight * pair
+        out["loss"] = total
+        return out
+
+
+def _masked_ce(logits: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """Summed CE over the valid rows; invalid columns get -inf. Invalid rows are dropped before the
+    softmax (a row with every column masked would give NaN gradients even if multiplied by 0)."""
+    logits = logits.float().masked_fill(~columns[None, :], float("-inf"))
+    return F.cross_entropy(logits[rows], targets[rows], reduction="sum")

@@ -1,0 +1,65 @@
+"""MoRE: X-ray ViT, ECG ViT and LoRA text tower, each with a projection head into one space."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from more_scale.config import ModelConfig
+from more_scale.models.text import build_text_encoder
+from more_scale.models.vit import build_cxr_encoder, build_ecg_encoder
+
+MODALITIES = ("cxr", "ecg", "text")
+
+
+def projection_head(width: int, hidden: int, out: int) -> nn.Module:
+    """LayerNorm MLP: batch-independent (the reference's BatchNorm head is not)."""
+    return nn.Sequential(nn.Linear(width, hidden), nn.LayerNorm(hidden), nn.GELU(), nn.Linear(hidden, out))
+
+
+class MoRE(nn.Module):
+    def __init__(self, cfg: ModelConfig, vocab_size: int, pad_token_id: int):
+        super().__init__()
+        self.cxr_channels = cfg.cxr.channels
+        self.encoders = nn.ModuleDict({
+            "cxr": build_cxr_encoder(cfg.cxr),
+            "ecg": build_ecg_encoder(cfg.ecg),
+            "text": build_text_encoder(cfg.text, vocab_size, pad_token_id),
+        })
+        self.heads = nn.ModuleDict({m: projection_head(self.encoders[m].width, cfg.head_hidden, cfg.embed_dim)
+                                    for m in MODALITIES})
+        # log(1/tau), as CLIP; exp() clamped at max_logit_scale in `scale()`
+        self.logit_scale = nn.Parameter(torch.full((1,), math.log(1 / cfg.temperature)),  # (1,): DeepSpeed cannot broadcast 0-dim bf16
+                                        requires_grad=cfg.learn_temperature)
+        self.max_log_scale = math.log(cfg.max_logit_scale)
+
+    def scale(self) -> torch.Tensor:
+        return self.logit_scale.float().clamp(max=self.max_log_scale).exp()
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Unit-norm fp32 embeddings (B, D) per modality and the logit scale; rows of a missing modality are computed on zeros
+        and masked later by the loss (static shapes, no per-rank branching)."""
+        image = batch["cxr"]
+        if self.cxr_channels == 3 and image.shape[1] == 1:
+            image = image.expand(-1, 3, -1, -1)  # grayscale repeated, as the reference
+        features = {
+            "cxr": self.encoders["cxr"](image),
+            "ecg": self.encoders["ecg"](batch["ecg"]),
+            "text": self.encoders["text"](batch["input_ids"], batch["attention_mask"]),
+        }
+        out = {m: F.normalize(self.heads[m](f).float(), dim=-1) for m, f in features.items()}
+        out["logit_scale"] = self.scale()  # returned, not read outside: under ZeRO-3 the param is partitioned
+        return out
+
+
+def build_model(cfg: ModelConfig, vocab_size: int, pad_token_id: int) -> MoRE:
+    return MoRE(cfg, vocab_size, pad_token_id)
+
+
+def trainable_summary(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    total = sum(p.numel() for p in model.parameters())
+    return sum(p.numel() for p in model.parameters() if p.requires_grad), total

@@ -1,0 +1,56 @@
+"""DeepSpeed engine from the typed config: ZeRO JSON + micro-batch/accumulation/clipping/precision."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import deepspeed
+import torch
+import torch.nn as nn
+
+from more_scale.config import TrainConfig, resolve_path
+
+
+def deepspeed_config(cfg: TrainConfig, micro_batch: int, world: int) -> dict:
+    """The JSON in ds_configs/ (ZeRO stage, offload) completed from the typed config."""
+    ds = json.loads(Path(resolve_path(cfg.deepspeed_config)).read_text())
+    ds.update(
+        train_micro_batch_size_per_gpu=micro_batch,
+        gradient_accumulation_steps=cfg.grad_accum,
+        train_batch_size=micro_batch * cfg.grad_accum * world,
+        gradient_clipping=cfg.grad_clip,
+        bf16={"enabled": cfg.precision == "bf16"},
+        steps_per_print=2**31 - 1,  # our own metrics replace DeepSpeed's periodic prints
+    )
+    return ds
+
+
+def warmup_cosine(step: int, cfg: TrainConfig) -> float:
+    """LR multiplier: linear warmup to 1, cosine decay to min_lr_ratio at cfg.steps."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices only; biases, norms, embeddings' positions, CLS and the logit scale are exempt."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or name.endswith(("pos", "cls")) else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_engine(cfg: TrainConfig, model: nn.Module, micro_batch: int, world: int):
+    """(engine, ds_config). Client torch AdamW: no JIT-compiled DeepSpeed optimizer ops needed."""
+    ds = deepspeed_config(cfg, micro_batch, world)
+    optimizer = torch.optim.AdamW(parameter_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas))
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=ds,
+        # a callable: DeepSpeed hands it the optimizer it wraps, and saves/loads the schedule state
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, cfg)))
+    return engine, ds

@@ -1,0 +1,103 @@
+"""train(cfg): build everything from the config slices, then step, log and checkpoint."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from more_scale import dist
+from more_scale.config import Config, config_to_dict, save_config
+from more_scale.data.pipeline import build_loader
+from more_scale.data.tokenizer import load_tokenizer
+from more_scale.loss import ContrastiveLoss
+from more_scale.models.more import build_model, trainable_summary
+from more_scale.train import checkpoint
+from more_scale.train.engine import build_engine
+from more_scale.train.metrics import MetricsLogger
+
+MODEL_KEYS = ("cxr", "ecg", "input_ids", "attention_mask")
+
+
+def tokenizer_dir(cfg: Config) -> Path:
+    return Path(cfg.data.tokenizer) if cfg.data.tokenizer else Path(cfg.data.train).parent / "tokenizer"
+
+
+def to_device(batch: dict, device, dtype: torch.dtype) -> dict:
+    """Model inputs to the engine's device; float inputs in the engine's compute dtype."""
+    out = {}
+    for key in MODEL_KEYS + ("cxr_mask", "ecg_mask"):
+        value = batch[key].to(device)
+        out[key] = value.to(dtype) if value.is_floating_point() else value
+    return out
+
+
+def train_step(engine, loss_fn: ContrastiveLoss, batch: dict, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """One micro-batch: forward, loss, backward, and DeepSpeed's step (which applies the optimizer,
+    clipping and LR schedule only at the accumulation boundary)."""
+    inputs = to_device(batch, engine.device, dtype)
+    embeddings = engine(inputs)
+    losses = loss_fn(embeddings, inputs)
+    engine.backward(losses["loss"])
+    engine.step()
+    return {**{k: v.detach() for k, v in losses.items()}, "logit_scale": embeddings["logit_scale"].detach()}
+
+
+def train(cfg: Config) -> checkpoint.TrainState:
+    rank, world, _ = dist.init_distributed()
+    console = Console(quiet=rank != 0)
+    out = Path(cfg.output_dir)
+    torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
+    tokenizer = load_tokenizer(tokenizer_dir(cfg))
+    model = build_model(cfg.model, len(tokenizer), tokenizer.pad_token_id)
+    trainable, total = trainable_summary(model)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+        tokenizer.save_pretrained(str(out / "tokenizer"))  # the run folder is self-contained for evaluation
+    engine, ds = build_engine(cfg.train, model, cfg.data.batch_size, world)
+    dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+    state = checkpoint.resume(engine, out, cfg.train.resume)
+    console.print(f"[bold]more_scale[/] world {world} | global batch {ds['train_batch_size']} = micro "
+                  f"{cfg.data.batch_size} x accum {cfg.train.grad_accum} x dp {world} | ZeRO "
+                  f"{ds['zero_optimization']['stage']} {cfg.train.precision} | trainable {trainable:,} of "
+                  f"{total:,} params ({100 * trainable / total:.2f}%) | start step {state.step} of {cfg.train.steps}")
+    loader = iter(build_loader(cfg.data, rank, world, tokenizer, start_step=state.step))
+    loss_fn = ContrastiveLoss(cfg.loss, rank, world)
+    metrics = MetricsLogger(out, rank)
+    skipped: dict[str, int] = {}
+    columns = (TextColumn("step"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.fields[info]}"),
+               TimeRemainingColumn())
+    with Progress(*columns, console=console, disable=rank != 0) as progress:
+        task = progress.add_task("train", total=cfg.train.steps, completed=state.step, info="")
+        window_start, window_samples = time.perf_counter(), 0
+        while state.step < cfg.train.steps:
+            for _ in range(cfg.train.grad_accum):
+                batch = next(loader)
+                for reason, count in batch["skipped"].items():
+                    skipped[reason] = skipped.get(reason, 0) + count
+                values = train_step(engine, loss_fn, batch, dtype)
+            state.step += 1
+            state.samples += ds["train_batch_size"]
+            window_samples += ds["train_batch_size"]
+            if state.step % cfg.train.log_every == 0 or state.step == cfg.train.steps:
+                logged = dist.mean_over_ranks({k: v.item() for k, v in values.items()})
+                elapsed = time.perf_counter() - window_start
+                logged.update(lr=engine.get_lr()[0], samples_per_s=window_samples / elapsed, samples=state.samples,
+                              skipped=sum(skipped.values()))
+                metrics.log(state.step, logged)
+                progress.update(task, info=f"loss {logged['loss']:.4f}  {logged['samples_per_s']:.1f} samples/s")
+                window_start, window_samples = time.perf_counter(), 0
+            progress.update(task, completed=state.step)
+            if state.step % cfg.train.save_every == 0 or state.step == cfg.train.steps:
+                path = checkpoint.save(engine, out, state, config_to_dict(cfg), cfg.train.keep_checkpoints, rank)
+                console.print(f"checkpoint {path}")
+                window_start, window_samples = time.perf_counter(), 0  # keep save time out of samples/s
+    if skipped:
+        console.print(f"[yellow]skipped samples (this rank): {skipped}")
+    metrics.close()
+    console.print(f"done: step {state.step}, {state.samples} samples")
+    return state
