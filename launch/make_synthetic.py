@@ -17,8 +17,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--subjects", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--image-size", type=int, default=320, help="native X-ray side in pixels")
+    parser.add_argument("--workers", type=int, default=1, help="processes (output is identical for any count)")
     args = parser.parse_args(argv)
-    print(make_synthetic(args.out, args.subjects, args.seed, args.image_size))
+    print(make_synthetic(args.out, args.subjects, args.seed, args.image_size, args.workers))
     return 0
 
 

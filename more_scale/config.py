@@ -107,6 +107,7 @@ class TrainConfig:
     save_every: int = 500  # checkpoint every N steps (and always at the end)
     keep_checkpoints: int = 2  # newest N kept on disk
     log_every: int = 10
+    stop_at_step: int = 0  # end this run early, with a checkpoint, at this step (schedule still spans `steps`); 0 = off
     resume: str = "none"  # none | auto (latest checkpoint in output_dir) | path to a checkpoint dir
     seed: int = 0  # model init and dropout
 
@@ -197,6 +198,11 @@ def _coerce(hint, value, key: str):
         return tuple(_coerce(item_type, v, key) for v in value)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{key}: expected float, got {value!r}") from None
     if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
@@ -238,6 +244,7 @@ def validate(cfg: Config) -> None:
         (t.grad_accum >= 1, f"train.grad_accum must be >= 1, got {t.grad_accum}"),
         (t.grad_clip >= 0, f"train.grad_clip must be >= 0, got {t.grad_clip}"),
         (t.precision in ("bf16", "fp32"), f"train.precision must be bf16 or fp32, got {t.precision!r}"),
+        (0 <= t.stop_at_step <= t.steps, f"train.stop_at_step ({t.stop_at_step}) must be in [0, train.steps={t.steps}]"),
         (t.save_every >= 1, f"train.save_every must be >= 1, got {t.save_every}"),
         (t.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1, got {t.keep_checkpoints}"),
         (t.log_every >= 1, f"train.log_every must be >= 1, got {t.log_every}"),

@@ -9,6 +9,10 @@ import torch.distributed as dist
 from torch.distributed._functional_collectives import all_gather_single_autograd
 
 
+# torch 2.13 renamed all_gather_into_tensor (deprecated) to all_gather_single
+_all_gather_single = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
+
+
 def discover() -> tuple[int, int, int]:
     """(rank, world, local_rank) from launcher variables; SLURM's when no launcher set them."""
     env = os.environ
@@ -45,8 +49,8 @@ def world_size() -> int:
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """(B, ...) per rank -> (world * B, ...) in rank order; gradients flow back to each rank's rows
-    (summed over ranks by the backward reduce-scatter)."""
+    """(B, ...) per rank -> (world * B, ...) in rank order; gradients flow back to each rank's rows,
+    summed over the ranks whose losses used them (the backward is a reduce-scatter)."""
     if world_size() == 1:
         return x
     return all_gather_single_autograd(x.contiguous(), gather_dim=0, group=dist.group.WORLD)
@@ -57,7 +61,7 @@ def gather(x: torch.Tensor) -> torch.Tensor:
     if world_size() == 1:
         return x
     out = torch.empty((world_size() * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
-    dist.all_gather_into_tensor(out, x.contiguous())
+    _all_gather_single(out, x.contiguous())
     return out
 
 

@@ -35,7 +35,9 @@ class ContrastiveLoss:
         b = emb["text"].shape[0]
         masks = {"text": torch.ones(b, dtype=torch.bool, device=emb["text"].device),
                  "cxr": batch["cxr_mask"].to(emb["text"].device), "ecg": batch["ecg_mask"].to(emb["text"].device)}
-        used = {m for a, c in PAIRS if self.weights[f"{a}_{c}"] > 0 for m in (a, c)}
+        # a fixed order: every rank must issue the same collectives in the same sequence (a set's
+        # order follows per-process string hashing and silently pairs text with X-ray across ranks)
+        used = [m for m in ("text", "cxr", "ecg") if any(m in (a, c) and self.weights[f"{a}_{c}"] > 0 for a, c in PAIRS)]
         columns = {m: negatives_for_microbatch(emb[m]) for m in used}  # (B_global, D)
         column_masks = {m: dist.gather(masks[m]) for m in used}  # (B_global,)
         # row i of this rank matches global column rank * B + i (equal micro-batches on every rank)

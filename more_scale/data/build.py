@@ -216,8 +216,9 @@ def write_shards(pairs: list[PairSpec], out: Path, options: BuildOptions, source
         pool.close()
         pool.join()
     summary = {}
-    for split, writer in sorted(writers.items()):
-        entries = writer.finish()
+    for split in sorted(set(writers) | set(failures)):  # a split of only failures still records them
+        entries = writers[split].finish() if split in writers else []
+        (out / split).mkdir(parents=True, exist_ok=True)
         index = {"split": split, "samples": sum(e["samples"] for e in entries), "shards": entries,
                  "failures": failures.get(split, []), "build": {**asdict(options), **source}}
         _write_json_atomic(out / split / INDEX_NAME, index)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
+import multiprocessing
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +44,7 @@ ECG_MEASUREMENT_COLUMNS = (
 )
 ECG_RATE_HZ = 500
 ECG_SECONDS = 10
-SPLIT_FRACTIONS = (("train", 0.8), ("validate", 0.1), ("test", 0.1))
+SPLIT_FRACTIONS = (("train", 0.75), ("validate", 0.05), ("test", 0.2))  # by subject; a big test split for eval
 
 
 @dataclass
@@ -59,66 +60,90 @@ class EcgFindings:
     lvh: bool
 
 
-def make_synthetic(out: str | Path, subjects: int = 200, seed: int = 0, image_size: int = 320) -> dict:
-    """Write the fake raw dataset under `out`; returns counts of what was written."""
+MAX_STUDIES = 2  # per subject and modality
+
+
+def make_synthetic(out: str | Path, subjects: int = 200, seed: int = 0, image_size: int = 320,
+                   workers: int = 1) -> dict:
+    """Write the fake raw dataset under `out`; returns counts of what was written.
+    Subjects are generated independently (own RNG, pre-drawn ids), so `workers` never changes a byte."""
     out = Path(out)
     rng = np.random.default_rng(seed)
     subject_ids = sorted(10_000_000 + rng.choice(9_999_999, size=subjects, replace=False))
-    cxr_root, report_root, ecg_root = out / "mimic-cxr-jpg", out / "mimic-cxr-reports", out / "mimic-iv-ecg"
-    used_ids: set[int] = set()
-    metadata, splits, chexpert, record_list, measurements = [], [], [], [], []
-    for index, subject in enumerate(track(subject_ids, description="synthetic subjects")):
-        srng = np.random.default_rng([seed, index])  # per subject: adding subjects keeps earlier bytes
-        split = _split_for(srng.random())
-        heart_disease = srng.random() < 0.4  # shared cause: makes X-ray and ECG findings co-occur
-        base_day = dt.datetime(2150, 1, 1) + dt.timedelta(days=int(srng.integers(0, 365 * 30)))
-        study_times = []
-        for _ in range(int(srng.integers(1, 3))):
-            study = _fresh_id(srng, used_ids, 50_000_000)
-            when = base_day + dt.timedelta(days=int(srng.integers(0, 200)), seconds=float(srng.integers(0, 86400)),
-                                           milliseconds=int(srng.integers(0, 1000)))
-            study_times.append(when)
-            findings = CxrFindings(
-                cardiomegaly=srng.random() < (0.65 if heart_disease else 0.12),
-                effusion=srng.random() < (0.45 if heart_disease else 0.15),
-                edema=srng.random() < (0.4 if heart_disease else 0.08),
-            )
-            study_dir = cxr_root / "files" / f"p{str(subject)[:2]}" / f"p{subject}" / f"s{study}"
-            views = [srng.choice(["PA", "AP"], p=[0.6, 0.4])] + (["LATERAL"] if srng.random() < 0.5 else [])
-            for view in views:
-                dicom_id = "-".join(f"{int(v):08x}" for v in srng.integers(0, 2**32, size=5))
-                image = _render_cxr(srng, findings, view, image_size)
-                study_dir.mkdir(parents=True, exist_ok=True)
-                cv2.imwrite(str(study_dir / f"{dicom_id}.jpg"), image, [cv2.IMWRITE_JPEG_QUALITY, 95])
-                metadata.append(_metadata_row(dicom_id, subject, study, view, image.shape, when))
-                splits.append((dicom_id, study, subject, split))
-            report_path = report_root / "files" / f"p{str(subject)[:2]}" / f"p{subject}" / f"s{study}.txt"
-            report_path.parent.mkdir(parents=True, exist_ok=True)
-            report_path.write_text(_radiology_report(srng, findings, views[0]))
-            chexpert.append(_chexpert_row(srng, subject, study, findings))
-        for _ in range(int(srng.integers(1, 3))):
-            study = _fresh_id(srng, used_ids, 40_000_000)
-            anchor = study_times[int(srng.integers(0, len(study_times)))]
-            when = anchor + dt.timedelta(days=int(srng.integers(-80, 81)), seconds=int(srng.integers(0, 86400)))
-            when = when.replace(second=0, microsecond=0)
-            findings = EcgFindings(
-                rhythm=str(srng.choice(["sinus", "brady", "tachy", "afib"],
-                                       p=[0.4, 0.15, 0.15, 0.3] if heart_disease else [0.6, 0.15, 0.15, 0.1])),
-                lvh=srng.random() < (0.5 if heart_disease else 0.08),
-            )
-            rel = Path("files") / f"p{str(subject)[:4]}" / f"p{subject}" / f"s{study}" / str(study)
-            _write_ecg(srng, ecg_root / rel, subject, findings, when)
-            ecg_time = when.strftime("%Y-%m-%d %H:%M:%S")
-            record_list.append((subject, study, study, ecg_time, str(rel)))
-            measurements.append(_measurement_row(srng, subject, study, ecg_time, findings))
-    _write_csv(cxr_root / "mimic-cxr-2.0.0-metadata.csv", CXR_METADATA_COLUMNS, metadata)
-    _write_csv(cxr_root / "mimic-cxr-2.0.0-split.csv", ("dicom_id", "study_id", "subject_id", "split"), splits)
-    _write_csv(cxr_root / "mimic-cxr-2.0.0-chexpert.csv", ("subject_id", "study_id") + CHEXPERT_LABELS, chexpert)
+    cxr_ids = 50_000_000 + rng.choice(9_999_999, size=(subjects, MAX_STUDIES), replace=False)
+    ecg_ids = 40_000_000 + rng.choice(9_999_999, size=(subjects, MAX_STUDIES), replace=False)
+    jobs = [(out, seed, i, int(subject_ids[i]), [int(v) for v in cxr_ids[i]], [int(v) for v in ecg_ids[i]], image_size)
+            for i in range(subjects)]
+    pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None
+    rows = {"metadata": [], "splits": [], "chexpert": [], "record_list": [], "measurements": []}
+    results = pool.imap(_make_subject, jobs, chunksize=4) if pool else map(_make_subject, jobs)
+    for subject_rows in track(results, total=subjects, description="synthetic subjects"):
+        for name, values in subject_rows.items():
+            rows[name] += values
+    if pool:
+        pool.close()
+        pool.join()
+    cxr_root, ecg_root = out / "mimic-cxr-jpg", out / "mimic-iv-ecg"
+    _write_csv(cxr_root / "mimic-cxr-2.0.0-metadata.csv", CXR_METADATA_COLUMNS, rows["metadata"])
+    _write_csv(cxr_root / "mimic-cxr-2.0.0-split.csv", ("dicom_id", "study_id", "subject_id", "split"), rows["splits"])
+    _write_csv(cxr_root / "mimic-cxr-2.0.0-chexpert.csv", ("subject_id", "study_id") + CHEXPERT_LABELS,
+               rows["chexpert"])
     (cxr_root / "IMAGE_FILENAMES").write_text("".join(
-        f"files/p{str(r[1])[:2]}/p{r[1]}/s{r[2]}/{r[0]}.jpg\n" for r in metadata))
-    _write_csv(ecg_root / "record_list.csv", ("subject_id", "study_id", "file_name", "ecg_time", "path"), record_list)
-    _write_csv(ecg_root / "machine_measurements.csv", ECG_MEASUREMENT_COLUMNS, measurements)
-    return {"subjects": subjects, "images": len(metadata), "cxr_studies": len(chexpert), "ecgs": len(record_list)}
+        f"files/p{str(r[1])[:2]}/p{r[1]}/s{r[2]}/{r[0]}.jpg\n" for r in rows["metadata"]))
+    _write_csv(ecg_root / "record_list.csv", ("subject_id", "study_id", "file_name", "ecg_time", "path"),
+               rows["record_list"])
+    _write_csv(ecg_root / "machine_measurements.csv", ECG_MEASUREMENT_COLUMNS, rows["measurements"])
+    return {"subjects": subjects, "images": len(rows["metadata"]), "cxr_studies": len(rows["chexpert"]),
+            "ecgs": len(rows["record_list"])}
+
+
+def _make_subject(job) -> dict[str, list]:
+    """All files of one subject; returns its CSV rows."""
+    out, seed, index, subject, cxr_ids, ecg_ids, image_size = job
+    cxr_root, report_root, ecg_root = out / "mimic-cxr-jpg", out / "mimic-cxr-reports", out / "mimic-iv-ecg"
+    rows = {"metadata": [], "splits": [], "chexpert": [], "record_list": [], "measurements": []}
+    srng = np.random.default_rng([seed, index])  # per subject: adding subjects keeps earlier bytes
+    split = _split_for(srng.random())
+    heart_disease = srng.random() < 0.4  # shared cause: makes X-ray and ECG findings co-occur
+    base_day = dt.datetime(2150, 1, 1) + dt.timedelta(days=int(srng.integers(0, 365 * 30)))
+    study_times = []
+    for study in cxr_ids[: int(srng.integers(1, MAX_STUDIES + 1))]:
+        when = base_day + dt.timedelta(days=int(srng.integers(0, 200)), seconds=float(srng.integers(0, 86400)),
+                                       milliseconds=int(srng.integers(0, 1000)))
+        study_times.append(when)
+        findings = CxrFindings(
+            cardiomegaly=srng.random() < (0.65 if heart_disease else 0.12),
+            effusion=srng.random() < (0.45 if heart_disease else 0.15),
+            edema=srng.random() < (0.4 if heart_disease else 0.08),
+        )
+        study_dir = cxr_root / "files" / f"p{str(subject)[:2]}" / f"p{subject}" / f"s{study}"
+        views = [srng.choice(["PA", "AP"], p=[0.6, 0.4])] + (["LATERAL"] if srng.random() < 0.5 else [])
+        for view in views:
+            dicom_id = "-".join(f"{int(v):08x}" for v in srng.integers(0, 2**32, size=5))
+            image = _render_cxr(srng, findings, view, image_size)
+            study_dir.mkdir(parents=True, exist_ok=True)
+            cv2.imwrite(str(study_dir / f"{dicom_id}.jpg"), image, [cv2.IMWRITE_JPEG_QUALITY, 95])
+            rows["metadata"].append(_metadata_row(dicom_id, subject, study, view, image.shape, when))
+            rows["splits"].append((dicom_id, study, subject, split))
+        report_path = report_root / "files" / f"p{str(subject)[:2]}" / f"p{subject}" / f"s{study}.txt"
+        report_path.parent.mkdir(parents=True, exist_ok=True)
+        report_path.write_text(_radiology_report(srng, findings, views[0]))
+        rows["chexpert"].append(_chexpert_row(srng, subject, study, findings))
+    for study in ecg_ids[: int(srng.integers(1, MAX_STUDIES + 1))]:
+        anchor = study_times[int(srng.integers(0, len(study_times)))]
+        when = anchor + dt.timedelta(days=int(srng.integers(-80, 81)), seconds=int(srng.integers(0, 86400)))
+        when = when.replace(second=0, microsecond=0)
+        findings = EcgFindings(
+            rhythm=str(srng.choice(["sinus", "brady", "tachy", "afib"],
+                                   p=[0.4, 0.15, 0.15, 0.3] if heart_disease else [0.6, 0.15, 0.15, 0.1])),
+            lvh=srng.random() < (0.5 if heart_disease else 0.08),
+        )
+        rel = Path("files") / f"p{str(subject)[:4]}" / f"p{subject}" / f"s{study}" / str(study)
+        _write_ecg(srng, ecg_root / rel, subject, findings, when)
+        ecg_time = when.strftime("%Y-%m-%d %H:%M:%S")
+        rows["record_list"].append((subject, study, study, ecg_time, str(rel)))
+        rows["measurements"].append(_measurement_row(srng, subject, study, ecg_time, findings))
+    return rows
 
 
 def _split_for(u: float) -> str:
@@ -127,14 +152,6 @@ def _split_for(u: float) -> str:
             return name
         u -= fraction
     return SPLIT_FRACTIONS[-1][0]
-
-
-def _fresh_id(rng: np.random.Generator, used: set[int], base: int) -> int:
-    while True:
-        value = base + int(rng.integers(0, 9_999_999))
-        if value not in used:
-            used.add(value)
-            return value
 
 
 def _write_csv(path: Path, header, rows) -> None:

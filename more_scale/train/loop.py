@@ -74,7 +74,8 @@ def train(cfg: Config) -> checkpoint.TrainState:
     with Progress(*columns, console=console, disable=rank != 0) as progress:
         task = progress.add_task("train", total=cfg.train.steps, completed=state.step, info="")
         window_start, window_samples = time.perf_counter(), 0
-        while state.step < cfg.train.steps:
+        end = cfg.train.stop_at_step or cfg.train.steps
+        while state.step < end:
             for _ in range(cfg.train.grad_accum):
                 batch = next(loader)
                 for reason, count in batch["skipped"].items():
@@ -83,7 +84,7 @@ def train(cfg: Config) -> checkpoint.TrainState:
             state.step += 1
             state.samples += ds["train_batch_size"]
             window_samples += ds["train_batch_size"]
-            if state.step % cfg.train.log_every == 0 or state.step == cfg.train.steps:
+            if state.step % cfg.train.log_every == 0 or state.step == end:
                 logged = dist.mean_over_ranks({k: v.item() for k, v in values.items()})
                 elapsed = time.perf_counter() - window_start
                 logged.update(lr=engine.get_lr()[0], samples_per_s=window_samples / elapsed, samples=state.samples,
@@ -92,7 +93,7 @@ def train(cfg: Config) -> checkpoint.TrainState:
                 progress.update(task, info=f"loss {logged['loss']:.4f}  {logged['samples_per_s']:.1f} samples/s")
                 window_start, window_samples = time.perf_counter(), 0
             progress.update(task, completed=state.step)
-            if state.step % cfg.train.save_every == 0 or state.step == cfg.train.steps:
+            if state.step % cfg.train.save_every == 0 or state.step == end:
                 path = checkpoint.save(engine, out, state, config_to_dict(cfg), cfg.train.keep_checkpoints, rank)
                 console.print(f"checkpoint {path}")
                 window_start, window_samples = time.perf_counter(), 0  # keep save time out of samples/s

@@ -1,0 +1,35 @@
+# Two commands do everything on a fresh machine:  make demo  |  make test
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+DEMO := demo
+SUBJECTS ?= 600
+export DS_ACCELERATOR := cpu
+export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
+export HF_HUB_OFFLINE := 1
+export OMP_NUM_THREADS ?= 1
+
+.PHONY: install demo test clean
+
+# torch first, pinned to the CPU build: an unpinned torch pulled in by another package is a multi-GB CUDA build
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+install: $(BIN)/.installed
+
+demo: install
+	$(BIN)/python launch/make_synthetic.py --out $(DEMO)/raw --subjects $(SUBJECTS) --seed 0 --workers 2
+	$(BIN)/python launch/build_shards.py --source mimic --root $(DEMO)/raw --out $(DEMO)/shards --short-side 80 --workers 2
+	$(BIN)/torchrun --nproc_per_node 2 launch/train.py --config configs/tiny-cpu.yaml \
+		data.train=$(DEMO)/shards/train output_dir=$(DEMO)/run
+	$(BIN)/python launch/evaluate.py --checkpoint $(DEMO)/run --shards $(DEMO)/shards/test --out $(DEMO)/eval
+
+test: install
+	$(BIN)/python -m pytest -q tests
+
+clean:
+	rm -rf $(DEMO) .cache

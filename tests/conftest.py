@@ -1,0 +1,62 @@
+"""Shared fixtures: one small synthetic raw dataset and its shards per session (real files)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+REAL_DATA = ROOT.parent / "shared" / "data" / "real"
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))  # shm op built once
+
+
+@pytest.fixture(scope="session")
+def raw_root(tmp_path_factory) -> Path:
+    from more_scale.data.synthetic import make_synthetic
+
+    root = tmp_path_factory.mktemp("raw")
+    make_synthetic(root, subjects=80, seed=3, image_size=160, workers=2)
+    return root
+
+
+@pytest.fixture(scope="session")
+def shards(raw_root, tmp_path_factory) -> Path:
+    from more_scale.data.build import BuildOptions, mimic_pairs, write_shards
+
+    out = tmp_path_factory.mktemp("shards")
+    options = BuildOptions(short_side=80, samples_per_shard=16, tokenizer_vocab=600)
+    pairs, _ = mimic_pairs(raw_root / "mimic-cxr-jpg", raw_root / "mimic-cxr-reports", raw_root / "mimic-iv-ecg", options)
+    write_shards(pairs, out, options, {"source": "mimic"})
+    return out
+
+
+@pytest.fixture(scope="session")
+def tokenizer(shards):
+    from more_scale.data.tokenizer import load_tokenizer
+
+    return load_tokenizer(shards / "tokenizer")
+
+
+def tiny_overrides(shards: Path, out: Path) -> list[str]:
+    return [f"data.train={shards / 'train'}", f"output_dir={out}", "data.batch_size=4", "data.workers=1",
+            "data.shuffle_buffer=16"]
+
+
+def run_launcher(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run a distributed launcher (torchrun / deepspeed) from the repository root; fail with its output."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    result = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if result.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} exited {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}")
+    return result
+
+
+def launcher(name: str) -> str:
+    return str(Path(sys.executable).parent / name)

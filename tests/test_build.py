@@ -1,0 +1,93 @@
+"""Pairing, shard contents, the index, determinism and failure reporting of the MIMIC builder."""
+
+import datetime as dt
+import hashlib
+import io
+import json
+import tarfile
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from more_scale.data.build import BuildOptions, mimic_pairs, read_index, study_datetime, write_shards
+
+
+def _roots(raw):
+    return raw / "mimic-cxr-jpg", raw / "mimic-cxr-reports", raw / "mimic-iv-ecg"
+
+
+def test_study_time_with_lost_leading_zero():
+    assert study_datetime(21800506, 80556.875) == dt.datetime(2180, 5, 6, 8, 5, 56, 875000)
+    assert study_datetime(21800506, 235959.0) == dt.datetime(2180, 5, 6, 23, 59, 59)
+
+
+def test_pairs_are_frontal_nearest_within_window(raw_root):
+    options = BuildOptions(window_days=60)
+    pairs, skipped = mimic_pairs(*_roots(raw_root), options)
+    meta = pd.read_csv(raw_root / "mimic-cxr-jpg/mimic-cxr-2.0.0-metadata.csv", dtype={"dicom_id": str})
+    records = pd.read_csv(raw_root / "mimic-iv-ecg/record_list.csv", parse_dates=["ecg_time"])
+    assert pairs and skipped["not frontal (PA/AP) image"] == (~meta.ViewPosition.isin(["PA", "AP"])).sum()
+    for pair in pairs:
+        row = meta[meta.dicom_id == pair.meta["dicom_id"]].iloc[0]
+        assert row.ViewPosition in ("PA", "AP")
+        when = study_datetime(row.StudyDate, row.StudyTime)
+        mine = records[records.subject_id == pair.meta["subject_id"]]
+        gaps = (mine.ecg_time - when).abs()
+        assert gaps.min() <= pd.Timedelta(days=60)
+        assert mine.loc[gaps.idxmin(), "study_id"] == pair.meta["ecg_id"]  # the nearest ECG
+    all_pairs, _ = mimic_pairs(*_roots(raw_root), BuildOptions(pairing="all"))
+    assert len(all_pairs) >= len(pairs)
+    assert all(abs(p.meta["gap_hours"]) <= 60 * 24 for p in all_pairs)
+
+
+def test_shards_hold_the_format_and_the_index_matches(shards):
+    index = read_index(shards / "train")
+    assert index["samples"] == sum(e["samples"] for e in index["shards"]) > 0
+    entry = index["shards"][0]
+    data = (shards / "train" / entry["name"]).read_bytes()
+    assert hashlib.sha256(data).hexdigest() == entry["sha256"]
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        names = tar.getnames()
+        key = names[0].split(".")[0]
+        assert {f"{key}.{m}" for m in ("cxr.jpg", "ecg.npy", "rad.txt", "ecg.txt", "meta.json")} <= set(names)
+        signal = np.load(io.BytesIO(tar.extractfile(f"{key}.ecg.npy").read()))
+        meta = json.loads(tar.extractfile(f"{key}.meta.json").read())
+    assert signal.dtype == np.float16 and signal.shape == (12, 1000)
+    assert key == f"{meta['subject_id']}_{meta['study_id']}_{meta['ecg_id']}"
+    assert set(meta["chexpert"]) >= {"Cardiomegaly", "Edema", "Pleural Effusion"} and meta["ecg_statements"]
+
+
+def test_build_is_byte_identical_and_parallel_equals_serial(raw_root, tmp_path):
+    pairs, _ = mimic_pairs(*_roots(raw_root), BuildOptions())
+    pairs = pairs[:12]
+    write_shards(pairs, tmp_path / "a", BuildOptions(samples_per_shard=5, tokenizer_vocab=0), {"source": "mimic"})
+    write_shards(pairs, tmp_path / "b", BuildOptions(samples_per_shard=5, tokenizer_vocab=0, workers=2),
+                 {"source": "mimic"})
+    for tar in sorted((tmp_path / "a").rglob("*.tar")):
+        assert tar.read_bytes() == (tmp_path / "b" / tar.relative_to(tmp_path / "a")).read_bytes()
+
+
+def test_truncated_shard_is_detected(shards, tmp_path):
+    import shutil
+
+    copy = tmp_path / "train"
+    shutil.copytree(shards / "train", copy)
+    first = sorted(copy.glob("*.tar"))[0]
+    first.write_bytes(first.read_bytes()[:1000])
+    with pytest.raises(ValueError, match=f"{first.name}: missing or truncated"):
+        read_index(copy)
+
+
+def test_bad_raw_files_are_reported_not_fatal(raw_root, tmp_path):
+    pairs, _ = mimic_pairs(*_roots(raw_root), BuildOptions())
+    pairs = pairs[:4]
+    broken_image = tmp_path / "broken.jpg"
+    broken_image.write_bytes(b"\xff\xd8 garbage")
+    bad = [pairs[0].__class__(**{**pairs[0].__dict__, "image": str(broken_image)}),
+           pairs[1].__class__(**{**pairs[1].__dict__, "ecg_record": str(tmp_path / "missing_record")})]
+    summary = write_shards(bad + pairs[2:], tmp_path / "out", BuildOptions(tokenizer_vocab=0), {"source": "mimic"})
+    failures = [f for split in summary["failures"] for f in read_index(tmp_path / "out" / split)["failures"]]
+    assert sum(summary["failures"].values()) == 2
+    text = " ".join(failures)
+    assert "broken.jpg: not a readable image" in text and "missing_record: unreadable WFDB record" in text

@@ -1,0 +1,103 @@
+"""Attention backends against the reference, DropToken/DropKey, stems, the MoRE towers."""
+
+import pytest
+import torch
+
+from more_scale.config import CxrConfig, EcgConfig, ModelConfig, TextConfig
+from more_scale.models.attention import attention, drop_key_mask, math_attention
+from more_scale.models.more import build_model, trainable_summary
+from more_scale.models.vit import EcgStem, build_cxr_encoder, build_ecg_encoder, drop_tokens
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("n", [16, 17])
+@pytest.mark.parametrize("drop", [0.0, 0.3])
+def test_sdpa_equals_math_forward_and_backward(dtype, tol, n, drop):
+    g = torch.Generator().manual_seed(n)
+    q, k, v = (torch.randn(2, 3, n, 8, generator=g).to(dtype).requires_grad_() for _ in range(3))
+    mask = drop_key_mask((2, 3, n, n), drop, "cpu", generator=g) if drop else None
+    out = attention(q, k, v, backend="sdpa", keep_mask=mask)
+    ref = math_attention(q, k, v, mask)
+    torch.testing.assert_close(out.float(), ref.float(), rtol=tol, atol=tol)
+    grads = torch.autograd.grad(out.float().sum(), (q, k, v))
+    ref_grads = torch.autograd.grad(ref.float().sum(), (q, k, v))
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a.float(), b.float(), rtol=tol * 5, atol=tol * 5)
+
+
+def test_drop_key_masks_keys_and_never_a_whole_row():
+    keep = drop_key_mask((4, 2, 50, 50), 0.3, "cpu", generator=torch.Generator().manual_seed(0))
+    assert 0.65 < keep.float().mean() < 0.75
+    assert drop_key_mask((2, 2, 3, 3), 0.999, "cpu").any(-1).all()
+    q = torch.randn(1, 1, 5, 4)
+    masked = torch.zeros(1, 1, 5, 5, dtype=torch.bool)
+    masked[..., 2] = True  # every query may attend only key 2
+    torch.testing.assert_close(math_attention(q, q, q, masked), q[:, :, 2:3].expand(1, 1, 5, 4))
+
+
+def test_drop_key_only_in_training():
+    q = torch.randn(1, 2, 10, 4)
+    assert torch.equal(attention(q, q, q, drop_key=0.5, training=False), attention(q, q, q))
+    assert not torch.equal(attention(q, q, q, drop_key=0.5, training=True), attention(q, q, q))
+    with pytest.raises(ValueError, match="attention backend 'flash'"):
+        attention(q, q, q, backend="flash")
+
+
+def test_drop_tokens_keeps_a_per_sample_subset_in_order():
+    tokens = torch.arange(2 * 10).float().view(2, 10, 1).expand(2, 10, 3)
+    out = drop_tokens(tokens, 0.5)
+    assert out.shape == (2, 5, 3)
+    for row, src in zip(out[..., 0], tokens[..., 0]):
+        assert set(row.tolist()) <= set(src.tolist()) and row.tolist() == sorted(row.tolist())
+
+
+def test_vit_drop_token_only_in_training_and_cls_output():
+    cfg = CxrConfig(width=32, depth=1, heads=2, image_size=32, patch_size=8, drop_token_keep=0.25)
+    vit = build_cxr_encoder(cfg)
+    seen = []
+    vit.blocks[0].register_forward_hook(lambda m, i, o: seen.append(i[0].shape[1]))
+    x = torch.randn(3, 1, 32, 32)
+    vit.train()(x)
+    vit.eval()(x)
+    assert seen == [1 + 4, 1 + 16]  # CLS + 25% of 16 patches in training, all at eval
+    assert vit(x).shape == (3, 32)
+
+
+def test_ecg_stem_gives_196_tokens():
+    assert EcgStem.tokens(1000) == 196
+    vit = build_ecg_encoder(EcgConfig(width=32, depth=1, heads=2, stem_channels=16))
+    assert vit.stem(torch.randn(2, 12, 1000)).shape == (2, 196, 32)
+    assert vit(torch.randn(2, 12, 1000)).shape == (2, 32)
+
+
+def _tiny_model(**text):
+    cfg = ModelConfig(cxr=CxrConfig(width=32, depth=1, heads=2, image_size=32, patch_size=8),
+                      ecg=EcgConfig(width=32, depth=1, heads=2, stem_channels=16),
+                      text=TextConfig(hidden=32, layers=1, heads=2, intermediate=64, max_positions=40, lora_r=4, **text),
+                      head_hidden=32, embed_dim=16, temperature=0.07)
+    return build_model(cfg, vocab_size=100, pad_token_id=1)
+
+
+def test_more_forward_unit_norm_and_lora_frozen_base():
+    model = _tiny_model()
+    batch = {"cxr": torch.randn(3, 1, 32, 32), "ecg": torch.randn(3, 12, 1000),
+             "input_ids": torch.randint(3, 100, (3, 12)), "attention_mask": torch.ones(3, 12, dtype=torch.long)}
+    out = model(batch)
+    for m in ("cxr", "ecg", "text"):
+        assert out[m].shape == (3, 16)
+        torch.testing.assert_close(out[m].norm(dim=-1), torch.ones(3))
+    assert out["logit_scale"].item() == pytest.approx(1 / 0.07, rel=1e-5)
+    text_params = dict(model.encoders["text"].named_parameters())
+    assert all(("lora_" in n) == p.requires_grad for n, p in text_params.items())
+    trainable, total = trainable_summary(model)
+    assert 0 < trainable < total
+
+
+def test_text_mean_pooling_ignores_padding():
+    model = _tiny_model(dropout=0.0, lora_dropout=0.0).eval()
+    ids = torch.randint(3, 100, (1, 6))
+    padded = torch.cat([ids, torch.ones(1, 4, dtype=torch.long)], 1)
+    mask = torch.cat([torch.ones(1, 6), torch.zeros(1, 4)], 1).long()
+    a = model.encoders["text"](ids, torch.ones(1, 6, dtype=torch.long))
+    b = model.encoders["text"](padded, mask)
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

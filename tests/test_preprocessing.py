@@ -1,0 +1,127 @@
+"""ECG / X-ray / report preprocessing against scipy, OpenCV and hand-computed references."""
+
+import numpy as np
+import pytest
+import scipy.signal
+import cv2
+
+from conftest import REAL_DATA
+from more_scale.data import cxr, ecg, reports
+
+MIMIC_ORDER = ("I", "II", "III", "aVR", "aVF", "aVL", "V1", "V2", "V3", "V4", "V5", "V6")
+
+
+def test_leads_reordered_by_name_not_position():
+    signal = np.arange(12)[:, None] * np.ones((12, 3))  # row i holds value i
+    out = ecg.reorder_leads(signal, MIMIC_ORDER)
+    assert out[:, 0].tolist() == [MIMIC_ORDER.index(name) for name in ecg.LEADS]  # aVL<->aVF swapped back
+    upper = ecg.reorder_leads(signal, [n.upper() for n in ecg.LEADS])  # PTB-XL writes AVR, AVL, AVF
+    assert upper[:, 0].tolist() == list(range(12))
+    with pytest.raises(ValueError, match=r"lacks leads \['V6'\]"):
+        ecg.reorder_leads(signal[:11], MIMIC_ORDER[:11], "rec42")
+
+
+def test_resample_keeps_a_tone():
+    t = np.arange(5000) / 500
+    x = np.sin(2 * np.pi * 5 * t)[None]
+    y = ecg.resample(x, 500, 100)
+    assert y.shape == (1, 1000)
+    np.testing.assert_allclose(y[0, 50:-50], np.sin(2 * np.pi * 5 * np.arange(1000) / 100)[50:-50], atol=1e-2)
+    np.testing.assert_allclose(y, scipy.signal.resample_poly(x, 1, 5, axis=-1))
+
+
+def test_baseline_removal_equals_two_median_filters():
+    rng = np.random.default_rng(0)
+    t = np.arange(1000) / 100
+    x = (0.5 * np.sin(2 * np.pi * 0.2 * t) + rng.normal(0, 0.05, t.size))[None]
+    x[0, ::80] += 1.5  # beats
+    expected = x[0] - scipy.signal.medfilt(scipy.signal.medfilt(x[0], 21), 61)
+    out = ecg.remove_baseline(x, 100)
+    np.testing.assert_allclose(out[0, 40:-40], expected[40:-40], atol=1e-12)  # edges: padding conventions differ
+    assert abs(np.corrcoef(out[0], np.sin(2 * np.pi * 0.2 * t))[0, 1]) < 0.1  # the wander is gone
+
+
+def test_model_input_min_max_and_flat_lead():
+    x = np.stack([np.linspace(-3, 5, 800), np.zeros(800)] + [np.sin(np.arange(800))] * 10)
+    out = ecg.to_model_input(x, 1000)
+    assert out.shape == (12, 1000) and out.dtype == np.float32
+    assert out[0, :800].min() == -1 and out[0, :800].max() == 1
+    assert not out[1].any()  # a flat lead stays 0
+
+
+@pytest.mark.skipif(not (REAL_DATA / "ecg").is_dir(), reason="shared/data/real absent")
+def test_real_ptbxl_record_reads_in_standard_order():
+    signal, fs = ecg.read_wfdb(REAL_DATA / "ecg/ptbxl_wfdb_ecg_image_kit/00001_lr")
+    assert fs == 100 and signal.shape == (12, 1000)
+    out = ecg.preprocess_record(REAL_DATA / "ecg/ptbxl_wfdb_ecg_image_kit/00001_lr", 100)
+    assert out.dtype == np.float16 and np.isfinite(out).all()
+    # Einthoven: III = II - I holds for the record in LEADS order
+    np.testing.assert_allclose(signal[2], signal[1] - signal[0], atol=0.01)
+
+
+@pytest.mark.skipif(not (REAL_DATA / "ecg").is_dir(), reason="shared/data/real absent")
+def test_real_cinc_record_through_its_header():
+    signal, fs = ecg.read_wfdb(REAL_DATA / "ecg/cinc2021_torch_ecg/HR06000")
+    assert fs == 500 and signal.shape == (12, 5000)
+
+
+def test_unreadable_record_names_the_file(tmp_path):
+    with pytest.raises(ValueError, match="nothing_here"):
+        ecg.read_wfdb(tmp_path / "nothing_here")
+
+
+def test_cxr_steps_match_opencv(tmp_path):
+    rng = np.random.default_rng(0)
+    rgba = rng.integers(0, 255, (300, 200, 4), dtype=np.uint8)
+    cv2.imwrite(str(tmp_path / "x.png"), rgba)
+    gray = cxr.read_gray(tmp_path / "x.png")
+    np.testing.assert_array_equal(gray, cv2.cvtColor(rgba, cv2.COLOR_BGRA2GRAY))
+    np.testing.assert_array_equal(cxr.clahe(gray), cv2.createCLAHE(2.0, (8, 8)).apply(gray))
+    assert cxr.resize_short_side(gray, 100).shape == (150, 100)
+    x = cxr.to_model_input(gray, 64)
+    assert x.shape == (1, 64, 64)
+    resized = cxr.resize_short_side(gray, 64)
+    top = (resized.shape[0] - 64) // 2
+    np.testing.assert_allclose(x[0], (resized[top:top + 64] / 255.0 - 0.499) / 0.293, rtol=1e-5, atol=1e-5)
+    (tmp_path / "bad.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(ValueError, match="bad.jpg: not a readable image"):
+        cxr.read_gray(tmp_path / "bad.jpg")
+
+
+EXAMPLE = """                                 FINAL REPORT
+ EXAMINATION:  CHEST (PORTABLE AP)
+ 
+ INDICATION:  ___ year old man with dyspnea  // eval for fluid
+ 
+ COMPARISON:  ___
+ 
+ FINDINGS: 
+ 
+ Heart size is mildly enlarged.  Mild pulmonary vascular congestion.  No
+ focal consolidation, pleural effusion or pneumothorax.
+ 
+ IMPRESSION: 
+ 
+ Mild cardiomegaly with vascular congestion.
+"""
+
+
+def test_radiology_sections_and_text():
+    sections = reports.radiology_sections(EXAMPLE)
+    assert sections["EXAMINATION"] == "CHEST (PORTABLE AP)"
+    assert sections["INDICATION"] == "year old man with dyspnea // eval for fluid"  # ___ removed
+    assert sections["FINDINGS"].startswith("Heart size is mildly enlarged.")
+    assert reports.radiology_text(EXAMPLE) == (
+        "Heart size is mildly enlarged. Mild pulmonary vascular congestion. No focal consolidation, pleural "
+        "effusion or pneumothorax. Mild cardiomegaly with vascular congestion.")
+    no_headers = "          FINAL REPORT\n Heart is normal.\n No effusion.\n"
+    assert reports.radiology_text(no_headers) == "Heart is normal. No effusion."
+    conclusion = " FINDINGS: clear.\n CONCLUSION: fine.\n"
+    assert reports.radiology_sections(conclusion)["IMPRESSION"] == "fine."
+
+
+def test_ecg_text_and_joined_report():
+    assert reports.ecg_text(["Sinus rhythm", "Normal ECG", float("nan"), "", "Borderline."]) == \
+        "Sinus rhythm. Normal ECG. Borderline."
+    assert reports.joined_report("A.", "B.") == "The report from Xray is: A. The report from ECG is: B."
+    assert reports.joined_report("", "B.") == "The report from ECG is: B."
