@@ -6,7 +6,6 @@ import os
 
 import torch
 import torch.distributed as dist
-from torch.distributed._functional_collectives import all_gather_single_autograd
 
 
 # torch 2.13 renamed all_gather_into_tensor (deprecated) to all_gather_single
@@ -48,12 +47,36 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
+class _GatherRows(torch.autograd.Function):
+    """Synchronous all_gather along dim 0; the backward sums every rank's gradient for this rank's rows.
+
+    Not torch's functional `all_gather_single_autograd`: its collectives are asynchronous, and
+    interleaved with the synchronous ones DeepSpeed and the loss issue on the same gloo group they
+    crashed ranks here (SIGSEGV / SIGABRT, torch 2.13); torch.distributed.nn's gather is deprecated."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.rows = x.shape[0]
+        return gather(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        if dist.get_backend() == "nccl":
+            out = torch.empty((ctx.rows, *grad.shape[1:]), dtype=grad.dtype, device=grad.device)
+            dist.reduce_scatter_tensor(out, grad)  # sum over ranks, keep this rank's rows
+            return out
+        dist.all_reduce(grad)  # gloo has no reduce_scatter: sum everything, keep this rank's rows
+        start = dist.get_rank() * ctx.rows
+        return grad[start:start + ctx.rows]
+
+
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """(B, ...) per rank -> (world * B, ...) in rank order; gradients flow back to each rank's rows,
-    summed over the ranks whose losses used them (the backward is a reduce-scatter)."""
+    summed over the ranks whose losses used them."""
     if world_size() == 1:
         return x
-    return all_gather_single_autograd(x.contiguous(), gather_dim=0, group=dist.group.WORLD)
+    return _GatherRows.apply(x.contiguous())
 
 
 def gather(x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,75 @@
+"""Launched by test_train.py under torchrun: N training steps per (ZeRO stage, precision) on fixed
+global batches, each rank taking its rows; writes the global loss per step (rank 0).
+
+  torchrun --standalone --nproc_per_node 2 tests/equivalence_worker.py --shards S --out two.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import itertools
+import json
+from pathlib import Path
+
+import torch
+
+from more_scale import dist
+from more_scale.config import load_config
+from more_scale.data.pipeline import iter_batches
+from more_scale.data.tokenizer import load_tokenizer
+from more_scale.loss import ContrastiveLoss
+from more_scale.models.more import build_model
+from more_scale.train.engine import build_engine
+from more_scale.train.loop import MODEL_KEYS, train_step
+
+# batch-independent and deterministic: no BatchNorm statistics per rank, no dropout RNG per rank
+EXACT = ["model.ecg.stem_norm=group", "model.text.dropout=0.0", "model.text.lora_dropout=0.0",
+         "train.warmup_steps=2", "train.grad_clip=1.0"]
+
+
+def rows_of(batch: dict, rank: int, rows: int) -> dict:
+    part = slice(rank * rows, (rank + 1) * rows)
+    return {k: batch[k][part] for k in MODEL_KEYS + ("cxr_mask", "ecg_mask")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shards", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--global-batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--stages", default="1,2,3")
+    parser.add_argument("--precisions", default="fp32,bf16")
+    args = parser.parse_args()
+    rank, world, _ = dist.init_distributed()
+    micro = args.global_batch // world
+    cfg = load_config("configs/tiny-cpu.yaml", EXACT + [f"data.train={args.shards / 'train'}",
+                                                        f"data.batch_size={micro}", f"train.steps={args.steps}"])
+    tokenizer = load_tokenizer(args.shards / "tokenizer")
+    full = [b for b in iter_batches(args.shards / "train", cfg.data, tokenizer, args.global_batch)
+            if len(b["keys"]) == args.global_batch]
+    batches = list(itertools.islice(itertools.cycle(full), args.steps))
+    results = {}
+    for stage, precision in itertools.product(args.stages.split(","), args.precisions.split(",")):
+        train_cfg = dataclasses.replace(cfg.train, deepspeed_config=f"ds_configs/zero{stage}.json", precision=precision)
+        torch.manual_seed(0)
+        model = build_model(cfg.model, len(tokenizer), tokenizer.pad_token_id)
+        engine, _ = build_engine(train_cfg, model, micro, world)
+        loss_fn = ContrastiveLoss(cfg.loss, rank, world)
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        losses = []
+        for batch in batches:
+            values = train_step(engine, loss_fn, rows_of(batch, rank, micro), dtype)
+            losses.append(dist.mean_over_ranks({"loss": values["loss"].item()})["loss"])
+        results[f"zero{stage}-{precision}"] = losses
+        del engine, model
+        gc.collect()
+    if rank == 0:
+        args.out.write_text(json.dumps(results))
+    dist.close()
+
+
+if __name__ == "__main__":
+    main()

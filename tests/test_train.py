@@ -1,0 +1,100 @@
+"""Real 2-rank DeepSpeed training on CPU (gloo): stage equivalence, stop/resume, evaluation."""
+
+import json
+import math
+import socket
+
+import pytest
+import torch
+
+from conftest import ROOT, launcher, run_launcher, tiny_overrides
+from more_scale.config import load_config
+from more_scale.train.engine import warmup_cosine
+
+
+def _free_port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def test_zero_stages_on_two_ranks_equal_one_rank(shards, tmp_path):
+    """10 steps, same global batch of 8: 1 rank x 8 rows vs 2 ranks x 4 rows, ZeRO 1/2/3, fp32 and bf16."""
+    worker = str(ROOT / "tests" / "equivalence_worker.py")
+    run_launcher([launcher("torchrun"), "--standalone", "--nproc_per_node", "1", worker, "--shards", str(shards),
+                  "--out", str(tmp_path / "one.json"), "--stages", "1"])
+    run_launcher([launcher("torchrun"), "--standalone", "--nproc_per_node", "2", worker, "--shards", str(shards),
+                  "--out", str(tmp_path / "two.json")])
+    one = json.loads((tmp_path / "one.json").read_text())
+    two = json.loads((tmp_path / "two.json").read_text())
+    assert len(one["zero1-fp32"]) == 10 and len(set(round(v, 4) for v in one["zero1-fp32"])) > 3  # it trains
+    for name, losses in two.items():
+        precision = name.split("-")[1]
+        tolerance = 1e-5 if precision == "fp32" else 2e-2
+        reference = one[f"zero1-{precision}"]
+        worst = max(abs(a - b) / abs(b) for a, b in zip(losses, reference))
+        assert worst < tolerance, f"{name}: worst relative difference {worst:.2e} > {tolerance}"
+
+
+@pytest.fixture(scope="module")
+def stopped_and_resumed(shards, tmp_path_factory):
+    """deepspeed launcher: train a 20-step schedule but stop at 10; torchrun: resume=auto to 20."""
+    out = tmp_path_factory.mktemp("run")
+    common = ["--config", "configs/tiny-cpu.yaml", *tiny_overrides(shards, out), "train.steps=20",
+              "train.warmup_steps=4", "train.save_every=5", "train.log_every=5", "train.precision=bf16",
+              "train.keep_checkpoints=3"]
+    first = run_launcher([launcher("deepspeed"), "--num_gpus", "2", "--master_port", _free_port(), "launch/train.py",
+                          *common, "train.stop_at_step=10"])
+    second = run_launcher([launcher("torchrun"), "--nproc_per_node", "2", "--master_port", _free_port(),
+                           "launch/train.py", *common, "train.resume=auto"])
+    return out, first.stdout + first.stderr, second.stdout + second.stderr
+
+
+def _client_state(tag_dir):
+    return torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+
+
+def test_stop_then_resume_reaches_the_planned_step(stopped_and_resumed):
+    out, first_log, second_log = stopped_and_resumed
+    assert "global batch 8 = micro 4 x accum 1 x dp 2 | ZeRO 2 bf16" in first_log
+    assert "done: step 10" in first_log
+    assert "start step 10 of 20" in second_log and "done: step 20" in second_log
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [5, 10, 15, 20]  # nothing re-done, nothing skipped
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000020"
+    kept = sorted(p.name for p in (out / "checkpoints").glob("step_*"))
+    assert kept == ["step_00000010", "step_00000015", "step_00000020"]  # keep_checkpoints=3
+
+
+def test_resume_continues_optimizer_and_schedule(stopped_and_resumed):
+    out, _, _ = stopped_and_resumed
+    cfg = load_config(out / "config.yaml")
+    at_10, at_20 = _client_state(out / "checkpoints/step_00000010"), _client_state(out / "checkpoints/step_00000020")
+    assert at_10["train_state"] == {"step": 10, "samples": 80} and at_20["train_state"] == {"step": 20, "samples": 160}
+    assert at_10["lr_scheduler"]["last_epoch"] == 10 and at_20["lr_scheduler"]["last_epoch"] == 20
+    assert at_20["global_steps"] == 20  # DeepSpeed's own counter went on from 10
+    optimizer = torch.load(out / "checkpoints/step_00000020/bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                           map_location="cpu", weights_only=False)["optimizer_state_dict"]["base_optimizer_state"]
+    assert {int(s["step"]) for s in optimizer["state"].values()} == {20}  # AdamW moments saw 20 steps, not 10
+    metrics = {m["step"]: m for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+    for step in (5, 10, 15, 20):  # the resumed run's LR follows the one schedule, no second warmup
+        assert metrics[step]["lr"] == pytest.approx(cfg.train.lr * warmup_cosine(step, cfg.train), rel=1e-6)
+    assert all(math.isfinite(m["loss"]) and m["samples_per_s"] > 0 for m in metrics.values())
+    assert {"loss/text_cxr", "loss/text_ecg", "logit_scale", "lr"} <= set(metrics[20])
+    assert (out / "tensorboard").is_dir() and any((out / "tensorboard").iterdir())
+
+
+def test_evaluate_writes_results_beside_chance(stopped_and_resumed, shards, tmp_path):
+    from launch_helpers import evaluate_main
+
+    out, _, _ = stopped_and_resumed
+    assert evaluate_main(["--checkpoint", str(out), "--shards", str(shards / "test"), "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["samples"] > 0
+    cardio = results["zero_shot"]["Cardiomegaly"]
+    assert 0 <= cardio["auroc"] <= 1 and abs(cardio["chance_auroc"] - 0.5) < 0.1
+    for pair in ("text->cxr", "text->ecg", "cxr->ecg"):
+        r = results["retrieval"][pair]
+        assert r["n"] == results["samples"]
+        assert r["chance_R@5"] == pytest.approx(5 / r["n"], abs=0.05)
+        assert 0 <= r["R@1"] <= r["R@5"] <= r["R@10"] <= 1
