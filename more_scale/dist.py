@@ -7,7 +7,6 @@ import os
 import torch
 import torch.distributed as dist
 
-
 # torch 2.13 renamed all_gather_into_tensor (deprecated) to all_gather_single
 _all_gather_single = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
 

@@ -1,7 +1,6 @@
 """The gathered, masked contrastive loss against a plain reference, in 1 and 2 processes."""
 
 import math
-import os
 
 import pytest
 import torch

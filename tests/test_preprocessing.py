@@ -1,11 +1,11 @@
 """ECG / X-ray / report preprocessing against scipy, OpenCV and hand-computed references."""
 
+import cv2
 import numpy as np
 import pytest
 import scipy.signal
-import cv2
-
 from conftest import REAL_DATA
+
 from more_scale.data import cxr, ecg, reports
 
 MIMIC_ORDER = ("I", "II", "III", "aVR", "aVF", "aVL", "V1", "V2", "V3", "V4", "V5", "V6")

@@ -6,8 +6,8 @@ import socket
 
 import pytest
 import torch
-
 from conftest import ROOT, launcher, run_launcher, tiny_overrides
+
 from more_scale.config import load_config
 from more_scale.train.engine import warmup_cosine
 

@@ -31,8 +31,9 @@ class MoRE(nn.Module):
         })
         self.heads = nn.ModuleDict({m: projection_head(self.encoders[m].width, cfg.head_hidden, cfg.embed_dim)
                                     for m in MODALITIES})
-        # log(1/tau), as CLIP; exp() clamped at max_logit_scale in `scale()`
-        self.logit_scale = nn.Parameter(torch.full((1,), math.log(1 / cfg.temperature)),  # (1,): DeepSpeed cannot broadcast 0-dim bf16
+        # log(1/tau), as CLIP; exp() clamped at max_logit_scale in `scale()`. Shape (1,): DeepSpeed's
+        # bf16 broadcast cannot view a 0-dim tensor as bytes.
+        self.logit_scale = nn.Parameter(torch.full((1,), math.log(1 / cfg.temperature)),
                                         requires_grad=cfg.learn_temperature)
         self.max_log_scale = math.log(cfg.max_logit_scale)
 

@@ -1,0 +1,127 @@
+"""Command-line entry points (console scripts more-synthetic, more-build-shards, more-train,
+more-evaluate; launch/*.py call the same functions)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+# heavy imports (DeepSpeed, transformers) live inside each entry point: start-up stays quick
+
+MAKE_SYNTHETIC_DOC = """Write a deterministic fake MIMIC-CXR-JPG + reports + MIMIC-IV-ECG raw dataset (real formats).
+
+  python launch/make_synthetic.py --out RAW --subjects 600 --seed 0
+"""
+
+
+def synthetic_main(argv: list[str] | None = None) -> int:
+    from more_scale.data.synthetic import make_synthetic
+
+    parser = argparse.ArgumentParser(description=MAKE_SYNTHETIC_DOC, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="output root (gets mimic-cxr-jpg/, mimic-cxr-reports/, mimic-iv-ecg/)")
+    parser.add_argument("--subjects", type=int, default=200)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--image-size", type=int, default=320, help="native X-ray side in pixels")
+    parser.add_argument("--workers", type=int, default=1, help="processes (output is identical for any count)")
+    args = parser.parse_args(argv)
+    print(make_synthetic(args.out, args.subjects, args.seed, args.image_size, args.workers))
+    return 0
+
+
+
+BUILD_SHARDS_DOC = """Build WebDataset shards (+ shards.json index per split, + a tokenizer) from a raw dataset.
+
+  python launch/build_shards.py --source mimic --root RAW --out SHARDS [--workers 4]
+
+--root holds mimic-cxr-jpg/, mimic-cxr-reports/ and mimic-iv-ecg/ (or name each with --cxr-root,
+--reports-root, --ecg-root, e.g. PhysioNet's physionet.org/files/... folders).
+"""
+
+
+def build_shards_main(argv: list[str] | None = None) -> int:
+    from rich.console import Console
+
+    from more_scale.data.build import BuildOptions, mimic_pairs, write_shards
+
+    parser = argparse.ArgumentParser(description=BUILD_SHARDS_DOC, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--source", choices=["mimic"], required=True)
+    parser.add_argument("--root", type=Path, help="folder holding the three MIMIC datasets")
+    parser.add_argument("--cxr-root", type=Path)
+    parser.add_argument("--reports-root", type=Path)
+    parser.add_argument("--ecg-root", type=Path)
+    parser.add_argument("--out", type=Path, required=True)
+    defaults = BuildOptions()
+    parser.add_argument("--window-days", type=float, default=defaults.window_days)
+    parser.add_argument("--pairing", choices=["nearest", "all"], default=defaults.pairing)
+    parser.add_argument("--short-side", type=int, default=defaults.short_side)
+    parser.add_argument("--ecg-rate", type=float, default=defaults.ecg_rate)
+    parser.add_argument("--samples-per-shard", type=int, default=defaults.samples_per_shard)
+    parser.add_argument("--workers", type=int, default=defaults.workers)
+    parser.add_argument("--tokenizer-vocab", type=int, default=defaults.tokenizer_vocab)
+    args = parser.parse_args(argv)
+    roots = {name: getattr(args, f"{name}_root") or (args.root / default if args.root else None)
+             for name, default in (("cxr", "mimic-cxr-jpg"), ("reports", "mimic-cxr-reports"), ("ecg", "mimic-iv-ecg"))}
+    missing = [f"--{name}-root" for name, path in roots.items() if path is None or not path.is_dir()]
+    if missing:
+        parser.error(f"not a directory: {', '.join(f'{m} ({roots[m[2:-5]]})' for m in missing)}")
+    options = BuildOptions(window_days=args.window_days, pairing=args.pairing, short_side=args.short_side,
+                           ecg_rate=args.ecg_rate, samples_per_shard=args.samples_per_shard, workers=args.workers,
+                           tokenizer_vocab=args.tokenizer_vocab)
+    console = Console()
+    pairs, skipped = mimic_pairs(roots["cxr"], roots["reports"], roots["ecg"], options)
+    console.print(f"{len(pairs)} X-ray/ECG pairs; not paired: {dict(skipped)}")
+    summary = write_shards(pairs, args.out, options, {"source": args.source})
+    console.print(f"written to {args.out}: {summary}")
+    return 0
+
+
+
+TRAIN_DOC = """Train MoRE with DeepSpeed.
+
+  deepspeed --num_gpus 2 launch/train.py --config configs/tiny-cpu.yaml data.train=SHARDS/train output_dir=OUT
+  torchrun --nproc_per_node 2 launch/train.py --config configs/tiny-cpu.yaml train.steps=20
+  srun python launch/train.py --config configs/base.yaml     (ranks from SLURM_* variables)
+"""
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    from more_scale import dist
+    from more_scale.config import ConfigError, load_config
+    from more_scale.train.loop import train
+
+    parser = argparse.ArgumentParser(description=TRAIN_DOC, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="YAML experiment config (configs/*.yaml)")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    parser.add_argument("overrides", nargs="*", help="dotted key=value, e.g. train.steps=20 data.batch_size=8")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)  # fails here, before any process group exists
+    except (ConfigError, FileNotFoundError) as error:
+        print(f"config error: {error}", file=sys.stderr)
+        return 2
+    try:
+        train(cfg)
+    finally:
+        dist.close()
+    return 0
+
+
+
+EVALUATE_DOC = """Evaluate a trained run on a shard set: zero-shot AUROC and retrieval recall@K vs chance.
+
+  python launch/evaluate.py --checkpoint OUT --shards SHARDS/test --out EVAL
+"""
+
+
+def evaluate_main(argv: list[str] | None = None) -> int:
+    from more_scale.eval.evaluate import evaluate, print_results
+
+    parser = argparse.ArgumentParser(description=EVALUATE_DOC, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="run folder (output_dir of training)")
+    parser.add_argument("--shards", required=True, help="shard directory with shards.json")
+    parser.add_argument("--out", required=True, help="where results.json goes")
+    args = parser.parse_args(argv)
+    print_results(evaluate(args.checkpoint, args.shards, args.out))
+    print(f"wrote {args.out}/results.json")
+    return 0
