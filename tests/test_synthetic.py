@@ -69,9 +69,9 @@ def test_report_structure(raw_root):
 
 def test_findings_change_the_image():
     rng = np.random.default_rng(0)
-    normal = [synthetic._render_cxr(rng, CxrFindings(False, False, False), "PA", 128) for _ in range(5)]
-    big_heart = [synthetic._render_cxr(rng, CxrFindings(True, False, False), "PA", 128) for _ in range(5)]
-    fluid = [synthetic._render_cxr(rng, CxrFindings(False, True, False), "PA", 128) for _ in range(5)]
+    normal = [synthetic._render_cxr(rng, CxrFindings(0, "", 0), "PA", 128) for _ in range(5)]
+    big_heart = [synthetic._render_cxr(rng, CxrFindings(3, "", 0), "PA", 128) for _ in range(5)]
+    fluid = [synthetic._render_cxr(rng, CxrFindings(0, "bilateral", 0), "PA", 128) for _ in range(5)]
 
     def bright_fraction(images, rows):
         return np.mean([(im[rows] > 160).mean() for im in images])

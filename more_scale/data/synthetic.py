@@ -49,9 +49,21 @@ SPLIT_FRACTIONS = (("train", 0.75), ("validate", 0.05), ("test", 0.2))  # by sub
 
 @dataclass
 class CxrFindings:
-    cardiomegaly: bool
-    effusion: bool
-    edema: bool
+    heart_grade: int  # 0 normal, 1 mild, 2 moderate, 3 marked cardiomegaly
+    effusion_side: str  # "" none | left | right | bilateral (the patient's side)
+    edema_grade: int  # 0 none, 1 mild, 2 moderate
+
+    @property
+    def cardiomegaly(self) -> bool:
+        return self.heart_grade > 0
+
+    @property
+    def effusion(self) -> bool:
+        return bool(self.effusion_side)
+
+    @property
+    def edema(self) -> bool:
+        return self.edema_grade > 0
 
 
 @dataclass
@@ -112,9 +124,10 @@ def _make_subject(job) -> dict[str, list]:
                                        milliseconds=int(srng.integers(0, 1000)))
         study_times.append(when)
         findings = CxrFindings(
-            cardiomegaly=srng.random() < (0.65 if heart_disease else 0.12),
-            effusion=srng.random() < (0.45 if heart_disease else 0.15),
-            edema=srng.random() < (0.4 if heart_disease else 0.08),
+            heart_grade=int(srng.integers(1, 4)) if srng.random() < (0.65 if heart_disease else 0.12) else 0,
+            effusion_side=str(srng.choice(["left", "right", "bilateral"]))
+            if srng.random() < (0.45 if heart_disease else 0.15) else "",
+            edema_grade=int(srng.integers(1, 3)) if srng.random() < (0.4 if heart_disease else 0.08) else 0,
         )
         study_dir = cxr_root / "files" / f"p{str(subject)[:2]}" / f"p{subject}" / f"s{study}"
         views = [srng.choice(["PA", "AP"], p=[0.6, 0.4])] + (["LATERAL"] if srng.random() < 0.5 else [])
@@ -189,15 +202,16 @@ def _render_cxr(rng: np.random.Generator, f: CxrFindings, view: str, size: int) 
         if f.edema:  # perihilar haze: raises lung density centrally
             yy, xx = np.mgrid[0:s, 0:s].astype(np.float32)
             haze = np.exp(-(((xx - cx) / (s * 0.2)) ** 2 + ((yy - cy) / (s * 0.25)) ** 2))
-            img += lungs * haze * rng.uniform(55, 80)
-        if f.effusion:  # dependent opacity with a meniscus at one or both bases
-            for side in ((-1, 1) if rng.random() < 0.5 else (int(rng.choice([-1, 1])),)):
+            img += lungs * haze * (35 + 30 * f.edema_grade)
+        if f.effusion:  # dependent opacity with a meniscus; the patient's left is the image's right
+            sides = {"left": (1,), "right": (-1,), "bilateral": (-1, 1)}[f.effusion_side]
+            for side in sides:
                 level = cy + s * rng.uniform(0.08, 0.18)
                 fluid = np.zeros_like(img)
                 cv2.ellipse(fluid, (int(cx + side * s * 0.19), int(level + s * 0.2)), (int(s * 0.2), int(s * 0.2)),
                             0, 0, 360, 1.0, -1)
                 img = np.where((fluid * lungs) > 0, 150.0, img)
-        heart_w = s * (rng.uniform(0.23, 0.28) if f.cardiomegaly else rng.uniform(0.13, 0.16))
+        heart_w = s * (rng.uniform(0.13, 0.16) + 0.045 * f.heart_grade)
         heart_w *= 1.1 if view == "AP" else 1.0  # AP magnifies the heart, as in real films
         cv2.ellipse(img, (int(cx - s * 0.03), int(cy + s * 0.12)), (int(heart_w), int(s * 0.15)), -15, 0, 360, 185, -1)
         cv2.rectangle(img, (int(cx - s * 0.05), int(cy - s * 0.4)), (int(cx + s * 0.05), int(cy)), 170, -1)  # spine
@@ -216,14 +230,13 @@ def _metadata_row(dicom_id, subject, study, view, shape, when: dt.datetime) -> t
 
 
 def _radiology_report(rng: np.random.Generator, f: CxrFindings, view: str) -> str:
-    heart = rng.choice(["The heart is moderately enlarged.", "Cardiomegaly is present.",
-                        "Marked enlargement of the cardiac silhouette."]) if f.cardiomegaly else \
+    heart = {1: "The heart is mildly enlarged.", 2: "The heart is moderately enlarged.",
+             3: "Marked enlargement of the cardiac silhouette."}.get(f.heart_grade) or \
         rng.choice(["Heart size is normal.", "The cardiac silhouette is within normal limits."])
-    fluid = rng.choice(["There is a small left pleural effusion.", "Moderate bilateral pleural effusions.",
-                        "Right pleural effusion with blunting of the costophrenic angle."]) if f.effusion else \
+    fluid = {"left": "There is a small left pleural effusion.", "right": "Right pleural effusion with blunting of the "
+             "costophrenic angle.", "bilateral": "Moderate bilateral pleural effusions."}.get(f.effusion_side) or \
         rng.choice(["No pleural effusion.", "There is no pleural effusion or pneumothorax."])
-    lungs = rng.choice(["Mild pulmonary edema.", "Interstitial edema with vascular congestion.",
-                        "Moderate pulmonary edema is seen."]) if f.edema else \
+    lungs = {1: "Mild pulmonary edema.", 2: "Moderate pulmonary edema with vascular congestion."}.get(f.edema_grade) or \
         rng.choice(["No pulmonary edema.", "The lungs are clear without edema."])
     positives = [name for name, on in (("cardiomegaly", f.cardiomegaly), ("pleural effusion", f.effusion),
                                        ("pulmonary edema", f.edema)) if on]
