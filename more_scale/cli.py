@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 # heavy imports (DeepSpeed, transformers) live inside each entry point: start-up stays quick
@@ -86,6 +87,9 @@ TRAIN_DOC = """Train MoRE with DeepSpeed.
 
 
 def train_main(argv: list[str] | None = None) -> int:
+    # third-party deprecations printed once per rank per step otherwise (DeepSpeed's ZeRO gathers, peft)
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
     from more_scale import dist
     from more_scale.config import ConfigError, load_config
     from more_scale.train.loop import train

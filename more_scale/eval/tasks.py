@@ -28,13 +28,13 @@ class ZeroShotTask:
 
 CHEXPERT_TASKS = (
     ZeroShotTask("Cardiomegaly", "cxr",
-                 ("Cardiomegaly is present.", "The heart is enlarged.", "Enlarged cardiac silhouette."),
+                 ("The heart is mildly enlarged.", "The heart is moderately enlarged.", "Cardiomegaly."),
                  ("Heart size is normal.", "The cardiac silhouette is within normal limits.")),
     ZeroShotTask("Pleural Effusion", "cxr",
-                 ("There is a pleural effusion.", "Bilateral pleural effusions.", "Blunting of the costophrenic angle."),
+                 ("There is a small left pleural effusion.", "Right pleural effusion.", "Bilateral pleural effusions."),
                  ("No pleural effusion.", "There is no pleural effusion or pneumothorax.")),
     ZeroShotTask("Edema", "cxr",
-                 ("Pulmonary edema.", "Interstitial edema with vascular congestion.", "Moderate pulmonary edema is seen."),
+                 ("Mild pulmonary edema.", "Moderate pulmonary edema with vascular congestion.", "Pulmonary edema."),
                  ("No pulmonary edema.", "The lungs are clear without edema.")),
 )
 ECG_STATEMENT_TASKS = (
