@@ -129,3 +129,23 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     print_results(evaluate(args.checkpoint, args.shards, args.out))
     print(f"wrote {args.out}/results.json")
     return 0
+
+
+EXPORT_DOC = """Export a trained run as a from_pretrained directory (encoders, heads, LoRA adapter, tokenizer).
+
+  python launch/export.py --checkpoint OUT --out EXPORT [--merge-lora]
+"""
+
+
+def export_main(argv: list[str] | None = None) -> int:
+    from more_scale.eval.embed import load_trained
+    from more_scale.models.pretrained import save_pretrained
+
+    parser = argparse.ArgumentParser(description=EXPORT_DOC, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="run folder (output_dir of training)")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--merge-lora", action="store_true", help="fold LoRA into the LM weights (no peft needed)")
+    args = parser.parse_args(argv)
+    model, cfg, tokenizer = load_trained(args.checkpoint)
+    print(f"exported to {save_pretrained(model, cfg.model, tokenizer, args.out, args.merge_lora)}")
+    return 0

@@ -40,6 +40,11 @@ class VitConfig:
     mlp_ratio: float = 4.0
     drop_token_keep: float = 1.0  # fraction of patch tokens kept in training (FLIP); 1.0 = off
     drop_key: float = 0.0  # DropKey rate on attention logits, training only (MoRE reference: 0.3)
+    drop_key_schedule: str = "constant"  # constant | linear: p falls from drop_key (first block) to 0 (last), as DropKey
+    attention: str = "auto"  # auto | flash_attn | xformers | sdpa | math (models/attention.py)
+    grad_checkpoint: bool = False  # recompute each block in backward: activation memory for ~1/3 more compute
+    norm_eps: float = 1e-6  # LayerNorm eps (timm 1e-6; Hugging Face ViT checkpoints use 1e-12)
+    pretrained: str = ""  # local HF ViT directory or timm-style state dict (.pth/.safetensors); "" = random init
 
 
 @dataclass(frozen=True)
@@ -55,6 +60,8 @@ class EcgConfig(VitConfig):
     samples: int = 1000  # 10 s at 100 Hz -> 196 tokens through the paper's Conv1d stem
     stem_channels: int = 256  # first Conv1d width of the paper's stem
     stem_norm: str = "batch"  # batch (paper) | group: batch-independent, so N ranks equal 1 rank exactly
+    stem: str = "conv"  # conv: the paper's Conv1d stem | patch: each lead cut into patch_samples-long tokens
+    patch_samples: int = 50  # lead-by-time patch length (stem=patch): 12 leads x 1000/50 = 240 tokens
 
 
 @dataclass(frozen=True)
@@ -69,7 +76,8 @@ class TextConfig:
     lora_r: int = 16  # MoRE reference: r=16, alpha=8, dropout 0.1
     lora_alpha: int = 8
     lora_dropout: float = 0.1
-    lora_targets: tuple[str, ...] = ("query", "value")
+    lora_targets: tuple[str, ...] = ()  # () = per architecture: BERT/RoBERTa query,value; Llama/Mistral q_proj,v_proj
+    pooling: str = "mean"  # mean over real tokens (encoders) | last: the last real token (decoder LLMs)
     lora_bias: str = "none"  # peft bias: none | all | lora_only (the reference trains all)
 
 
@@ -83,6 +91,7 @@ class ModelConfig:
     temperature: float = 0.02  # reference tau; learned through logit_scale when learn_temperature
     learn_temperature: bool = True
     max_logit_scale: float = 100.0  # clamp, as CLIP
+    head: str = "layernorm"  # layernorm: batch-independent MLP | batchnorm: the reference's (SyncBatchNorm on GPUs)
 
 
 @dataclass(frozen=True)
@@ -229,6 +238,11 @@ def validate(cfg: Config) -> None:
         (m.text.hidden % m.text.heads == 0,
          f"model.text.hidden ({m.text.hidden}) is not divisible by model.text.heads ({m.text.heads})"),
         (m.ecg.stem_norm in ("batch", "group"), f"model.ecg.stem_norm must be batch or group, got {m.ecg.stem_norm!r}"),
+        (m.ecg.stem in ("conv", "patch"), f"model.ecg.stem must be conv or patch, got {m.ecg.stem!r}"),
+        (m.ecg.stem != "patch" or m.ecg.samples % m.ecg.patch_samples == 0,
+         f"model.ecg.samples ({m.ecg.samples}) is not a multiple of model.ecg.patch_samples ({m.ecg.patch_samples})"),
+        (m.head in ("layernorm", "batchnorm"), f"model.head must be layernorm or batchnorm, got {m.head!r}"),
+        (m.text.pooling in ("mean", "last"), f"model.text.pooling must be mean or last, got {m.text.pooling!r}"),
         (m.text.lora_bias in ("none", "all", "lora_only"),
          f"model.text.lora_bias must be none|all|lora_only, got {m.text.lora_bias!r}"),
         (m.temperature > 0, f"model.temperature must be > 0, got {m.temperature}"),
@@ -256,6 +270,12 @@ def validate(cfg: Config) -> None:
             (0 < vit.drop_token_keep <= 1,
              f"model.{vit_name}.drop_token_keep must be in (0, 1], got {vit.drop_token_keep}"),
             (0 <= vit.drop_key < 1, f"model.{vit_name}.drop_key must be in [0, 1), got {vit.drop_key}"),
+            (vit.drop_key_schedule in ("constant", "linear"),
+             f"model.{vit_name}.drop_key_schedule must be constant or linear, got {vit.drop_key_schedule!r}"),
+            (vit.attention in ("auto", "flash_attn", "xformers", "sdpa", "math"),
+             f"model.{vit_name}.attention must be auto|flash_attn|xformers|sdpa|math, got {vit.attention!r}"),
+            (not (vit.attention == "flash_attn" and vit.drop_key > 0),
+             f"model.{vit_name}.attention=flash_attn cannot apply DropKey (drop_key={vit.drop_key}): use auto or xformers"),
         ]
     for ok, message in checks:
         if not ok:

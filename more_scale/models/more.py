@@ -10,13 +10,16 @@ import torch.nn.functional as F
 
 from more_scale.config import ModelConfig
 from more_scale.models.text import build_text_encoder
-from more_scale.models.vit import build_cxr_encoder, build_ecg_encoder
+from more_scale.models.vit import Fp32BatchNorm1d, build_cxr_encoder, build_ecg_encoder
 
 MODALITIES = ("cxr", "ecg", "text")
 
 
-def projection_head(width: int, hidden: int, out: int) -> nn.Module:
-    """LayerNorm MLP: batch-independent (the reference's BatchNorm head is not)."""
+def projection_head(width: int, hidden: int, out: int, kind: str = "layernorm") -> nn.Module:
+    """layernorm: batch-independent MLP (default) | batchnorm: the reference's Linear-BN-ReLU-Linear
+    (BN in fp32; converted to SyncBatchNorm on GPUs when distributed, see train/loop.py)."""
+    if kind == "batchnorm":
+        return nn.Sequential(nn.Linear(width, hidden), Fp32BatchNorm1d(hidden), nn.ReLU(), nn.Linear(hidden, out))
     return nn.Sequential(nn.Linear(width, hidden), nn.LayerNorm(hidden), nn.GELU(), nn.Linear(hidden, out))
 
 
@@ -29,7 +32,7 @@ class MoRE(nn.Module):
             "ecg": build_ecg_encoder(cfg.ecg),
             "text": build_text_encoder(cfg.text, vocab_size, pad_token_id),
         })
-        self.heads = nn.ModuleDict({m: projection_head(self.encoders[m].width, cfg.head_hidden, cfg.embed_dim)
+        self.heads = nn.ModuleDict({m: projection_head(self.encoders[m].width, cfg.head_hidden, cfg.embed_dim, cfg.head)
                                     for m in MODALITIES})
         # log(1/tau), as CLIP; exp() clamped at max_logit_scale in `scale()`. Shape (1,): DeepSpeed's
         # bf16 broadcast cannot view a 0-dim tensor as bytes.

@@ -1,44 +1,73 @@
-"""Vision Transformer with DropToken and DropKey; image (Conv2d) and ECG (paper's Conv1d) stems."""
+"""Vision Transformer with DropToken and DropKey; image (Conv2d) and ECG (paper's Conv1d, or
+lead-by-time patches) stems. Module names follow timm's ViT (blocks.i.attn.qkv, mlp.fc1, ...) so
+timm-style state dicts load with few renames (models/vit_weights.py)."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from more_scale.config import CxrConfig, EcgConfig, VitConfig
 from more_scale.models.attention import attention
 
 
-class Block(nn.Module):
-    """Pre-norm transformer block; DropKey lives in the attention call."""
-
-    def __init__(self, width: int, heads: int, mlp_ratio: float, drop_key: float):
+class Attention(nn.Module):
+    def __init__(self, width: int, heads: int, drop_key: float, backend: str):
         super().__init__()
-        self.heads, self.drop_key = heads, drop_key
-        self.norm1 = nn.LayerNorm(width)
+        self.heads, self.drop_key, self.backend = heads, drop_key, backend
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
-        self.norm2 = nn.LayerNorm(width)
-        hidden = int(width * mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, N, W)
         b, n, w = x.shape
-        q, k, v = self.qkv(self.norm1(x)).view(b, n, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
-        a = attention(q, k, v, drop_key=self.drop_key, training=self.training)  # (B, H, N, D)
-        x = x + self.proj(a.transpose(1, 2).reshape(b, n, w))
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)  # (B, H, N, D) each
+        out = attention(q, k, v, drop_key=self.drop_key, training=self.training, backend=self.backend)
+        return self.proj(out.transpose(1, 2).reshape(b, n, w))
+
+
+class Mlp(nn.Module):
+    def __init__(self, width: int, hidden: int):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block; DropKey lives in the attention call."""
+
+    def __init__(self, cfg: VitConfig, drop_key: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
+        self.attn = Attention(cfg.width, cfg.heads, drop_key, cfg.attention)
+        self.norm2 = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
+        self.mlp = Mlp(cfg.width, int(cfg.width * cfg.mlp_ratio))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
         return x + self.mlp(self.norm2(x))
 
 
+def drop_key_rates(cfg: VitConfig) -> list[float]:
+    """Per-block DropKey rate: constant, or linear from cfg.drop_key in the first block to 0 in the last."""
+    if cfg.drop_key_schedule == "constant" or cfg.depth == 1:
+        return [cfg.drop_key] * cfg.depth
+    return [cfg.drop_key * (1 - i / (cfg.depth - 1)) for i in range(cfg.depth)]
+
+
 class PatchStem2d(nn.Module):
-    """Non-overlapping square patches -> tokens."""
+    """Non-overlapping square patches -> tokens (B, N, width)."""
 
-    def __init__(self, channels: int, width: int, patch: int):
+    def __init__(self, channels: int, width: int, patch: int, image_size: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, width, patch, stride=patch)
+        self.proj = nn.Conv2d(channels, width, patch, stride=patch)
+        self.grid = (image_size // patch, image_size // patch)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, N, width)
-        return self.conv(x).flatten(2).transpose(1, 2)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
 
 
 class Fp32BatchNorm1d(nn.BatchNorm1d):
@@ -54,23 +83,24 @@ class Fp32BatchNorm1d(nn.BatchNorm1d):
             weight = self.weight.float() if self.weight is not None else None
             bias = self.bias.float() if self.bias is not None else None
             momentum = 0.0 if self.momentum is None else self.momentum
-            out = nn.functional.batch_norm(x.float(), self.running_mean, self.running_var, weight, bias,
-                                           self.training, momentum, self.eps)
+            out = F.batch_norm(x.float(), self.running_mean, self.running_var, weight, bias,
+                               self.training, momentum, self.eps)
         return out.to(x.dtype)
 
 
-class EcgStem(nn.Module):
+class EcgConvStem(nn.Module):
     """MoRE's ECG stem: Conv1d(12->256, k5, s5)+ReLU+BN, Conv1d(256->width, k5, s1)+ReLU+BN.
     12 x 1000 -> 196 tokens. `norm="group"` swaps BN for a batch-independent GroupNorm(1)."""
 
-    def __init__(self, leads: int, hidden: int, width: int, norm: str = "batch"):
+    def __init__(self, cfg: EcgConfig):
         super().__init__()
 
-        def make_norm(c: int) -> nn.Module:
-            return Fp32BatchNorm1d(c) if norm == "batch" else nn.GroupNorm(1, c)
+        def norm(c: int) -> nn.Module:
+            return Fp32BatchNorm1d(c) if cfg.stem_norm == "batch" else nn.GroupNorm(1, c)
 
-        self.net = nn.Sequential(nn.Conv1d(leads, hidden, 5, stride=5), nn.ReLU(), make_norm(hidden),
-                                 nn.Conv1d(hidden, width, 5, stride=1), nn.ReLU(), make_norm(width))
+        self.net = nn.Sequential(nn.Conv1d(cfg.leads, cfg.stem_channels, 5, stride=5), nn.ReLU(), norm(cfg.stem_channels),
+                                 nn.Conv1d(cfg.stem_channels, cfg.width, 5, stride=1), nn.ReLU(), norm(cfg.width))
+        self.grid = (self.tokens(cfg.samples),)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 12, T) -> (B, N, width)
         return self.net(x).transpose(1, 2)
@@ -80,42 +110,92 @@ class EcgStem(nn.Module):
         return (samples - 5) // 5 + 1 - 4
 
 
+class EcgLeadPatchStem(nn.Module):
+    """Lead-by-time patching: each lead cut into patch_samples-long pieces, one token each, plus a
+    learned lead embedding. 12 x 1000 with 50-sample patches -> 240 tokens (lead-major order)."""
+
+    def __init__(self, cfg: EcgConfig):
+        super().__init__()
+        self.patch = cfg.patch_samples
+        self.proj = nn.Linear(cfg.patch_samples, cfg.width)
+        self.lead = nn.Parameter(torch.zeros(1, cfg.leads, 1, cfg.width))
+        self.grid = (cfg.leads, cfg.samples // cfg.patch_samples)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, L, T) -> (B, L * T/patch, width)
+        b, leads, t = x.shape
+        tokens = self.proj(x.view(b, leads, t // self.patch, self.patch)) + self.lead  # (B, L, P, W)
+        return tokens.flatten(1, 2)
+
+
 class VisionTransformer(nn.Module):
     """stem -> + pos -> DropToken (train) -> [CLS] + blocks -> LayerNorm -> CLS feature (B, width)."""
 
-    def __init__(self, cfg: VitConfig, stem: nn.Module, num_patches: int):
+    def __init__(self, cfg: VitConfig, stem: nn.Module):
         super().__init__()
-        self.stem, self.keep = stem, cfg.drop_token_keep
+        self.stem, self.keep, self.checkpointing = stem, cfg.drop_token_keep, cfg.grad_checkpoint
+        patches = 1
+        for n in stem.grid:
+            patches *= n
         self.cls = nn.Parameter(torch.zeros(1, 1, cfg.width))
-        self.pos = nn.Parameter(torch.randn(1, num_patches + 1, cfg.width) * 0.02)
-        self.blocks = nn.ModuleList(Block(cfg.width, cfg.heads, cfg.mlp_ratio, cfg.drop_key) for _ in range(cfg.depth))
-        self.norm = nn.LayerNorm(cfg.width)
+        self.pos = nn.Parameter(torch.randn(1, patches + 1, cfg.width) * 0.02)
+        self.blocks = nn.ModuleList(Block(cfg, p) for p in drop_key_rates(cfg))
+        self.norm = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
         self.width = cfg.width
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = self.stem(x) + self.pos[:, 1:]  # (B, N, W)
         if self.training and self.keep < 1.0:
-            tokens = drop_tokens(tokens, self.keep)
+            tokens = drop_tokens(tokens, self.keep)  # (B, K, W): every later op runs on K tokens
         cls = (self.cls + self.pos[:, :1]).expand(tokens.shape[0], -1, -1)
         x = torch.cat([cls, tokens], dim=1)
         for block in self.blocks:
-            x = block(x)
+            x = checkpoint(block, x, use_reentrant=False) if self.checkpointing and self.training else block(x)
         return self.norm(x[:, 0])
 
 
 def drop_tokens(tokens: torch.Tensor, keep: float) -> torch.Tensor:
-    """Keep a random subset of round(N * keep) tokens per sample (order preserved): (B, N, W) -> (B, K, W)."""
+    """Keep a random subset of round(N * keep) tokens per sample, in their original order:
+    (B, N, W) -> (B, K, W). One gather of the kept rows; nothing else is copied."""
     b, n, w = tokens.shape
     k = max(1, round(n * keep))
     idx = torch.rand(b, n, device=tokens.device).topk(k, dim=1).indices.sort(dim=1).values
     return tokens.gather(1, idx.unsqueeze(-1).expand(b, k, w))
 
 
+def interpolate_pos(pos: torch.Tensor, old_grid: tuple[int, ...], new_grid: tuple[int, ...]) -> torch.Tensor:
+    """(1, 1 + prod(old_grid), W) -> (1, 1 + prod(new_grid), W); CLS kept, patch grid resized
+    (bicubic between 2-D image grids, else linear over the flattened sequence)."""
+    if tuple(old_grid) == tuple(new_grid):
+        return pos
+    cls, grid = pos[:, :1], pos[:, 1:]
+    w = grid.shape[-1]
+    if len(old_grid) == 2 and len(new_grid) == 2:
+        grid = grid.reshape(1, *old_grid, w).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid.float(), size=new_grid, mode="bicubic", align_corners=False)
+        grid = grid.permute(0, 2, 3, 1).reshape(1, -1, w)
+    else:
+        length = 1
+        for n in new_grid:
+            length *= n
+        grid = F.interpolate(grid.transpose(1, 2).float(), size=length, mode="linear", align_corners=False)
+        grid = grid.transpose(1, 2)
+    return torch.cat([cls, grid.to(pos.dtype)], dim=1)
+
+
 def build_cxr_encoder(cfg: CxrConfig) -> VisionTransformer:
-    patches = (cfg.image_size // cfg.patch_size) ** 2
-    return VisionTransformer(cfg, PatchStem2d(cfg.channels, cfg.width, cfg.patch_size), patches)
+    vit = VisionTransformer(cfg, PatchStem2d(cfg.channels, cfg.width, cfg.patch_size, cfg.image_size))
+    if cfg.pretrained:
+        from more_scale.models.vit_weights import load_vit_weights
+
+        load_vit_weights(vit, cfg.pretrained)
+    return vit
 
 
 def build_ecg_encoder(cfg: EcgConfig) -> VisionTransformer:
-    stem = EcgStem(cfg.leads, cfg.stem_channels, cfg.width, cfg.stem_norm)
-    return VisionTransformer(cfg, stem, EcgStem.tokens(cfg.samples))
+    stem = EcgConvStem(cfg) if cfg.stem == "conv" else EcgLeadPatchStem(cfg)
+    vit = VisionTransformer(cfg, stem)
+    if cfg.pretrained:  # a ViT body for the ECG tower (the paper starts both towers from ViT-B)
+        from more_scale.models.vit_weights import load_vit_weights
+
+        load_vit_weights(vit, cfg.pretrained)
+    return vit

@@ -53,6 +53,11 @@ def train(cfg: Config) -> checkpoint.TrainState:
     torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
     tokenizer = load_tokenizer(tokenizer_dir(cfg))
     model = build_model(cfg.model, len(tokenizer), tokenizer.pad_token_id)
+    if cfg.model.head == "batchnorm" and world > 1:
+        if torch.cuda.is_available():
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # statistics over the global batch
+        else:
+            console.print("[yellow]model.head=batchnorm on CPU: SyncBatchNorm needs GPUs, statistics stay per rank")
     trainable, total = trainable_summary(model)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)

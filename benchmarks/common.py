@@ -1,0 +1,57 @@
+"""Timing and reporting helpers shared by the benchmark scripts."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def timed(fn, warmup: int = 2, repeat: int = 5) -> float:
+    """Median seconds of fn() over `repeat` runs after `warmup` runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def machine() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def write(name: str, rows: list[dict], command: str, notes: str = "") -> str:
+    """benchmarks/results/<name>.json and .md; returns the Markdown table."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    meta = {"command": command, "machine": machine(), "torch": torch.__version__,
+            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "threads": torch.get_num_threads()}
+    (RESULTS / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    columns = list(rows[0])
+    lines = [f"| {' | '.join(columns)} |", f"|{'---|' * len(columns)}"]
+    lines += [f"| {' | '.join(_fmt(r[c]) for c in columns)} |" for r in rows]
+    table = "\n".join(lines)
+    text = (f"# {name}\n\n`{command}` on {meta['machine']}, torch {meta['torch']}, {meta['date']}"
+            f"{', OMP_NUM_THREADS=' + os.environ['OMP_NUM_THREADS'] if 'OMP_NUM_THREADS' in os.environ else ''}\n\n"
+            f"{table}\n\n{notes}\n")
+    (RESULTS / f"{name}.md").write_text(text)
+    return table
+
+
+def _fmt(value) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
