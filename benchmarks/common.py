@@ -31,9 +31,16 @@ def timed(fn, warmup: int = 2, repeat: int = 5) -> float:
 
 
 def machine() -> str:
+    """The device in words; for a CPU its model and whether bf16 matmul has a hardware path."""
     if torch.cuda.is_available():
         return torch.cuda.get_device_name()
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+                 platform.processor() or platform.machine())
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    isa = "AMX" if "amx_bf16" in flags else "AVX-512 BF16" if "avx512_bf16" in flags else \
+        "AVX-512, no BF16" if "avx512f" in flags else "AVX2, no AVX-512 (bf16 matmul has no fast path)"
+    return f"{model} ({isa}), {torch.get_num_threads()} threads"
 
 
 def write(name: str, rows: list[dict], command: str, notes: str = "") -> str:

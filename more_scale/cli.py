@@ -93,6 +93,7 @@ def train_main(argv: list[str] | None = None) -> int:
     from more_scale import dist
     from more_scale.config import ConfigError, load_config
     from more_scale.train.loop import train
+    from more_scale.train.preemption import EXIT_REQUEUE, Preempted
 
     parser = argparse.ArgumentParser(description=TRAIN_DOC, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML experiment config (configs/*.yaml)")
@@ -106,6 +107,8 @@ def train_main(argv: list[str] | None = None) -> int:
         return 2
     try:
         train(cfg)
+    except Preempted:
+        return EXIT_REQUEUE  # checkpoint written; the SLURM script requeues on this code
     finally:
         dist.close()
     return 0

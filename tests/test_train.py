@@ -2,8 +2,13 @@
 
 import json
 import math
+import os
+import signal
 import socket
+import subprocess
+import time
 
+import psutil
 import pytest
 import torch
 from conftest import ROOT, launcher, run_launcher, tiny_overrides
@@ -98,3 +103,36 @@ def test_evaluate_writes_results_beside_chance(stopped_and_resumed, shards, tmp_
         assert r["n"] == results["samples"]
         assert r["chance_R@5"] == pytest.approx(5 / r["n"], abs=0.05)
         assert 0 <= r["R@1"] <= r["R@5"] <= r["R@10"] <= 1
+
+
+def test_sigusr1_on_one_rank_checkpoints_all_and_exits_for_requeue(shards, tmp_path):
+    """SLURM's --signal=USR1@T: both ranks stop at the same step, checkpoint, exit EXIT_REQUEUE; resume works."""
+    from more_scale.train.preemption import EXIT_REQUEUE
+
+    out = tmp_path / "run"
+    args = [launcher("torchrun"), "--nproc_per_node", "2", "--master_port", _free_port(), "launch/train.py",
+            "--config", "configs/tiny-cpu.yaml", *tiny_overrides(shards, out), "train.steps=500",
+            "train.warmup_steps=2", "train.save_every=500", "train.log_every=1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not ((out / "metrics.jsonl").is_file() and len((out / "metrics.jsonl").read_text().splitlines()) >= 3):
+            assert proc.poll() is None and time.monotonic() < deadline, "training did not start"
+            time.sleep(0.5)
+        ranks = psutil.Process(proc.pid).children()  # torchrun's direct children: one process per rank
+        assert len(ranks) == 2
+        os.kill(ranks[0].pid, signal.SIGUSR1)  # one rank only: the flag's all-reduce must stop both
+        output = proc.communicate(timeout=180)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert f"exiting {EXIT_REQUEUE} to be requeued" in output and f"exitcode  : {EXIT_REQUEUE}" in output
+    tag = (out / "checkpoints" / "latest").read_text().strip()
+    stopped = int(tag.removeprefix("step_"))
+    assert 3 <= stopped < 500
+    assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["step"] == stopped
+    resumed = run_launcher([launcher("torchrun"), "--nproc_per_node", "2", "--master_port", _free_port(),
+                            "launch/train.py", *args[6:], "train.resume=auto", f"train.stop_at_step={stopped + 2}"])
+    log = resumed.stdout + resumed.stderr
+    assert f"start step {stopped} of 500" in log and f"done: step {stopped + 2}" in log

@@ -18,6 +18,7 @@ from more_scale.models.more import build_model, trainable_summary
 from more_scale.train import checkpoint
 from more_scale.train.engine import build_engine
 from more_scale.train.metrics import MetricsLogger
+from more_scale.train.preemption import EXIT_REQUEUE, Preempted, PreemptionWatch
 
 MODEL_KEYS = ("cxr", "ecg", "input_ids", "attention_mask")
 
@@ -70,6 +71,7 @@ def train(cfg: Config) -> checkpoint.TrainState:
                   f"{cfg.data.batch_size} x accum {cfg.train.grad_accum} x dp {world} | ZeRO "
                   f"{ds['zero_optimization']['stage']} {cfg.train.precision} | trainable {trainable:,} of "
                   f"{total:,} params ({100 * trainable / total:.2f}%) | start step {state.step} of {cfg.train.steps}")
+    preemption = PreemptionWatch()  # before the loader forks its workers: they inherit the handler, not death by SIGUSR1
     loader = iter(build_loader(cfg.data, rank, world, tokenizer, start_step=state.step))
     loss_fn = ContrastiveLoss(cfg.loss, rank, world)
     metrics = MetricsLogger(out, rank)
@@ -98,10 +100,15 @@ def train(cfg: Config) -> checkpoint.TrainState:
                 progress.update(task, info=f"loss {logged['loss']:.4f}  {logged['samples_per_s']:.1f} samples/s")
                 window_start, window_samples = time.perf_counter(), 0
             progress.update(task, completed=state.step)
-            if state.step % cfg.train.save_every == 0 or state.step == end:
+            preempted = preemption.requested()
+            if state.step % cfg.train.save_every == 0 or state.step == end or preempted:
                 path = checkpoint.save(engine, out, state, config_to_dict(cfg), cfg.train.keep_checkpoints, rank)
                 console.print(f"checkpoint {path}")
                 window_start, window_samples = time.perf_counter(), 0  # keep save time out of samples/s
+            if preempted:
+                metrics.close()
+                console.print(f"[yellow]preempted: checkpoint at step {state.step}, exiting {EXIT_REQUEUE} to be requeued")
+                raise Preempted(state.step)
     if skipped:
         console.print(f"[yellow]skipped samples (this rank): {skipped}")
     metrics.close()
