@@ -43,7 +43,7 @@ BUILD_SHARDS_DOC = """Build WebDataset shards (+ shards.json index per split, + 
 def build_shards_main(argv: list[str] | None = None) -> int:
     from rich.console import Console
 
-    from more_scale.data.build import BuildOptions, mimic_pairs, write_shards
+    from more_scale.data.build import BuildOptions, merge_index, mimic_pairs, write_shards
 
     parser = argparse.ArgumentParser(description=BUILD_SHARDS_DOC, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", choices=["mimic"], required=True)
@@ -60,19 +60,28 @@ def build_shards_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples-per-shard", type=int, default=defaults.samples_per_shard)
     parser.add_argument("--workers", type=int, default=defaults.workers)
     parser.add_argument("--tokenizer-vocab", type=int, default=defaults.tokenizer_vocab)
+    parser.add_argument("--num-parts", type=int, default=1, help="split the build into this many parts (job array)")
+    parser.add_argument("--part", type=int, default=0, help="which part this process builds, 0-based")
+    parser.add_argument("--merge-index", action="store_true",
+                        help="after all parts finished: write shards.json per split and the tokenizer")
     args = parser.parse_args(argv)
+    if not 0 <= args.part < args.num_parts:
+        parser.error(f"--part {args.part} must be in [0, --num-parts {args.num_parts})")
     roots = {name: getattr(args, f"{name}_root") or (args.root / default if args.root else None)
              for name, default in (("cxr", "mimic-cxr-jpg"), ("reports", "mimic-cxr-reports"), ("ecg", "mimic-iv-ecg"))}
     missing = [f"--{name}-root" for name, path in roots.items() if path is None or not path.is_dir()]
-    if missing:
+    if missing and not args.merge_index:  # merging reads only the parts' indexes
         parser.error(f"not a directory: {', '.join(f'{m} ({roots[m[2:-5]]})' for m in missing)}")
     options = BuildOptions(window_days=args.window_days, pairing=args.pairing, short_side=args.short_side,
                            ecg_rate=args.ecg_rate, samples_per_shard=args.samples_per_shard, workers=args.workers,
                            tokenizer_vocab=args.tokenizer_vocab)
     console = Console()
+    if args.merge_index:
+        console.print(f"merged {args.out}: {merge_index(args.out, options, {'source': args.source})}")
+        return 0
     pairs, skipped = mimic_pairs(roots["cxr"], roots["reports"], roots["ecg"], options)
     console.print(f"{len(pairs)} X-ray/ECG pairs; not paired: {dict(skipped)}")
-    summary = write_shards(pairs, args.out, options, {"source": args.source})
+    summary = write_shards(pairs, args.out, options, {"source": args.source}, args.num_parts, args.part)
     console.print(f"written to {args.out}: {summary}")
     return 0
 

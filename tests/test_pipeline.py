@@ -50,7 +50,7 @@ def test_bad_samples_are_skipped_and_counted(shards, tokenizer, tmp_path):
     import json
     import shutil
 
-    from more_scale.data.build import ShardSetWriter
+    from more_scale.data.build import write_tar
 
     source = sorted((shards / "test").glob("*.tar"))[0]
     with tarfile.open(source) as tar:
@@ -65,10 +65,8 @@ def test_bad_samples_are_skipped_and_counted(shards, tokenizer, tmp_path):
     buffer = io.BytesIO()
     np.save(buffer, nan)
     samples[1]["ecg.npy"] = buffer.getvalue()
-    writer = ShardSetWriter(tmp_path / "bad", "bad", 100)
-    for s in samples:
-        writer.write(s)
-    entries = writer.finish()
+    (tmp_path / "bad").mkdir()
+    entries = [write_tar(tmp_path / "bad" / "bad-000000.tar", samples)]
     (tmp_path / "bad" / "shards.json").write_text(json.dumps({"shards": entries, "samples": 6}))
     batches = list(iter_batches(tmp_path / "bad", _cfg(shards), tokenizer, batch_size=8))
     assert sum(len(b["keys"]) for b in batches) == 4

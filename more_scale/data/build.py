@@ -152,82 +152,105 @@ def _build_or_error(args) -> tuple[str, dict | None, str | None]:
         return spec.split, None, f"{spec.key}: {error}"
 
 
-class ShardSetWriter:
-    """Writes one split's numbered shards atomically and keeps the index entries."""
+def plan_shards(pairs: list[PairSpec], samples_per_shard: int) -> list[tuple[str, int, list[PairSpec]]]:
+    """(split, shard number, pairs) for every shard, fixed before anything is read: a sample that
+    fails shrinks its own shard only, so any split of the work into parts gives the same shards."""
+    by_split: dict[str, list[PairSpec]] = {}
+    for spec in pairs:
+        by_split.setdefault(spec.split, []).append(spec)
+    return [(split, i // samples_per_shard, specs[i:i + samples_per_shard])
+            for split, specs in sorted(by_split.items()) for i in range(0, len(specs), samples_per_shard)]
 
-    def __init__(self, directory: Path, prefix: str, samples_per_shard: int):
-        self.directory, self.prefix, self.limit = directory, prefix, samples_per_shard
-        self.entries: list[dict] = []
-        self._tar = self._file = None
-        self._count = 0
-        directory.mkdir(parents=True, exist_ok=True)
 
-    def write(self, sample: dict) -> None:
-        if self._tar is None:
-            self._open()
-        self._tar.write(sample)
-        self._count += 1
-        if self._count >= self.limit:
-            self._close()
-
-    def finish(self) -> list[dict]:
-        if self._tar is not None:
-            self._close()
-        return self.entries
-
-    def _open(self) -> None:
-        self._name = f"{self.prefix}-{len(self.entries):06d}.tar"
-        self._file = open(self.directory / (self._name + ".tmp"), "wb")
+def write_tar(path: Path, samples: list[dict]) -> dict:
+    """One shard, written to a temporary name and renamed; returns its index entry."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
         # fixed mtime/owner: the same inputs give byte-identical tars
-        self._tar = wds.TarWriter(self._file, user="more_scale", group="more_scale", mtime=0.0, encoder=False)
-        self._count = 0
-
-    def _close(self) -> None:
-        self._tar.close()  # also closes the file
-        tmp, final = self.directory / (self._name + ".tmp"), self.directory / self._name
-        digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
-        os.replace(tmp, final)
-        self.entries.append({"name": self._name, "samples": self._count, "bytes": final.stat().st_size,
-                             "sha256": digest})
-        self._tar = None
+        tar = wds.TarWriter(f, user="more_scale", group="more_scale", mtime=0.0, encoder=False)
+        for sample in samples:
+            tar.write(sample)
+        tar.close()
+    digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
+    os.replace(tmp, path)
+    return {"name": path.name, "samples": len(samples), "bytes": path.stat().st_size, "sha256": digest}
 
 
-def write_shards(pairs: list[PairSpec], out: Path, options: BuildOptions, source: dict) -> dict:
-    """Preprocess all pairs (in a process pool when workers > 1) and write shards + indexes per split."""
-    out.mkdir(parents=True, exist_ok=True)
-    writers: dict[str, ShardSetWriter] = {}
-    failures: dict[str, list[str]] = {}
-    texts: list[str] = []
-    jobs = [(spec, options) for spec in pairs]
+def part_index_path(out: Path, split: str, part: int, parts: int) -> Path:
+    return out / split / "parts" / f"part-{part:05d}-of-{parts:05d}.json"
+
+
+def write_shards(pairs: list[PairSpec], out: Path, options: BuildOptions, source: dict,
+                 parts: int = 1, part: int = 0) -> dict:
+    """Build this part's shards (every `parts`-th shard of the plan, from `part`) in a process pool
+    when workers > 1, and its part index per split; with parts == 1 also the final index + tokenizer."""
+    plan = [shard for k, shard in enumerate(plan_shards(pairs, options.samples_per_shard)) if k % parts == part]
+    results: dict[str, dict] = {split: {"shards": [], "failures": []} for split in sorted({p.split for p in pairs})}
     pool = multiprocessing.get_context("spawn").Pool(options.workers) if options.workers > 1 else None
-    results = pool.imap(_build_or_error, jobs, chunksize=8) if pool else map(_build_or_error, jobs)
     with Progress(transient=False) as progress:
-        task = progress.add_task("building shards", total=len(jobs))
-        for split, sample, error in results:
-            if error is not None:
-                failures.setdefault(split, []).append(error)
-            else:
-                writer = writers.setdefault(split, ShardSetWriter(out / split, split, options.samples_per_shard))
-                writer.write(sample)
-                if split == "train":
-                    texts.append(reports.joined_report(sample["rad.txt"].decode(), sample["ecg.txt"].decode()))
-            progress.advance(task)
+        task = progress.add_task(f"building shards (part {part + 1} of {parts})", total=sum(len(s[2]) for s in plan))
+        for split, number, specs in plan:
+            jobs = [(spec, options) for spec in specs]
+            samples = []
+            for _, sample, error in (pool.imap(_build_or_error, jobs, chunksize=4) if pool else map(_build_or_error, jobs)):
+                if error is not None:
+                    results[split]["failures"].append(error)
+                else:
+                    samples.append(sample)
+                progress.advance(task)
+            (out / split).mkdir(parents=True, exist_ok=True)
+            if samples:
+                results[split]["shards"].append(write_tar(out / split / f"{split}-{number:06d}.tar", samples))
     if pool:
         pool.close()
         pool.join()
-    summary = {}
-    for split in sorted(set(writers) | set(failures)):  # a split of only failures still records them
-        entries = writers[split].finish() if split in writers else []
-        (out / split).mkdir(parents=True, exist_ok=True)
-        index = {"split": split, "samples": sum(e["samples"] for e in entries), "shards": entries,
-                 "failures": failures.get(split, []), "build": {**asdict(options), **source}}
-        _write_json_atomic(out / split / INDEX_NAME, index)
-        summary[split] = index["samples"]
-    if options.tokenizer_vocab and texts:
+    for split, result in results.items():
+        path = part_index_path(out, split, part, parts)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_json_atomic(path, result)
+    if parts == 1:
+        return merge_index(out, options, source)
+    return {"part": part, "samples": {s: sum(e["samples"] for e in r["shards"]) for s, r in results.items()},
+            "failures": {s: len(r["failures"]) for s, r in results.items()}}
+
+
+def merge_index(out: Path, options: BuildOptions, source: dict) -> dict:
+    """One shards.json per split from its part indexes (all parts must be there), then the tokenizer
+    trained on the training shards' reports in index order."""
+    summary = {"samples": {}, "failures": {}}
+    for split_dir in sorted(p for p in out.iterdir() if (p / "parts").is_dir()):
+        part_files = sorted((split_dir / "parts").glob("part-*-of-*.json"))
+        parts = int(part_files[0].stem.rsplit("-", 1)[1])
+        missing = sorted(set(range(parts)) - {int(f.stem.split("-")[1]) for f in part_files})
+        if missing:
+            raise FileNotFoundError(f"{split_dir}/parts: parts {missing} of {parts} have not finished")
+        entries, failures = [], []
+        for f in part_files:
+            part = json.loads(f.read_text())
+            entries += part["shards"]
+            failures += part["failures"]
+        entries.sort(key=lambda e: e["name"])
+        index = {"split": split_dir.name, "samples": sum(e["samples"] for e in entries), "shards": entries,
+                 "failures": sorted(failures), "build": {**_build_options(options), **source}}
+        _write_json_atomic(split_dir / INDEX_NAME, index)
+        summary["samples"][split_dir.name] = index["samples"]
+        summary["failures"][split_dir.name] = len(failures)
+    if options.tokenizer_vocab and (out / "train" / INDEX_NAME).is_file():
         from more_scale.data.tokenizer import train_tokenizer
 
-        train_tokenizer(texts, out / "tokenizer", options.tokenizer_vocab)
-    return {"samples": summary, "failures": {k: len(v) for k, v in failures.items()}}
+        train_tokenizer(list(_train_texts(out / "train")), out / "tokenizer", options.tokenizer_vocab)
+    return summary
+
+
+def _build_options(options: BuildOptions) -> dict:
+    """What decides the bytes (workers does not)."""
+    return {k: v for k, v in asdict(options).items() if k != "workers"}
+
+
+def _train_texts(directory: Path):
+    for entry in read_index(directory)["shards"]:
+        for sample in wds.WebDataset(str(directory / entry["name"]), shardshuffle=False, empty_check=False):
+            yield reports.joined_report(sample.get("rad.txt", b"").decode(), sample.get("ecg.txt", b"").decode())
 
 
 def _write_json_atomic(path: Path, obj) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import time
 from pathlib import Path
 
@@ -48,7 +49,8 @@ def train_step(engine, loss_fn: ContrastiveLoss, batch: dict, dtype: torch.dtype
 
 
 def train(cfg: Config) -> checkpoint.TrainState:
-    rank, world, _ = dist.init_distributed()
+    rank, world, local_rank = dist.init_distributed()
+    print(f"rank {rank}/{world} on {socket.gethostname()} (local rank {local_rank})", flush=True)  # one line per rank
     console = Console(quiet=rank != 0)
     out = Path(cfg.output_dir)
     torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
