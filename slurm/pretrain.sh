@@ -56,7 +56,8 @@ case "${LAUNCHER}" in
     hostfile="${OUTPUT_DIR}/hostfile-${SLURM_JOB_ID}"
     mkdir -p "${OUTPUT_DIR}"
     scontrol show hostnames "${SLURM_JOB_NODELIST}" | sed "s/\$/ slots=${SLURM_NTASKS_PER_NODE}/" > "${hostfile}"
-    "${PYTHON}" -m deepspeed.launcher.runner --hostfile "${hostfile}" --launcher slurm \
+    # --launcher slurm starts the ranks with srun: no ssh/pdsh, so no ssh reachability check either
+    "${PYTHON}" -m deepspeed.launcher.runner --hostfile "${hostfile}" --launcher slurm --no_ssh_check \
       --master_addr "${MASTER_ADDR}" --master_port "${MASTER_PORT}" "${args[@]}"
     status=$?
     ;;

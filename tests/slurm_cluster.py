@@ -30,12 +30,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+BRIDGE, SUBNET = "brmore", "10.200.0"  # the test's own hosts: node1 = .11, node2 = .12, controller = .1
+NODE_IFNAME = "eth0"  # the veth end inside each node's namespace (GLOO_SOCKET_IFNAME for jobs)
+
+
 class LocalSlurm:
-    def __init__(self, root: Path, cpus: int = 2):
-        self.root, self.cpus = root, cpus
+    """nodes=0: one node, this host, `cpus` CPUs. nodes=N: N emulated nodes (node1..), each a slurmd in its
+    own network namespace (address on a bridge) and UTS namespace (own host name), 1 CPU each."""
+
+    def __init__(self, root: Path, cpus: int = 2, nodes: int = 0):
+        self.root, self.cpus, self.nodes = root, cpus, nodes
         self.host = socket.gethostname().split(".")[0]
         self.conf = root / "slurm.conf"
         self.pids: list[int] = []
+        self._hosts_backup: str | None = None
 
     @property
     def env(self) -> dict:
@@ -46,19 +54,26 @@ class LocalSlurm:
         self._start_munge()
         for sub in ("state", "spool"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
+        if self.nodes:
+            self._make_network()
+        controller = f"{self.host}({SUBNET}.1)" if self.nodes else self.host
+        suffix = "-%n" if self.nodes else ""
+        node_lines = "\n".join(f"NodeName=node{i} NodeAddr={SUBNET}.{10 + i} CPUs=1 State=UNKNOWN"
+                               for i in range(1, self.nodes + 1)) if self.nodes else \
+            f"NodeName={self.host} CPUs={self.cpus} State=UNKNOWN"
         self.conf.write_text(f"""ClusterName=moretest
-SlurmctldHost={self.host}
+SlurmctldHost={controller}
 SlurmctldPort={_free_port()}
 SlurmdPort={_free_port()}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 StateSaveLocation={self.root}/state
-SlurmdSpoolDir={self.root}/spool
+SlurmdSpoolDir={self.root}/spool{suffix}
 SlurmctldPidFile={self.root}/slurmctld.pid
-SlurmdPidFile={self.root}/slurmd.pid
+SlurmdPidFile={self.root}/slurmd{suffix}.pid
 SlurmctldLogFile={self.root}/slurmctld.log
-SlurmdLogFile={self.root}/slurmd.log
+SlurmdLogFile={self.root}/slurmd{suffix}.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 MpiDefault=none
@@ -68,14 +83,23 @@ SelectTypeParameters=CR_CPU
 ReturnToService=2
 JobRequeue=1
 MinJobAge=600
-NodeName={self.host} CPUs={self.cpus} State=UNKNOWN
+{node_lines}
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
 """)
-        for daemon in ("slurmctld", "slurmd"):
-            subprocess.run([daemon, "-f", str(self.conf)], check=True, env=self.env)
-            self.pids.append(self._wait_pid(self.root / f"{daemon}.pid"))
+        subprocess.run(["slurmctld", "-f", str(self.conf)], check=True, env=self.env)
+        self.pids.append(self._wait_pid(self.root / "slurmctld.pid"))
+        if not self.nodes:
+            subprocess.run(["slurmd", "-f", str(self.conf)], check=True, env=self.env)
+            self.pids.append(self._wait_pid(self.root / "slurmd.pid"))
+        for i in range(1, self.nodes + 1):
+            # nsenter, not `ip netns exec`: the latter remounts /sys and slurmd then finds no cgroup fs
+            for sub in ("spool-",):
+                (self.root / f"{sub}node{i}").mkdir(exist_ok=True)
+            subprocess.run(["nsenter", f"--net=/run/netns/node{i}", "unshare", "--uts", "sh", "-c",
+                            f"hostname node{i}; exec slurmd -f {self.conf} -N node{i}"], check=True, env=self.env)
+            self.pids.append(self._wait_pid(self.root / f"slurmd-node{i}.pid"))
         deadline = time.monotonic() + 60
-        while "idle" not in self.run("sinfo", "-h", "-o", "%t", check=False).stdout:
+        while self.run("sinfo", "-h", "-o", "%t", check=False).stdout.split() != ["idle"]:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"SLURM node never became idle:\n{self.logs()}")
             time.sleep(0.5)
@@ -125,11 +149,40 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscrib
     def logs(self) -> str:
         return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in self.root.glob("*.log"))
 
+    def _make_network(self) -> None:
+        def ip(*args: str) -> None:
+            subprocess.run(["ip", *args], check=True)
+
+        ip("link", "add", BRIDGE, "type", "bridge")
+        ip("addr", "add", f"{SUBNET}.1/24", "dev", BRIDGE)
+        ip("link", "set", BRIDGE, "up")
+        hosts = Path("/etc/hosts")
+        self._hosts_backup = hosts.read_text()
+        lines = [f"{SUBNET}.{10 + i} node{i}" for i in range(1, self.nodes + 1)]
+        hosts.write_text(self._hosts_backup + "\n".join(lines) + "\n")
+        for i in range(1, self.nodes + 1):
+            ns, outside = f"node{i}", f"vmore{i}"
+            ip("netns", "add", ns)
+            ip("link", "add", outside, "type", "veth", "peer", "name", NODE_IFNAME, "netns", ns)
+            ip("link", "set", outside, "master", BRIDGE)
+            ip("link", "set", outside, "up")
+            ip("-n", ns, "addr", "add", f"{SUBNET}.{10 + i}/24", "dev", NODE_IFNAME)
+            ip("-n", ns, "link", "set", NODE_IFNAME, "up")
+            ip("-n", ns, "link", "set", "lo", "up")
+
     def stop(self) -> None:
         for pid in reversed(self.pids):
             try:
                 os.kill(pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
+        if self.nodes:
+            time.sleep(1)
+            for i in range(1, self.nodes + 1):
+                subprocess.run(["ip", "netns", "del", f"node{i}"], check=False)
+                subprocess.run(["ip", "link", "del", f"vmore{i}"], check=False, capture_output=True)
+            subprocess.run(["ip", "link", "del", BRIDGE], check=False)
+            if self._hosts_backup is not None:
+                Path("/etc/hosts").write_text(self._hosts_backup)
         if getattr(self, "_munged", False):
             subprocess.run(["pkill", "-x", "munged"], check=False)

@@ -9,7 +9,7 @@ import time
 
 import pytest
 from conftest import ROOT, tiny_overrides
-from slurm_cluster import LocalSlurm, ensure_installed
+from slurm_cluster import NODE_IFNAME, LocalSlurm, ensure_installed
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or sys.platform != "linux",
                                 reason="a local SLURM cluster needs root on Linux")
@@ -26,13 +26,13 @@ def _overrides(shards, out):
     return [o for o in tiny_overrides(shards, out) if not o.startswith("output_dir=")]  # OUTPUT_DIR sets it
 
 
-def _submit(cluster, out, overrides, *sbatch_args):
+def _submit(cluster, out, overrides, *sbatch_args, tasks_per_node=2, **env_extra):
     env = dict(cluster.env, CONFIG="configs/tiny-cpu.yaml", OUTPUT_DIR=str(out), PYTHON=sys.executable,
-               OVERRIDES=" ".join(overrides), OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+               OVERRIDES=" ".join(overrides), OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **env_extra)
     log = out.parent / f"{out.name}.log"
-    result = cluster.run("sbatch", "--parsable", "--ntasks-per-node=2", "--gres=none", "--cpus-per-task=1",
-                         "--time=20", f"--chdir={ROOT}", f"--output={log}", f"--error={log}", *sbatch_args,
-                         str(ROOT / "slurm" / "pretrain.sh"), env=env)
+    result = cluster.run("sbatch", "--parsable", f"--ntasks-per-node={tasks_per_node}", "--gres=none",
+                         "--cpus-per-task=1", "--time=20", f"--chdir={ROOT}", f"--output={log}", f"--error={log}",
+                         *sbatch_args, str(ROOT / "slurm" / "pretrain.sh"), env=env)
     return result.stdout.strip().split(";")[0], log
 
 
@@ -45,6 +45,17 @@ def test_sbatch_pretrain_trains_two_ranks_and_checkpoints(cluster, shards, tmp_p
     assert "0: done: step 6" in text
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000006"
     assert cluster.job_field(job, "ExitCode") == "0:0"
+
+
+def test_deepspeed_launcher_path(cluster, shards, tmp_path):
+    """LAUNCHER=deepspeed: DeepSpeed's runner with a hostfile made from the allocation, srun underneath."""
+    out = tmp_path / "run"
+    job, log = _submit(cluster, out, _overrides(shards, out) + ["train.steps=3", "train.warmup_steps=1"],
+                       LAUNCHER="deepspeed")
+    assert cluster.wait_job(job, timeout=300) == "COMPLETED", log.read_text()[-4000:]
+    assert (out / f"hostfile-{job}").read_text() == f"{cluster.host} slots=2\n"
+    text = log.read_text()
+    assert "rank 0/2" in text and "rank 1/2" in text and "done: step 3" in text
 
 
 def test_usr1_checkpoints_requeues_and_finishes(cluster, shards, tmp_path):
@@ -100,3 +111,23 @@ def test_build_shards_job_array_equals_single_process_build(cluster, raw_root, s
     assert built == single and any(p.suffix == ".tar" for p in single)
     for rel in single:
         assert (out / rel).read_bytes() == (shards / rel).read_bytes(), rel
+
+
+@pytest.fixture(scope="module")
+def two_nodes(tmp_path_factory):
+    slurm = LocalSlurm(tmp_path_factory.mktemp("slurm2"), nodes=2).start()
+    yield slurm
+    slurm.stop()
+
+
+def test_two_nodes_one_task_each(two_nodes, shards, tmp_path):
+    """node1 and node2: separate hosts (network + UTS namespaces), one rank each, gloo across the bridge."""
+    out = tmp_path / "run"
+    job, log = _submit(two_nodes, out, _overrides(shards, out) + ["train.steps=4", "train.warmup_steps=1"],
+                       "--nodes=2", tasks_per_node=1, GLOO_SOCKET_IFNAME=NODE_IFNAME)
+    assert two_nodes.wait_job(job, timeout=300) == "COMPLETED", log.read_text()[-4000:]
+    text = log.read_text()
+    assert "on node[1-2]: 2 tasks, master node1:" in text
+    assert "0: rank 0/2 on node1" in text and "1: rank 1/2 on node2" in text
+    assert "0: done: step 4" in text
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000004"
