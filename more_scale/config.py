@@ -143,7 +143,7 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         if not sep or not key:
             raise ConfigError(f"override {item!r}: expected dotted.key=value")
         _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
-    cfg = _build(Config, tree, "")
+    cfg = build_section(Config, tree, "")
     validate(cfg)
     return cfg
 
@@ -153,7 +153,7 @@ def config_to_dict(cfg) -> dict:
 
 
 def config_from_dict(tree: dict) -> Config:
-    cfg = _build(Config, tree, "")
+    cfg = build_section(Config, tree, "")
     validate(cfg)
     return cfg
 
@@ -181,7 +181,8 @@ def _set_dotted(tree: dict, key: str, value) -> None:
     node[leaf] = value
 
 
-def _build(cls, tree, prefix: str):
+def build_section(cls, tree, prefix: str = ""):
+    """One config dataclass (and its nested sections) from a mapping; errors name `prefix`+key."""
     if not isinstance(tree, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a section (mapping), got {tree!r}")
     hints = typing.get_type_hints(cls)
@@ -197,7 +198,7 @@ def _build(cls, tree, prefix: str):
 
 def _coerce(hint, value, key: str):
     if dataclasses.is_dataclass(hint):
-        return _build(hint, value, key + ".")
+        return build_section(hint, value, key + ".")
     if typing.get_origin(hint) is tuple:
         (item_type, _) = typing.get_args(hint)
         if isinstance(value, str):

@@ -17,7 +17,7 @@ from pathlib import Path
 from peft import set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
-from more_scale.config import ModelConfig, _build
+from more_scale.config import ModelConfig, build_section
 from more_scale.data.tokenizer import load_tokenizer
 from more_scale.models.more import MoRE, build_model
 
@@ -48,7 +48,7 @@ def from_pretrained(directory: str | Path) -> tuple[MoRE, ModelConfig, object]:
     """(model in eval mode, its config, tokenizer) from a save_pretrained directory."""
     directory = Path(directory)
     meta = json.loads((directory / "config.json").read_text())
-    cfg = _build(ModelConfig, meta["model"], "model.")
+    cfg = build_section(ModelConfig, meta["model"], "model.")
     text_dir = directory / ("text_model" if meta["merged_lora"] else "text_base")
     cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, pretrained=str(text_dir)))
     model = build_model(cfg, meta["vocab_size"], meta["pad_token_id"])
