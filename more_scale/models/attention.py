@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 # Preference on CPU, from benchmarks/attention.py (benchmarks/results/attention_cpu.md, ViT-B size:
 # B 8, H 12, N 197, D 64, 2-core AMD EPYC): sdpa beats the written-out path with and without DropKey,
-# fp32 fwd 14.6 vs 43.7 ms, bf16 fwd 19.2 vs 278 ms (that host has no AVX-512 BF16 matmul).
+# fp32 fwd 18.8 vs 39.3 ms, bf16 fwd 13.5 vs 274 ms (that host has no AVX-512 BF16 matmul).
 CPU_ORDER = ("sdpa", "math")
 CUDA_ORDER = ("flash_attn", "xformers", "sdpa", "math")
 
