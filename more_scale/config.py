@@ -30,6 +30,7 @@ class DataConfig:
     ecg_samples: int = 1000  # ECG length fed to the model (10 s at 100 Hz)
     max_text_tokens: int = 256  # reports are padded per batch to the longest, truncated here
     seed: int = 0  # stream seed; rank and worker are mixed in
+    max_skip_rate: float = 0.05  # stop training when more than this share of read samples is corrupt
 
 
 @dataclass(frozen=True)
@@ -226,6 +227,7 @@ def validate(cfg: Config) -> None:
     checks = [
         (d.batch_size >= 1, f"data.batch_size must be >= 1, got {d.batch_size}"),
         (d.workers >= 0, f"data.workers must be >= 0, got {d.workers}"),
+        (0 <= d.max_skip_rate <= 1, f"data.max_skip_rate must be in [0, 1], got {d.max_skip_rate}"),
         (d.image_size == m.cxr.image_size,
          f"data.image_size ({d.image_size}) != model.cxr.image_size ({m.cxr.image_size})"),
         (d.ecg_samples == m.ecg.samples, f"data.ecg_samples ({d.ecg_samples}) != model.ecg.samples ({m.ecg.samples})"),

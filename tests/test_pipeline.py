@@ -5,6 +5,7 @@ import itertools
 import tarfile
 
 import numpy as np
+import pytest
 import torch
 
 from more_scale.config import DataConfig
@@ -72,4 +73,21 @@ def test_bad_samples_are_skipped_and_counted(shards, tokenizer, tmp_path):
     assert sum(len(b["keys"]) for b in batches) == 4
     skipped = {k: v for b in batches for k, v in b["skipped"].items()}
     assert skipped == {"ValueError: corrupt cxr.jpg": 1, "ValueError: ecg.npy has NaN/inf": 1}
+    assert {k: v for b in batches for k, v in b["skipped_shards"].items()} == {"bad-000000.tar": 2}
     shutil.rmtree(tmp_path / "bad")
+
+
+def test_skip_ledger_stops_above_the_rate_naming_shards():
+    from more_scale.train.skips import MIN_SAMPLES, SkipLedger
+
+    ledger = SkipLedger(max_rate=0.05)
+    batch = {"skipped": {"ValueError: corrupt cxr.jpg": 3}, "skipped_shards": {"train-000007.tar": 3},
+             "keys": ["k"] * 97}
+    for _ in range(3):
+        ledger.add(batch)
+    assert ledger.global_totals() == (9, 291)
+    ledger.check(9, 291)  # 3%: fine
+    ledger.check(50, MIN_SAMPLES - 51)  # too few read to judge
+    with pytest.raises(RuntimeError, match=r"60 of 300 samples read were corrupt \(20.0% > data.max_skip_rate=0.05\); "
+                                           r"worst shards on this rank: train-000007.tar \(9\)"):
+        ledger.check(60, 240)

@@ -2,8 +2,8 @@
 
 Training streams are resampled (infinite) and seeded from (seed, start step, rank, worker), so every
 rank and worker draws its own reproducible sequence. Evaluation streams read each shard once, in
-order. A sample that fails to decode is skipped and counted by reason; each batch carries the
-counts of its worker since its previous batch in `batch["skipped"]`.
+order. A sample that fails to decode is skipped and counted by reason and by shard; each batch carries
+its worker's counts since its previous batch in `batch["skipped"]` and `batch["skipped_shards"]`.
 """
 
 from __future__ import annotations
@@ -23,12 +23,18 @@ from more_scale.config import DataConfig
 from more_scale.data import cxr, ecg, reports
 from more_scale.data.build import read_index
 
-_SKIPPED: Counter = Counter()  # per process: each loader worker counts its own skips
+_SKIPPED: Counter = Counter()  # per process: each loader worker counts its own skips, by reason
+_SKIPPED_SHARDS: Counter = Counter()  # ... and by shard file name
 
 
 def _count_and_continue(reason: str, error: Exception) -> bool:
     _SKIPPED[f"{reason}: {type(error).__name__}"] += 1
     return True
+
+
+def _skip(reason: str, sample: dict) -> None:
+    _SKIPPED[reason] += 1
+    _SKIPPED_SHARDS[Path(str(sample.get("__url__", "?"))).name] += 1
 
 
 def decode_sample(sample: dict, image_size: int, ecg_samples: int) -> dict | None:
@@ -54,10 +60,10 @@ def decode_sample(sample: dict, image_size: int, ecg_samples: int) -> dict | Non
             raise ValueError("both report texts are empty")
         out["meta"] = json.loads(sample["meta.json"]) if "meta.json" in sample else {}
     except (ValueError, OSError, UnicodeDecodeError) as error:
-        _SKIPPED[f"{type(error).__name__}: {str(error).split(':')[0]}"] += 1
+        _skip(f"{type(error).__name__}: {str(error).split(':')[0]}", sample)
         return None
     if out["cxr"] is None and out["ecg"] is None:
-        _SKIPPED["neither cxr.jpg nor ecg.npy"] += 1
+        _skip("neither cxr.jpg nor ecg.npy", sample)
         return None
     return out
 
@@ -74,8 +80,9 @@ def collate(samples: list[dict], tokenizer, max_text_tokens: int, image_size: in
             signals[i] = s["ecg"]
     tokens = tokenizer([s["text"] for s in samples], padding="longest", truncation=True,
                        max_length=max_text_tokens, return_tensors="pt")
-    skipped = dict(_SKIPPED)
+    skipped, skipped_shards = dict(_SKIPPED), dict(_SKIPPED_SHARDS)
     _SKIPPED.clear()
+    _SKIPPED_SHARDS.clear()
     return {
         "cxr": torch.from_numpy(images),
         "cxr_mask": torch.tensor([s["cxr"] is not None for s in samples]),
@@ -86,6 +93,7 @@ def collate(samples: list[dict], tokenizer, max_text_tokens: int, image_size: in
         "keys": [s["key"] for s in samples],
         "meta": [s["meta"] for s in samples],
         "skipped": skipped,
+        "skipped_shards": skipped_shards,
     }
 
 

@@ -20,6 +20,7 @@ from more_scale.train import checkpoint
 from more_scale.train.engine import build_engine
 from more_scale.train.metrics import MetricsLogger
 from more_scale.train.preemption import EXIT_REQUEUE, Preempted, PreemptionWatch
+from more_scale.train.skips import SkipLedger
 
 MODEL_KEYS = ("cxr", "ecg", "input_ids", "attention_mask")
 
@@ -77,7 +78,7 @@ def train(cfg: Config) -> checkpoint.TrainState:
     loader = iter(build_loader(cfg.data, rank, world, tokenizer, start_step=state.step))
     loss_fn = ContrastiveLoss(cfg.loss, rank, world)
     metrics = MetricsLogger(out, rank)
-    skipped: dict[str, int] = {}
+    skips = SkipLedger(cfg.data.max_skip_rate)
     columns = (TextColumn("step"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.fields[info]}"),
                TimeRemainingColumn())
     with Progress(*columns, console=console, disable=rank != 0) as progress:
@@ -87,8 +88,7 @@ def train(cfg: Config) -> checkpoint.TrainState:
         while state.step < end:
             for _ in range(cfg.train.grad_accum):
                 batch = next(loader)
-                for reason, count in batch["skipped"].items():
-                    skipped[reason] = skipped.get(reason, 0) + count
+                skips.add(batch)
                 values = train_step(engine, loss_fn, batch, dtype)
             state.step += 1
             state.samples += ds["train_batch_size"]
@@ -96,11 +96,13 @@ def train(cfg: Config) -> checkpoint.TrainState:
             if state.step % cfg.train.log_every == 0 or state.step == end:
                 logged = dist.mean_over_ranks({k: v.item() for k, v in values.items()})
                 elapsed = time.perf_counter() - window_start
+                skipped, used = skips.global_totals()
                 logged.update(lr=engine.get_lr()[0], samples_per_s=window_samples / elapsed, samples=state.samples,
-                              skipped=sum(skipped.values()))
+                              skipped=skipped)
                 metrics.log(state.step, logged)
                 progress.update(task, info=f"loss {logged['loss']:.4f}  {logged['samples_per_s']:.1f} samples/s")
                 window_start, window_samples = time.perf_counter(), 0
+                skips.check(skipped, used)
             progress.update(task, completed=state.step)
             preempted = preemption.requested()
             if state.step % cfg.train.save_every == 0 or state.step == end or preempted:
@@ -111,8 +113,8 @@ def train(cfg: Config) -> checkpoint.TrainState:
                 metrics.close()
                 console.print(f"[yellow]preempted: checkpoint at step {state.step}, exiting {EXIT_REQUEUE} to be requeued")
                 raise Preempted(state.step)
-    if skipped:
-        console.print(f"[yellow]skipped samples (this rank): {skipped}")
+    if skips.reasons:
+        console.print(f"[yellow]skipped samples (this rank): {dict(skips.reasons)}")
     metrics.close()
     console.print(f"done: step {state.step}, {state.samples} samples")
     return state
