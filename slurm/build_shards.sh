@@ -6,7 +6,8 @@
 #   ROOT=/data/physionet OUT=/data/shards BUILD_ARGS="--window-days 30" sbatch --array=0-31 slurm/build_shards.sh
 #
 # Environment: ROOT (required: holds mimic-cxr-jpg/, mimic-cxr-reports/, mimic-iv-ecg/), OUT (required),
-# SOURCE [mimic], PYTHON [python], WORKERS [cpus per task], BUILD_ARGS (more build_shards.py flags).
+# SOURCE [mimic], PYTHON [python], WORKERS [cpus per task], BUILD_ARGS (more build_shards.py flags),
+# LOG_DIR: where the merge job writes its log [.].
 # Same inputs and flags give byte-identical shards whatever the array size.
 #
 #SBATCH --job-name=more-shards
@@ -24,6 +25,7 @@ OUT="${OUT:?set OUT to the shard output folder}"
 SOURCE="${SOURCE:-mimic}"
 PYTHON="${PYTHON:-python}"
 WORKERS="${WORKERS:-${SLURM_CPUS_PER_TASK:-1}}"
+LOG_DIR="${LOG_DIR:-.}"
 read -r -a build_args <<< "${BUILD_ARGS:-}"
 
 parts="${SLURM_ARRAY_TASK_COUNT:-1}"
@@ -32,7 +34,7 @@ command=("${PYTHON}" launch/build_shards.py --source "${SOURCE}" --root "${ROOT}
 
 if [ "${part}" -eq 0 ] && [ -n "${SLURM_ARRAY_JOB_ID:-}" ]; then
   merge_job=$(sbatch --parsable --dependency="afterok:${SLURM_ARRAY_JOB_ID}" --job-name="${SLURM_JOB_NAME}-merge" \
-    --ntasks=1 --cpus-per-task=1 --output="${SLURM_JOB_NAME}-${SLURM_ARRAY_JOB_ID}-merge.out" \
+    --ntasks=1 --cpus-per-task=1 --output="${LOG_DIR}/${SLURM_JOB_NAME}-${SLURM_ARRAY_JOB_ID}-merge.out" \
     --wrap="$(printf '%q ' "${command[@]}") --merge-index")
   echo "merge job ${merge_job} runs after array ${SLURM_ARRAY_JOB_ID}"
 fi

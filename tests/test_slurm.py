@@ -96,7 +96,7 @@ def test_scripts_pass_shellcheck():
 def test_build_shards_job_array_equals_single_process_build(cluster, raw_root, shards, tmp_path):
     """2-task array + merge job vs the fixture's single-process build with the same options: same bytes."""
     out = tmp_path / "array"
-    env = dict(cluster.env, ROOT=str(raw_root), OUT=str(out), PYTHON=sys.executable, PYTHONPATH=str(ROOT),
+    env = dict(cluster.env, ROOT=str(raw_root), OUT=str(out), PYTHON=sys.executable, PYTHONPATH=str(ROOT), LOG_DIR=str(tmp_path),
                WORKERS="1", BUILD_ARGS="--short-side 80 --samples-per-shard 16 --tokenizer-vocab 600")
     array = cluster.run("sbatch", "--parsable", "--array=0-1", "--cpus-per-task=1", f"--chdir={ROOT}",
                         f"--output={tmp_path}/array-%a.out", str(ROOT / "slurm" / "build_shards.sh"), env=env)
