@@ -99,7 +99,8 @@ def test_build_shards_job_array_equals_single_process_build(cluster, raw_root, s
     env = dict(cluster.env, ROOT=str(raw_root), OUT=str(out), PYTHON=sys.executable, PYTHONPATH=str(ROOT), LOG_DIR=str(tmp_path),
                WORKERS="1", BUILD_ARGS="--short-side 80 --samples-per-shard 16 --tokenizer-vocab 600")
     array = cluster.run("sbatch", "--parsable", "--array=0-1", "--cpus-per-task=1", f"--chdir={ROOT}",
-                        f"--output={tmp_path}/array-%a.out", str(ROOT / "slurm" / "build_shards.sh"), env=env)
+                        f"--output={tmp_path}/array-%a.out", f"--error={tmp_path}/array-%a.out",
+                        str(ROOT / "slurm" / "build_shards.sh"), env=env)
     array_id = array.stdout.strip().split(";")[0]
     deadline = time.monotonic() + 120
     while not (tmp_path / "array-0.out").is_file() or "merge job" not in (tmp_path / "array-0.out").read_text():
