@@ -120,6 +120,17 @@ def _worker_shuffle(src, bufsize: int, seed: int):
     yield from wds.shuffle(bufsize, min(bufsize, 64), seed=_stream_seed(seed, _worker_id()))(src)
 
 
+def _decode_and_batch(cfg: DataConfig, tokenizer, batch_size: int, partial_batches: bool) -> list:
+    """The stages every stream ends with: decode (bad samples counted, dropped), then collate."""
+    return [
+        wds.map(partial(decode_sample, image_size=cfg.image_size, ecg_samples=cfg.ecg_samples)),
+        wds.select(lambda s: s is not None),
+        wds.batched(batch_size, partial=partial_batches, collation_fn=partial(
+            collate, tokenizer=tokenizer, max_text_tokens=cfg.max_text_tokens,
+            image_size=cfg.image_size, ecg_samples=cfg.ecg_samples)),
+    ]
+
+
 def build_loader(cfg: DataConfig, rank: int, world: int, tokenizer, *, start_step: int = 0):
     """Infinite training stream of batches for this rank. `start_step` reseeds a resumed run so it
     does not replay the samples it saw before (exact stream resume is future work)."""
@@ -129,11 +140,7 @@ def build_loader(cfg: DataConfig, rank: int, world: int, tokenizer, *, start_ste
         wds.ResampledShards(urls, seed=seed, deterministic=True, worker_seed=partial(_rank_worker_seed, rank)),
         wds.tarfile_to_samples(handler=partial(_count_and_continue, "unreadable tar member")),
         partial(_worker_shuffle, bufsize=cfg.shuffle_buffer, seed=seed + rank),
-        wds.map(partial(decode_sample, image_size=cfg.image_size, ecg_samples=cfg.ecg_samples)),
-        wds.select(lambda s: s is not None),
-        wds.batched(cfg.batch_size, partial=False, collation_fn=partial(
-            collate, tokenizer=tokenizer, max_text_tokens=cfg.max_text_tokens,
-            image_size=cfg.image_size, ecg_samples=cfg.ecg_samples)),
+        *_decode_and_batch(cfg, tokenizer, cfg.batch_size, partial_batches=False),
     )
     return wds.WebLoader(pipeline, batch_size=None, num_workers=cfg.workers,
                          persistent_workers=cfg.workers > 0)
@@ -144,10 +151,6 @@ def iter_batches(directory: str | Path, cfg: DataConfig, tokenizer, batch_size: 
     pipeline = wds.DataPipeline(
         wds.SimpleShardList(shard_urls(directory)),
         wds.tarfile_to_samples(handler=partial(_count_and_continue, "unreadable tar member")),
-        wds.map(partial(decode_sample, image_size=cfg.image_size, ecg_samples=cfg.ecg_samples)),
-        wds.select(lambda s: s is not None),
-        wds.batched(batch_size or cfg.batch_size, partial=True, collation_fn=partial(
-            collate, tokenizer=tokenizer, max_text_tokens=cfg.max_text_tokens,
-            image_size=cfg.image_size, ecg_samples=cfg.ecg_samples)),
+        *_decode_and_batch(cfg, tokenizer, batch_size or cfg.batch_size, partial_batches=True),
     )
     return iter(pipeline)
