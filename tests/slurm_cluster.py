@@ -68,6 +68,7 @@ SlurmdPort={_free_port()}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
+AuthInfo=cred_expire=10
 StateSaveLocation={self.root}/state
 SlurmdSpoolDir={self.root}/spool{suffix}
 SlurmctldPidFile={self.root}/slurmctld.pid
