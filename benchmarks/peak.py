@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 
 import torch
-
 from common import timed, write
 
 

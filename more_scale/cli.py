@@ -33,28 +33,66 @@ def synthetic_main(argv: list[str] | None = None) -> int:
 
 BUILD_SHARDS_DOC = """Build WebDataset shards (+ shards.json index per split, + a tokenizer) from a raw dataset.
 
-  python launch/build_shards.py --source mimic --root RAW --out SHARDS [--workers 4]
+  python launch/build_shards.py --source mimic --root RAW --out SHARDS [--workers 4] [--keep-unpaired]
+  python launch/build_shards.py --source ptbxl --root PTBXL --out SHARDS [--ptbxl-rate 500]
+  python launch/build_shards.py --source csv --manifest MINE.csv --out SHARDS [--label-columns finding,view]
 
---root holds mimic-cxr-jpg/, mimic-cxr-reports/ and mimic-iv-ecg/ (or name each with --cxr-root,
+mimic: --root holds mimic-cxr-jpg/, mimic-cxr-reports/ and mimic-iv-ecg/ (or name each with --cxr-root,
 --reports-root, --ecg-root, e.g. PhysioNet's physionet.org/files/... folders).
+ptbxl: --root is the PTB-XL folder (ptbxl_database.csv, scp_statements.csv, records100/, records500/).
+csv: a manifest with image / ecg / image_text / ecg_text / split / key / ecg_rate columns (see
+more_scale/data/manifest.py); relative paths are from --root, default the manifest's folder.
 """
+
+
+def _sample_specs(args, options, parser) -> tuple[list, dict]:
+    """The chosen source's sample specs and what it left out (counts by reason)."""
+    if args.source == "mimic":
+        from more_scale.data.mimic import mimic_samples
+
+        roots = {name: getattr(args, f"{name}_root") or (args.root / default if args.root else None)
+                 for name, default in (("cxr", "mimic-cxr-jpg"), ("reports", "mimic-cxr-reports"),
+                                       ("ecg", "mimic-iv-ecg"))}
+        missing = [f"--{name}-root ({path})" for name, path in roots.items() if path is None or not path.is_dir()]
+        if missing:
+            parser.error(f"not a directory: {', '.join(missing)}")
+        specs, skipped = mimic_samples(roots["cxr"], roots["reports"], roots["ecg"], options)
+        return specs, dict(skipped)
+    if args.source == "ptbxl":
+        from more_scale.data.ptbxl import ptbxl_samples
+
+        if args.root is None or not args.root.is_dir():
+            parser.error(f"--source ptbxl needs --root, the PTB-XL folder (got {args.root})")
+        return ptbxl_samples(args.root, args.ptbxl_rate), {}
+    from more_scale.data.manifest import manifest_samples
+
+    if args.manifest is None or not args.manifest.is_file():
+        parser.error(f"--source csv needs --manifest, a CSV file (got {args.manifest})")
+    labels = tuple(c for c in args.label_columns.split(",") if c)
+    specs, ignored = manifest_samples(args.manifest, args.root, labels)
+    return specs, {f"manifest column ignored: {c}": 1 for c in ignored}
 
 
 def build_shards_main(argv: list[str] | None = None) -> int:
     from rich.console import Console
 
-    from more_scale.data.build import BuildOptions, merge_index, mimic_pairs, write_shards
+    from more_scale.data.build import BuildOptions, merge_index, write_shards
 
     parser = argparse.ArgumentParser(description=BUILD_SHARDS_DOC, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--source", choices=["mimic"], required=True)
-    parser.add_argument("--root", type=Path, help="folder holding the three MIMIC datasets")
+    parser.add_argument("--source", choices=["mimic", "ptbxl", "csv"], required=True)
+    parser.add_argument("--root", type=Path, help="mimic: the three datasets' folder | ptbxl: PTB-XL | csv: path base")
     parser.add_argument("--cxr-root", type=Path)
     parser.add_argument("--reports-root", type=Path)
     parser.add_argument("--ecg-root", type=Path)
+    parser.add_argument("--manifest", type=Path, help="csv: the manifest file")
+    parser.add_argument("--label-columns", default="", help="csv: comma-separated columns copied into meta.json")
+    parser.add_argument("--ptbxl-rate", type=int, choices=[100, 500], default=100,
+                        help="ptbxl: read records100 (filename_lr) or records500 (filename_hr)")
     parser.add_argument("--out", type=Path, required=True)
     defaults = BuildOptions()
     parser.add_argument("--window-days", type=float, default=defaults.window_days)
     parser.add_argument("--pairing", choices=["nearest", "all"], default=defaults.pairing)
+    parser.add_argument("--keep-unpaired", action="store_true", help="mimic: keep X-ray-only and ECG-only samples too")
     parser.add_argument("--short-side", type=int, default=defaults.short_side)
     parser.add_argument("--ecg-rate", type=float, default=defaults.ecg_rate)
     parser.add_argument("--samples-per-shard", type=int, default=defaults.samples_per_shard)
@@ -67,21 +105,19 @@ def build_shards_main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not 0 <= args.part < args.num_parts:
         parser.error(f"--part {args.part} must be in [0, --num-parts {args.num_parts})")
-    roots = {name: getattr(args, f"{name}_root") or (args.root / default if args.root else None)
-             for name, default in (("cxr", "mimic-cxr-jpg"), ("reports", "mimic-cxr-reports"), ("ecg", "mimic-iv-ecg"))}
-    missing = [f"--{name}-root" for name, path in roots.items() if path is None or not path.is_dir()]
-    if missing and not args.merge_index:  # merging reads only the parts' indexes
-        parser.error(f"not a directory: {', '.join(f'{m} ({roots[m[2:-5]]})' for m in missing)}")
-    options = BuildOptions(window_days=args.window_days, pairing=args.pairing, short_side=args.short_side,
-                           ecg_rate=args.ecg_rate, samples_per_shard=args.samples_per_shard, workers=args.workers,
-                           tokenizer_vocab=args.tokenizer_vocab)
+    options = BuildOptions(window_days=args.window_days, pairing=args.pairing, keep_unpaired=args.keep_unpaired,
+                           short_side=args.short_side, ecg_rate=args.ecg_rate, samples_per_shard=args.samples_per_shard,
+                           workers=args.workers, tokenizer_vocab=args.tokenizer_vocab)
     console = Console()
-    if args.merge_index:
+    if args.merge_index:  # reads only the parts' indexes
         console.print(f"merged {args.out}: {merge_index(args.out, options, {'source': args.source})}")
         return 0
-    pairs, skipped = mimic_pairs(roots["cxr"], roots["reports"], roots["ecg"], options)
-    console.print(f"{len(pairs)} X-ray/ECG pairs; not paired: {dict(skipped)}")
-    summary = write_shards(pairs, args.out, options, {"source": args.source}, args.num_parts, args.part)
+    specs, left_out = _sample_specs(args, options, parser)
+    kinds = {"X-ray + ECG": sum(bool(s.image and s.ecg) for s in specs),
+             "X-ray only": sum(bool(s.image and not s.ecg) for s in specs),
+             "ECG only": sum(bool(s.ecg and not s.image) for s in specs)}
+    console.print(f"{len(specs)} samples {kinds}; left out: {left_out}")
+    summary = write_shards(specs, args.out, options, {"source": args.source}, args.num_parts, args.part)
     console.print(f"written to {args.out}: {summary}")
     return 0
 

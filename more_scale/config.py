@@ -21,16 +21,25 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class DataConfig:
-    train: str = ""  # shard directory (holds shards.json) for training
+    train: str = ""  # shard directory (holds shards.json) for training; several joined by "::" (mimic::ptbxl)
+    train_weights: tuple[float, ...] = ()  # per train source, resampled mode; () = in proportion to their sizes
+    mode: str = "resampled"  # resampled: with replacement, infinite | epoch: every sample once per pass (data/order.py)
     tokenizer: str = ""  # local tokenizer dir; "" = the one stored beside the shards (<train>/../tokenizer)
     batch_size: int = 8  # micro-batch per rank
     workers: int = 2  # loader processes per rank
-    shuffle_buffer: int = 256  # samples held for in-stream shuffling
+    shuffle_block: int = 4096  # epoch mode: samples shuffled within blocks this long (after shuffling the shards)
     image_size: int = 224  # X-ray side fed to the model (random crop from the stored image)
     ecg_samples: int = 1000  # ECG length fed to the model (10 s at 100 Hz)
     max_text_tokens: int = 256  # reports are padded per batch to the longest, truncated here
     seed: int = 0  # stream seed; rank and worker are mixed in
     max_skip_rate: float = 0.05  # stop training when more than this share of read samples is corrupt
+    augment: bool = False  # the paper's training augmentations below (never in evaluation)
+    cxr_crop_scale: tuple[float, ...] = (0.2, 1.0)  # RandomResizedCrop area range
+    cxr_jitter: float = 0.4  # ColorJitter brightness and contrast
+    cxr_blur_p: float = 0.5  # GaussianBlur probability (sigma 0.1-2)
+    cxr_flip_p: float = 0.0  # the paper flips (0.5); off here: a mirrored film contradicts "left"/"right" in its report
+    ecg_warp: float = 0.2  # time-warp: local speed 1 +- this (0 = off)
+    ecg_segments: int = 5  # segment permutation: pieces shuffled (< 2 = off); one of the two per record
 
 
 @dataclass(frozen=True)
@@ -228,6 +237,14 @@ def validate(cfg: Config) -> None:
         (d.batch_size >= 1, f"data.batch_size must be >= 1, got {d.batch_size}"),
         (d.workers >= 0, f"data.workers must be >= 0, got {d.workers}"),
         (0 <= d.max_skip_rate <= 1, f"data.max_skip_rate must be in [0, 1], got {d.max_skip_rate}"),
+        (d.mode in ("resampled", "epoch"), f"data.mode must be resampled or epoch, got {d.mode!r}"),
+        (d.shuffle_block >= 1, f"data.shuffle_block must be >= 1, got {d.shuffle_block}"),
+        (not d.train_weights or len(d.train_weights) == len(d.train.split("::")),
+         f"data.train_weights has {len(d.train_weights)} weights for {len(d.train.split('::'))} sources in data.train"),
+        (not d.train_weights or d.mode == "resampled", "data.train_weights needs data.mode=resampled"),
+        (len(d.cxr_crop_scale) == 2 and 0 < d.cxr_crop_scale[0] <= d.cxr_crop_scale[1] <= 1,
+         f"data.cxr_crop_scale must be two numbers 0 < lo <= hi <= 1, got {d.cxr_crop_scale}"),
+        (0 <= d.ecg_warp < 1, f"data.ecg_warp must be in [0, 1), got {d.ecg_warp}"),
         (d.image_size == m.cxr.image_size,
          f"data.image_size ({d.image_size}) != model.cxr.image_size ({m.cxr.image_size})"),
         (d.ecg_samples == m.ecg.samples, f"data.ecg_samples ({d.ecg_samples}) != model.ecg.samples ({m.ecg.samples})"),

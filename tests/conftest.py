@@ -28,11 +28,12 @@ def raw_root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def shards(raw_root, tmp_path_factory) -> Path:
-    from more_scale.data.build import BuildOptions, mimic_pairs, write_shards
+    from more_scale.data.build import BuildOptions, write_shards
+    from more_scale.data.mimic import mimic_samples
 
     out = tmp_path_factory.mktemp("shards")
     options = BuildOptions(short_side=80, samples_per_shard=16, tokenizer_vocab=600)
-    pairs, _ = mimic_pairs(raw_root / "mimic-cxr-jpg", raw_root / "mimic-cxr-reports", raw_root / "mimic-iv-ecg", options)
+    pairs, _ = mimic_samples(raw_root / "mimic-cxr-jpg", raw_root / "mimic-cxr-reports", raw_root / "mimic-iv-ecg", options)
     write_shards(pairs, out, options, {"source": "mimic"})
     return out
 
@@ -46,7 +47,7 @@ def tokenizer(shards):
 
 def tiny_overrides(shards: Path, out: Path) -> list[str]:
     return [f"data.train={shards / 'train'}", f"output_dir={out}", "data.batch_size=4", "data.workers=1",
-            "data.shuffle_buffer=16"]
+            "data.augment=true"]
 
 
 def run_launcher(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:

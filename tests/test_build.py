@@ -1,5 +1,6 @@
 """Pairing, shard contents, the index, determinism and failure reporting of the MIMIC builder."""
 
+import dataclasses
 import datetime as dt
 import hashlib
 import io
@@ -10,7 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from more_scale.data.build import BuildOptions, mimic_pairs, read_index, study_datetime, write_shards
+from more_scale.data.build import BuildOptions, read_index, write_shards
+from more_scale.data.mimic import mimic_samples, study_datetime
 
 
 def _roots(raw):
@@ -24,7 +26,7 @@ def test_study_time_with_lost_leading_zero():
 
 def test_pairs_are_frontal_nearest_within_window(raw_root):
     options = BuildOptions(window_days=60)
-    pairs, skipped = mimic_pairs(*_roots(raw_root), options)
+    pairs, skipped = mimic_samples(*_roots(raw_root), options)
     meta = pd.read_csv(raw_root / "mimic-cxr-jpg/mimic-cxr-2.0.0-metadata.csv", dtype={"dicom_id": str})
     records = pd.read_csv(raw_root / "mimic-iv-ecg/record_list.csv", parse_dates=["ecg_time"])
     assert pairs and skipped["not frontal (PA/AP) image"] == (~meta.ViewPosition.isin(["PA", "AP"])).sum()
@@ -36,7 +38,7 @@ def test_pairs_are_frontal_nearest_within_window(raw_root):
         gaps = (mine.ecg_time - when).abs()
         assert gaps.min() <= pd.Timedelta(days=60)
         assert mine.loc[gaps.idxmin(), "study_id"] == pair.meta["ecg_id"]  # the nearest ECG
-    all_pairs, _ = mimic_pairs(*_roots(raw_root), BuildOptions(pairing="all"))
+    all_pairs, _ = mimic_samples(*_roots(raw_root), BuildOptions(pairing="all"))
     assert len(all_pairs) >= len(pairs)
     assert all(abs(p.meta["gap_hours"]) <= 60 * 24 for p in all_pairs)
 
@@ -59,7 +61,7 @@ def test_shards_hold_the_format_and_the_index_matches(shards):
 
 
 def test_build_is_byte_identical_and_parallel_equals_serial(raw_root, tmp_path):
-    pairs, _ = mimic_pairs(*_roots(raw_root), BuildOptions())
+    pairs, _ = mimic_samples(*_roots(raw_root), BuildOptions())
     pairs = pairs[:12]
     write_shards(pairs, tmp_path / "a", BuildOptions(samples_per_shard=5, tokenizer_vocab=0), {"source": "mimic"})
     write_shards(pairs, tmp_path / "b", BuildOptions(samples_per_shard=5, tokenizer_vocab=0, workers=2),
@@ -80,12 +82,12 @@ def test_truncated_shard_is_detected(shards, tmp_path):
 
 
 def test_bad_raw_files_are_reported_not_fatal(raw_root, tmp_path):
-    pairs, _ = mimic_pairs(*_roots(raw_root), BuildOptions())
+    pairs, _ = mimic_samples(*_roots(raw_root), BuildOptions())
     pairs = pairs[:4]
     broken_image = tmp_path / "broken.jpg"
     broken_image.write_bytes(b"\xff\xd8 garbage")
-    bad = [pairs[0].__class__(**{**pairs[0].__dict__, "image": str(broken_image)}),
-           pairs[1].__class__(**{**pairs[1].__dict__, "ecg_record": str(tmp_path / "missing_record")})]
+    bad = [dataclasses.replace(pairs[0], image=str(broken_image)),
+           dataclasses.replace(pairs[1], ecg=str(tmp_path / "missing_record"))]
     summary = write_shards(bad + pairs[2:], tmp_path / "out", BuildOptions(tokenizer_vocab=0), {"source": "mimic"})
     failures = [f for split in summary["failures"] for f in read_index(tmp_path / "out" / split)["failures"]]
     assert sum(summary["failures"].values()) == 2

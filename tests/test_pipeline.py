@@ -1,4 +1,4 @@
-"""The streaming loader: batch contents, determinism, distinct ranks, counted skips."""
+"""The loaders: batch contents, exact and elastic stream resume, augmentation replay, counted skips."""
 
 import io
 import itertools
@@ -14,8 +14,8 @@ from more_scale.data.pipeline import build_loader, iter_batches
 
 
 def _cfg(shards, **kw):
-    return DataConfig(train=str(shards / "train"), batch_size=4, workers=0, shuffle_buffer=8, image_size=64,
-                      max_text_tokens=64, **kw)
+    return DataConfig(**{"train": str(shards / "train"), "batch_size": 4, "workers": 0, "image_size": 64,
+                         "max_text_tokens": 64, **kw})
 
 
 def test_batch_dict(shards, tokenizer):
@@ -28,16 +28,51 @@ def test_batch_dict(shards, tokenizer):
     assert len(batch["keys"]) == 4 and batch["skipped"] == {}
 
 
-def _keys(loader, n):
-    return [k for b in itertools.islice(iter(loader), n) for k in b["keys"]]
+def _batches(cfg, tokenizer, rank, world, n, start=0):
+    return list(itertools.islice(iter(build_loader(cfg, rank, world, tokenizer, start_position=start)), n))
 
 
-def test_stream_is_reproducible_and_ranks_differ(shards, tokenizer):
-    cfg = _cfg(shards)
-    first = _keys(build_loader(cfg, 0, 2, tokenizer), 6)
-    assert first == _keys(build_loader(cfg, 0, 2, tokenizer), 6)
-    assert first != _keys(build_loader(cfg, 1, 2, tokenizer), 6)
-    assert first != _keys(build_loader(cfg, 0, 2, tokenizer, start_step=10), 6)  # a resumed run reseeds
+def _merged(per_rank: list[list[dict]], field: str = "keys") -> list:
+    """The ranks' streams interleaved step by step: the global order."""
+    return [x for step in zip(*per_rank) for batch in step for x in batch[field]]
+
+
+@pytest.mark.parametrize("mode", ["resampled", "epoch"])
+def test_resumed_stream_equals_uninterrupted_2_ranks_2_workers(shards, tokenizer, mode):
+    """Stop after 3 micro-steps, resume from the position a checkpoint stores: same keys, same
+    augmented pixels, on both ranks; the epoch stream crosses an epoch boundary on the way."""
+    cfg = _cfg(shards, workers=2, mode=mode, augment=True, shuffle_block=16)
+    total = read_index(shards / "train")["samples"]
+    steps = -(-total // 8) + 2  # 8 = 2 ranks x 4: past the end of epoch 0
+    for rank in range(2):
+        whole = _batches(cfg, tokenizer, rank, 2, steps)
+        resumed = _batches(cfg, tokenizer, rank, 2, 3) + _batches(cfg, tokenizer, rank, 2, steps - 3, start=3 * 8)
+        assert [b["keys"] for b in whole] == [b["keys"] for b in resumed]
+        assert all(torch.equal(a["cxr"], b["cxr"]) and torch.equal(a["ecg"], b["ecg"]) for a, b in zip(whole, resumed))
+        assert whole[0]["positions"] == list(range(rank * 4, rank * 4 + 4))
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create 3 worker processes")
+@pytest.mark.parametrize("mode", ["resampled", "epoch"])
+def test_stream_resumed_on_another_world_size_continues_the_global_order(shards, tokenizer, mode):
+    """2 ranks x 2 workers (micro-batch 4) stopped at position 24, resumed on 1 rank x 3 workers
+    (micro-batch 6): the merged keys continue exactly where the 2-rank run would have gone."""
+    two = _cfg(shards, workers=2, mode=mode, shuffle_block=16)
+    uninterrupted = _merged([_batches(two, tokenizer, r, 2, 9) for r in range(2)])  # positions 0..71
+    one = _cfg(shards, workers=3, batch_size=6, mode=mode, shuffle_block=16)
+    continued = [k for b in _batches(one, tokenizer, 0, 1, 8, start=24) for k in b["keys"]]
+    assert continued == uninterrupted[24:72]
+    if mode == "epoch":  # one epoch holds every training sample exactly once
+        total = read_index(shards / "train")["samples"]
+        first_epoch = _merged([_batches(two, tokenizer, r, 2, total // 8) for r in range(2)])
+        assert len(set(first_epoch)) == len(first_epoch) == total // 8 * 8
+
+
+def test_ranks_and_seeds_differ(shards, tokenizer):
+    cfg = _cfg(shards, mode="epoch")
+    rank0, rank1 = (_merged([_batches(cfg, tokenizer, r, 2, 4)]) for r in range(2))
+    assert not set(rank0) & set(rank1)  # one epoch: the ranks' slices never overlap
+    assert rank0 != _merged([_batches(_cfg(shards, mode="epoch", seed=1), tokenizer, 0, 2, 4)])
 
 
 def test_every_sample_once_in_evaluation_order(shards, tokenizer):
@@ -46,10 +81,9 @@ def test_every_sample_once_in_evaluation_order(shards, tokenizer):
     assert len(keys) == len(set(keys)) == index["samples"]
 
 
-def test_bad_samples_are_skipped_and_counted(shards, tokenizer, tmp_path):
-    """A corrupt JPEG and a NaN ECG in a real shard: the rest streams, both are counted by reason."""
+def _bad_shard_set(shards, out):
+    """A real test shard's first 6 samples, two broken: a corrupt JPEG and a NaN ECG."""
     import json
-    import shutil
 
     from more_scale.data.build import write_tar
 
@@ -62,19 +96,37 @@ def test_bad_samples_are_skipped_and_counted(shards, tokenizer, tmp_path):
         samples.setdefault(key, {"__key__": key})[member] = data
     samples = list(samples.values())[:6]
     samples[0]["cxr.jpg"] = b"\xff\xd8 broken"
-    nan = np.full((12, 1000), np.nan, np.float16)
     buffer = io.BytesIO()
-    np.save(buffer, nan)
+    np.save(buffer, np.full((12, 1000), np.nan, np.float16))
     samples[1]["ecg.npy"] = buffer.getvalue()
-    (tmp_path / "bad").mkdir()
-    entries = [write_tar(tmp_path / "bad" / "bad-000000.tar", samples)]
-    (tmp_path / "bad" / "shards.json").write_text(json.dumps({"shards": entries, "samples": 6}))
-    batches = list(iter_batches(tmp_path / "bad", _cfg(shards), tokenizer, batch_size=8))
+    out.mkdir()
+    entries = [write_tar(out / "bad-000000.tar", samples)]
+    (out / "shards.json").write_text(json.dumps({"shards": entries, "samples": 6}))
+    return out, [s["__key__"] for s in samples]
+
+
+BAD_REASONS = {"ValueError: corrupt cxr.jpg": 1, "ValueError: ecg.npy has NaN/inf": 1}
+
+
+def test_bad_samples_are_skipped_and_counted(shards, tokenizer, tmp_path):
+    """Evaluation: the rest streams, both are counted by reason and by shard."""
+    bad, _ = _bad_shard_set(shards, tmp_path / "bad")
+    batches = list(iter_batches(bad, _cfg(shards), tokenizer, batch_size=8))
     assert sum(len(b["keys"]) for b in batches) == 4
-    skipped = {k: v for b in batches for k, v in b["skipped"].items()}
-    assert skipped == {"ValueError: corrupt cxr.jpg": 1, "ValueError: ecg.npy has NaN/inf": 1}
+    assert {k: v for b in batches for k, v in b["skipped"].items()} == BAD_REASONS
     assert {k: v for b in batches for k, v in b["skipped_shards"].items()} == {"bad-000000.tar": 2}
-    shutil.rmtree(tmp_path / "bad")
+
+
+def test_training_stream_replaces_bad_samples_in_place(shards, tokenizer, tmp_path):
+    """Training (epoch mode, one pass of 6): each broken sample is counted and its position filled by
+    a readable stand-in, so every position after it holds what it would have held."""
+    bad, keys = _bad_shard_set(shards, tmp_path / "bad")
+    batch = _batches(_cfg(shards, train=str(bad), mode="epoch", batch_size=6), tokenizer, 0, 1, 1)[0]
+    assert batch["positions"] == list(range(6))
+    assert batch["skipped"].keys() == BAD_REASONS.keys()  # a stand-in drawn from 6 may be broken too: counted again
+    assert batch["skipped_shards"] == {"bad-000000.tar": sum(batch["skipped"].values())}
+    order = _batches(_cfg(shards, train=str(bad), mode="epoch", batch_size=6), tokenizer, 0, 1, 1)[0]["keys"]
+    assert order == batch["keys"] and set(keys[2:]) <= set(batch["keys"]) and not {keys[0], keys[1]} & set(batch["keys"])
 
 
 def test_skip_ledger_stops_above_the_rate_naming_shards():

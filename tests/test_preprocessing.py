@@ -125,3 +125,34 @@ def test_ecg_text_and_joined_report():
         "Sinus rhythm. Normal ECG. Borderline."
     assert reports.joined_report("A.", "B.") == "The report from Xray is: A. The report from ECG is: B."
     assert reports.joined_report("", "B.") == "The report from ECG is: B."
+
+
+def test_time_warp_keeps_length_and_ends_and_moves_the_middle():
+    rng = np.random.default_rng(0)
+    ramp = np.tile(np.linspace(-1, 1, 1000, dtype=np.float32), (12, 1))
+    assert np.array_equal(ecg.time_warp(ramp, np.random.default_rng(0), 0.0), ramp)
+    warped = ecg.time_warp(ramp, rng, 0.3)
+    assert warped.shape == ramp.shape and warped.dtype == ramp.dtype
+    assert np.allclose(warped[:, [0, -1]], ramp[:, [0, -1]], atol=1e-6)
+    assert (np.diff(warped, axis=1) > 0).all()  # time runs forward, only at another speed
+    assert np.abs(warped - ramp).max() > 0.01
+
+
+def test_permute_segments_reorders_equal_pieces():
+    signal = np.arange(12 * 10, dtype=np.float32).reshape(12, 10)
+    out = ecg.permute_segments(signal, np.random.default_rng(1), 5)
+    perm = np.random.default_rng(1).permutation(5)
+    assert np.array_equal(out, np.concatenate([signal[:, 2 * i:2 * i + 2] for i in perm], axis=1))
+    assert sorted(map(tuple, out.T)) == sorted(map(tuple, signal.T))
+
+
+def test_cxr_augmentation_is_seeded_and_reduces_to_a_resize():
+    rng = np.random.default_rng(0)
+    image = cv2.GaussianBlur((rng.random((256, 300)) * 255).astype(np.uint8), (9, 9), 3)
+    aug = cxr.train_augmentation(64, (0.2, 1.0), 0.4, 0.5, 0.5)
+    a, b, c = (cxr.augmented_input(image, aug, seed) for seed in (1, 1, 2))
+    assert a.shape == (1, 64, 64) and a.dtype == np.float32
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    whole = cxr.train_augmentation(64, (1.0, 1.0), 0.0, 0.0, 0.0)  # crop = the whole film, nothing else
+    expected = cxr.normalise(cv2.resize(image, (64, 64), interpolation=cv2.INTER_LINEAR))
+    assert np.allclose(cxr.augmented_input(image, whole, 0), expected, atol=1e-6)

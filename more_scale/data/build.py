@@ -1,4 +1,4 @@
-"""Raw MIMIC-CXR-JPG + MIMIC-IV-ECG -> paired, preprocessed WebDataset shards with an index.
+"""Sample specs from a source (mimic.py, ptbxl.py, manifest.py) -> preprocessed WebDataset shards + index.
 
 Output layout: OUT/<split>/<split>-000000.tar ... + OUT/<split>/shards.json, and OUT/tokenizer
 (a byte-level BPE trained on the training split's reports, for models built without a pretrained LM).
@@ -7,32 +7,29 @@ Shards are written to a temporary name and renamed, so a shard on disk is always
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import io
 import json
 import multiprocessing
 import os
-from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import cv2
 import numpy as np
-import pandas as pd
 import webdataset as wds
 from rich.progress import Progress
 
 from more_scale.data import cxr, ecg, reports
 
-FRONTAL_VIEWS = ("PA", "AP")  # PA preferred: AP (portable) films magnify the heart
 INDEX_NAME = "shards.json"
 
 
 @dataclass(frozen=True)
 class BuildOptions:
-    window_days: float = 60.0  # X-ray and ECG of the same subject at most this far apart
-    pairing: str = "nearest"  # nearest: one ECG per X-ray study | all: every ECG in the window
+    window_days: float = 60.0  # mimic: X-ray and ECG of the same subject at most this far apart
+    pairing: str = "nearest"  # mimic: nearest: one ECG per X-ray study | all: every ECG in the window
+    keep_unpaired: bool = False  # mimic: also X-ray-only studies and ECG-only records (masks, not drops)
     short_side: int = 256  # stored X-ray size (the loader crops the model's size from it)
     ecg_rate: float = 100.0  # stored ECG sampling rate, Hz
     samples_per_shard: int = 1000
@@ -41,107 +38,46 @@ class BuildOptions:
 
 
 @dataclass(frozen=True)
-class PairSpec:
-    """One sample to build: where its raw parts are and what is known about it."""
+class SampleSpec:
+    """One sample to build: where its raw parts are and what is known about it ("" = absent)."""
     key: str
-    split: str
-    image: str
-    report: str
-    ecg_record: str
-    ecg_statements: tuple[str, ...]
-    meta: dict = field(hash=False)
+    split: str  # train | validate | test
+    image: str = ""  # X-ray file (JPEG/PNG, any bit depth)
+    report_file: str = ""  # MIMIC-CXR free-text report (FINDINGS + IMPRESSION are kept)
+    image_text: str = ""  # radiology text given inline
+    ecg: str = ""  # WFDB record (path without extension, .mat/.dat read through the .hea) or a .npy array
+    ecg_npy_rate: float = 0.0  # sampling rate of a .npy ECG, Hz
+    ecg_text: str = ""
+    meta: dict = field(default_factory=dict, hash=False)
 
 
-def find_table(root: Path, name: str) -> Path:
-    """`name`.csv or `name`.csv.gz under root (MIMIC ships both forms)."""
-    for candidate in (root / f"{name}.csv", root / f"{name}.csv.gz"):
-        if candidate.is_file():
-            return candidate
-    raise FileNotFoundError(f"{root}: expected {name}.csv or {name}.csv.gz")
-
-
-def study_datetime(date: int, time: float) -> dt.datetime:
-    """MIMIC-CXR StudyDate (YYYYMMDD) + StudyTime (HHMMSS.fff float that lost its leading zero)."""
-    whole = int(time)
-    base = dt.datetime.strptime(f"{int(date)}{whole:06d}", "%Y%m%d%H%M%S")
-    return base + dt.timedelta(seconds=round(float(time) - whole, 6))
-
-
-def mimic_pairs(cxr_root: Path, report_root: Path, ecg_root: Path, options: BuildOptions) -> tuple[list[PairSpec], Counter]:
-    """Frontal X-ray studies paired with same-subject ECGs within the window; also counts the rest."""
-    meta = pd.read_csv(find_table(cxr_root, "mimic-cxr-2.0.0-metadata"), dtype={"dicom_id": str})
-    split = pd.read_csv(find_table(cxr_root, "mimic-cxr-2.0.0-split"), dtype={"dicom_id": str})
-    labels = pd.read_csv(find_table(cxr_root, "mimic-cxr-2.0.0-chexpert")).set_index("study_id")
-    records = pd.read_csv(ecg_root / "record_list.csv")
-    statements = pd.read_csv(ecg_root / "machine_measurements.csv", low_memory=False).set_index("study_id")
-    report_columns = [c for c in statements.columns if c.startswith("report_")]
-
-    skipped = Counter()
-    frontal = meta[meta["ViewPosition"].isin(FRONTAL_VIEWS)].merge(split[["dicom_id", "split"]], on="dicom_id", how="left")
-    skipped["not frontal (PA/AP) image"] = len(meta) - len(frontal)
-    frontal = frontal.assign(view_rank=frontal["ViewPosition"].map({"PA": 0, "AP": 1}))
-    frontal = frontal.sort_values(["study_id", "view_rank", "dicom_id"]).drop_duplicates("study_id")
-    records["when"] = pd.to_datetime(records["ecg_time"]).dt.to_pydatetime() if len(records) else []
-    ecgs_by_subject = {s: g for s, g in records.groupby("subject_id")}
-    window = dt.timedelta(days=options.window_days)
-
-    pairs = []
-    for row in frontal.itertuples(index=False):
-        when = study_datetime(row.StudyDate, row.StudyTime)
-        candidates = ecgs_by_subject.get(row.subject_id)
-        gaps = [] if candidates is None else [
-            (abs(r.when - when), r) for r in candidates.itertuples(index=False) if abs(r.when - when) <= window]
-        if not gaps:
-            skipped[f"X-ray study without an ECG within {options.window_days:g} days"] += 1
-            continue
-        gaps.sort(key=lambda g: (g[0], g[1].study_id))
-        chosen = gaps[:1] if options.pairing == "nearest" else gaps
-        group = f"p{str(row.subject_id)[:2]}/p{row.subject_id}"
-        for gap, record in chosen:
-            lines = tuple(statements.loc[record.study_id, report_columns]) if record.study_id in statements.index else ()
-            pairs.append(PairSpec(
-                key=f"{row.subject_id}_{row.study_id}_{record.study_id}",
-                split=row.split if isinstance(row.split, str) else "train",
-                image=str(cxr_root / "files" / group / f"s{row.study_id}" / f"{row.dicom_id}.jpg"),
-                report=str(report_root / "files" / group / f"s{row.study_id}.txt"),
-                ecg_record=str(ecg_root / record.path),
-                ecg_statements=tuple(s for s in lines if isinstance(s, str)),
-                meta={
-                    "subject_id": int(row.subject_id), "study_id": int(row.study_id), "dicom_id": row.dicom_id,
-                    "ecg_id": int(record.study_id), "view": row.ViewPosition, "split": row.split,
-                    "cxr_time": when.isoformat(), "ecg_time": record.when.isoformat(),
-                    "gap_hours": round((record.when - when).total_seconds() / 3600, 3),
-                    "chexpert": _chexpert(labels, row.study_id),
-                },
-            ))
-    return pairs, skipped
-
-
-def _chexpert(labels: pd.DataFrame, study_id: int) -> dict:
-    if study_id not in labels.index:
-        return {}
-    row = labels.loc[study_id].drop("subject_id", errors="ignore")
-    return {name: (None if pd.isna(v) else float(v)) for name, v in row.items()}
-
-
-def build_sample(spec: PairSpec, options: BuildOptions) -> dict:
-    """Read and preprocess one pair into shard members (bytes); raises ValueError naming the file."""
-    image = cxr.preprocess_file(spec.image, options.short_side)
-    ok, jpeg = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 95])
-    if not ok:
-        raise ValueError(f"{spec.image}: JPEG encoding failed")
-    signal = ecg.preprocess_record(spec.ecg_record, options.ecg_rate)
-    buffer = io.BytesIO()
-    np.save(buffer, signal)
-    try:
-        radiology = reports.radiology_text(Path(spec.report).read_text())
-    except FileNotFoundError as error:
-        raise ValueError(f"{spec.report}: report file missing") from error
-    ecg_report = reports.ecg_text(spec.ecg_statements)
-    meta = dict(spec.meta, ecg_statements=list(spec.ecg_statements))
-    return {"__key__": spec.key, "cxr.jpg": jpeg.tobytes(), "ecg.npy": buffer.getvalue(),
-            "rad.txt": radiology.encode(), "ecg.txt": ecg_report.encode(),
-            "meta.json": json.dumps(meta, sort_keys=True).encode()}
+def build_sample(spec: SampleSpec, options: BuildOptions) -> dict:
+    """Read and preprocess one sample into shard members (bytes); raises ValueError naming the file."""
+    sample = {"__key__": spec.key}
+    if spec.image:
+        ok, jpeg = cv2.imencode(".jpg", cxr.preprocess_file(spec.image, options.short_side),
+                                [cv2.IMWRITE_JPEG_QUALITY, 95])
+        if not ok:
+            raise ValueError(f"{spec.image}: JPEG encoding failed")
+        sample["cxr.jpg"] = jpeg.tobytes()
+    if spec.ecg:
+        buffer = io.BytesIO()
+        np.save(buffer, ecg.preprocess_record(spec.ecg, options.ecg_rate, spec.ecg_npy_rate))
+        sample["ecg.npy"] = buffer.getvalue()
+    radiology = reports.clean(spec.image_text)
+    if spec.report_file:
+        try:
+            radiology = reports.radiology_text(Path(spec.report_file).read_text())
+        except FileNotFoundError as error:
+            raise ValueError(f"{spec.report_file}: report file missing") from error
+    if radiology:
+        sample["rad.txt"] = radiology.encode()
+    if spec.ecg_text:
+        sample["ecg.txt"] = reports.clean(spec.ecg_text).encode()
+    if "rad.txt" not in sample and "ecg.txt" not in sample:
+        raise ValueError(f"{spec.key}: no report text (neither a radiology report nor an ECG report)")
+    sample["meta.json"] = json.dumps(spec.meta, sort_keys=True).encode()
+    return sample
 
 
 def _build_or_error(args) -> tuple[str, dict | None, str | None]:
@@ -152,11 +88,11 @@ def _build_or_error(args) -> tuple[str, dict | None, str | None]:
         return spec.split, None, f"{spec.key}: {error}"
 
 
-def plan_shards(pairs: list[PairSpec], samples_per_shard: int) -> list[tuple[str, int, list[PairSpec]]]:
-    """(split, shard number, pairs) for every shard, fixed before anything is read: a sample that
+def plan_shards(samples: list[SampleSpec], samples_per_shard: int) -> list[tuple[str, int, list[SampleSpec]]]:
+    """(split, shard number, specs) for every shard, fixed before anything is read: a sample that
     fails shrinks its own shard only, so any split of the work into parts gives the same shards."""
-    by_split: dict[str, list[PairSpec]] = {}
-    for spec in pairs:
+    by_split: dict[str, list[SampleSpec]] = {}
+    for spec in samples:
         by_split.setdefault(spec.split, []).append(spec)
     return [(split, i // samples_per_shard, specs[i:i + samples_per_shard])
             for split, specs in sorted(by_split.items()) for i in range(0, len(specs), samples_per_shard)]
@@ -180,12 +116,12 @@ def part_index_path(out: Path, split: str, part: int, parts: int) -> Path:
     return out / split / "parts" / f"part-{part:05d}-of-{parts:05d}.json"
 
 
-def write_shards(pairs: list[PairSpec], out: Path, options: BuildOptions, source: dict,
+def write_shards(samples: list[SampleSpec], out: Path, options: BuildOptions, source: dict,
                  parts: int = 1, part: int = 0) -> dict:
     """Build this part's shards (every `parts`-th shard of the plan, from `part`) in a process pool
     when workers > 1, and its part index per split; with parts == 1 also the final index + tokenizer."""
-    plan = [shard for k, shard in enumerate(plan_shards(pairs, options.samples_per_shard)) if k % parts == part]
-    results: dict[str, dict] = {split: {"shards": [], "failures": []} for split in sorted({p.split for p in pairs})}
+    plan = [shard for k, shard in enumerate(plan_shards(samples, options.samples_per_shard)) if k % parts == part]
+    results: dict[str, dict] = {split: {"shards": [], "failures": []} for split in sorted({s.split for s in samples})}
     pool = multiprocessing.get_context("spawn").Pool(options.workers) if options.workers > 1 else None
     with Progress(transient=False) as progress:
         task = progress.add_task(f"building shards (part {part + 1} of {parts})", total=sum(len(s[2]) for s in plan))

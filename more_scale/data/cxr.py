@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import albumentations as A
 import cv2
 import numpy as np
 
@@ -12,6 +13,8 @@ MEAN, STD = 0.499, 0.293  # MoRE reference normalisation of [0, 1] grayscale
 
 def read_gray(path: str | Path) -> np.ndarray:
     """Any 8/16-bit grayscale, RGB or RGBA image file -> (H, W) uint8."""
+    if not Path(path).is_file():
+        raise ValueError(f"{path}: image file missing")
     image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if image is None:
         raise ValueError(f"{path}: not a readable image (expected JPEG/PNG)")
@@ -40,10 +43,32 @@ def preprocess_file(path: str | Path, short_side: int = 256) -> np.ndarray:
     return resize_short_side(clahe(read_gray(path)), short_side)
 
 
+def normalise(image: np.ndarray) -> np.ndarray:
+    """(size, size) uint8 -> (1, size, size) float32 with the reference mean and std."""
+    return ((image.astype(np.float32) / 255.0 - MEAN) / STD)[None]
+
+
 def to_model_input(image: np.ndarray, size: int) -> np.ndarray:
     """(H, W) uint8 -> (1, size, size) float32: short side to `size`, centre crop, normalised."""
     image = resize_short_side(image, size)
     h, w = image.shape
     top, left = (h - size) // 2, (w - size) // 2
-    crop = image[top:top + size, left:left + size].astype(np.float32) / 255.0
-    return ((crop - MEAN) / STD)[None]
+    return normalise(image[top:top + size, left:left + size])
+
+
+def train_augmentation(size: int, crop_scale: tuple[float, float], jitter: float, blur_p: float,
+                       flip_p: float) -> A.Compose:
+    """The paper's X-ray augmentations: RandomResizedCrop, ColorJitter (brightness and contrast: a
+    grayscale film has no saturation or hue), GaussianBlur, horizontal flip."""
+    return A.Compose([
+        A.RandomResizedCrop(size=(size, size), scale=crop_scale),
+        A.ColorJitter(brightness=jitter, contrast=jitter, saturation=0.0, hue=0.0, p=1.0 if jitter else 0.0),
+        A.GaussianBlur(sigma_limit=(0.1, 2.0), p=blur_p),
+        A.HorizontalFlip(p=flip_p),
+    ])
+
+
+def augmented_input(image: np.ndarray, augmentation: A.Compose, seed: int) -> np.ndarray:
+    """(H, W) uint8 -> (1, size, size) float32 through `augmentation`, its draws fixed by `seed`."""
+    augmentation.set_random_seed(seed)
+    return normalise(augmentation(image=image)["image"])

@@ -16,9 +16,11 @@ _BY_UPPER = {name.upper(): i for i, name in enumerate(LEADS)}
 
 
 def read_wfdb(path: str | Path) -> tuple[np.ndarray, float]:
-    """WFDB record (path without extension) -> ((12, T) mV in LEADS order, sampling rate)."""
+    """WFDB record (path without extension, or its .hea) -> ((12, T) mV in LEADS order, sampling rate).
+    The signal file (.dat, or CinC's .mat) is whatever the header names."""
+    path = str(path)[:-4] if str(path).endswith(".hea") else str(path)
     try:
-        record = wfdb.rdrecord(str(path))
+        record = wfdb.rdrecord(path)
     except (FileNotFoundError, ValueError, OSError) as error:
         raise ValueError(f"{path}: unreadable WFDB record ({error})") from error
     return reorder_leads(record.p_signal.T, record.sig_name, path), float(record.fs)
@@ -59,9 +61,23 @@ def remove_baseline(signal: np.ndarray, fs: float) -> np.ndarray:
     return signal - baseline
 
 
-def preprocess_record(path: str | Path, fs_out: float = 100.0) -> np.ndarray:
-    """What a shard stores: (12, T) float16 mV at fs_out, NaN -> 0, baseline removed."""
-    signal, fs = read_wfdb(path)
+def read_npy(path: str | Path, fs: float) -> tuple[np.ndarray, float]:
+    """A (T, 12) or (12, T) array in LEADS order (as PTB-XL derived .npy files store it)."""
+    if fs <= 0:
+        raise ValueError(f"{path}: a .npy ECG needs its sampling rate (manifest column ecg_rate)")
+    try:
+        signal = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{path}: unreadable .npy ({error})") from error
+    if signal.ndim != 2 or len(LEADS) not in signal.shape:
+        raise ValueError(f"{path}: ECG array of shape {signal.shape}, expected (T, 12) or (12, T)")
+    return (signal.T if signal.shape[0] != len(LEADS) else signal).astype(np.float64), fs
+
+
+def preprocess_record(path: str | Path, fs_out: float = 100.0, npy_rate: float = 0.0) -> np.ndarray:
+    """What a shard stores: (12, T) float16 at fs_out, NaN -> 0, baseline removed. `path` is a WFDB
+    record, or a .npy array sampled at `npy_rate`."""
+    signal, fs = read_npy(path, npy_rate) if str(path).endswith(".npy") else read_wfdb(path)
     signal = np.nan_to_num(signal, nan=0.0, posinf=0.0, neginf=0.0)
     signal = remove_baseline(resample(signal, fs, fs_out), fs_out)
     return signal.astype(np.float16)
@@ -75,3 +91,30 @@ def to_model_input(signal: np.ndarray, samples: int) -> np.ndarray:
     lo, hi = x.min(axis=1, keepdims=True), x.max(axis=1, keepdims=True)
     span = np.where(hi - lo > 1e-6, hi - lo, 1.0)  # a flat lead stays 0 instead of dividing by 0
     return np.where(hi - lo > 1e-6, 2 * (x - lo) / span - 1, 0.0).astype(np.float32)
+
+
+def time_warp(signal: np.ndarray, rng: np.random.Generator, max_stretch: float, knots: int = 4) -> np.ndarray:
+    """Stretch and compress time piecewise: each of `knots` + 1 stretches runs at a speed drawn from
+    1 +- max_stretch, rescaled so the record keeps its length and both end points."""
+    length = signal.shape[-1]
+    speeds = 1.0 + rng.uniform(-max_stretch, max_stretch, knots + 1)
+    warped = np.concatenate([[0.0], np.cumsum(np.repeat(speeds, -(-length // (knots + 1)))[:length - 1])])
+    warped *= (length - 1) / warped[-1]
+    grid = np.arange(length)
+    return np.stack([np.interp(warped, grid, lead) for lead in signal]).astype(signal.dtype)
+
+
+def permute_segments(signal: np.ndarray, rng: np.random.Generator, pieces: int) -> np.ndarray:
+    """Cut the record into `pieces` equal stretches of time and put them back in a random order."""
+    parts = np.array_split(signal, pieces, axis=-1)
+    return np.concatenate([parts[i] for i in rng.permutation(pieces)], axis=-1)
+
+
+def augment(signal: np.ndarray, rng: np.random.Generator, max_stretch: float, pieces: int) -> np.ndarray:
+    """The paper's ECG augmentation: time-warp or segment permutation, one of the two per record."""
+    choices = [c for c, on in (("warp", max_stretch > 0), ("permute", pieces > 1)) if on]
+    if not choices:
+        return signal
+    if choices[rng.integers(len(choices))] == "warp":
+        return time_warp(signal, rng, max_stretch)
+    return permute_segments(signal, rng, pieces)

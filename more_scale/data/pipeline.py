@@ -1,26 +1,31 @@
-"""Streaming loader: shards -> decoded samples -> collated batch dicts (DESIGN.md "The batch").
+"""Loaders: shards -> decoded samples -> collated batch dicts (DESIGN.md "The batch").
 
-Training streams are resampled (infinite) and seeded from (seed, start step, rank, worker), so every
-rank and worker draws its own reproducible sequence. Evaluation streams read each shard once, in
+Training reads samples by index from the tars (wids) in the global order of `order.py`: the stream is
+a function of (seed, position), partitioned over ranks and loader workers, so it resumes exactly from
+a position stored in a checkpoint, on any world size. Evaluation streams read each shard once, in
 order. A sample that fails to decode is skipped and counted by reason and by shard; each batch carries
 its worker's counts since its previous batch in `batch["skipped"]` and `batch["skipped_shards"]`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
+import itertools
 import json
-from collections import Counter
+from collections import Counter, OrderedDict
 from functools import partial
 from pathlib import Path
+from struct import error as struct_error
 
 import cv2
 import numpy as np
 import torch
 import webdataset as wds
+from wids.wids import IndexedTarSamples
 
 from more_scale.config import DataConfig
-from more_scale.data import cxr, ecg, reports
+from more_scale.data import cxr, ecg, order, reports
 from more_scale.data.build import read_index
 
 _SKIPPED: Counter = Counter()  # per process: each loader worker counts its own skips, by reason
@@ -37,7 +42,27 @@ def _skip(reason: str, sample: dict) -> None:
     _SKIPPED_SHARDS[Path(str(sample.get("__url__", "?"))).name] += 1
 
 
-def decode_sample(sample: dict, image_size: int, ecg_samples: int) -> dict | None:
+class ModelInputs:
+    """Stored arrays -> model inputs: centre crop and no randomness, or (augment) the paper's training
+    augmentations with every draw fixed by a per-sample seed, so a stream replays exactly."""
+
+    def __init__(self, cfg: DataConfig, augment: bool):
+        self.cfg, self.augment = cfg, augment
+        self.cxr_augmentation = cxr.train_augmentation(cfg.image_size, tuple(cfg.cxr_crop_scale), cfg.cxr_jitter,
+                                                       cfg.cxr_blur_p, cfg.cxr_flip_p) if augment else None
+
+    def image(self, image: np.ndarray, seed: int) -> np.ndarray:
+        if self.augment:
+            return cxr.augmented_input(image, self.cxr_augmentation, seed)
+        return cxr.to_model_input(image, self.cfg.image_size)
+
+    def signal(self, signal: np.ndarray, seed: int) -> np.ndarray:
+        if self.augment:
+            signal = ecg.augment(signal, np.random.default_rng(seed), self.cfg.ecg_warp, self.cfg.ecg_segments)
+        return ecg.to_model_input(signal, self.cfg.ecg_samples)
+
+
+def decode_sample(sample: dict, inputs: ModelInputs, seed: int = 0) -> dict | None:
     """Shard members -> arrays; None (counted) when a present member is corrupt."""
     key = sample.get("__key__", "?")
     out = {"key": key, "cxr": None, "ecg": None}
@@ -46,14 +71,14 @@ def decode_sample(sample: dict, image_size: int, ecg_samples: int) -> dict | Non
             image = cv2.imdecode(np.frombuffer(sample["cxr.jpg"], np.uint8), cv2.IMREAD_GRAYSCALE)
             if image is None:
                 raise ValueError("corrupt cxr.jpg")
-            out["cxr"] = cxr.to_model_input(image, image_size)
+            out["cxr"] = inputs.image(image, seed)
         if "ecg.npy" in sample:
             signal = np.load(io.BytesIO(sample["ecg.npy"]), allow_pickle=False)
             if signal.ndim != 2 or signal.shape[0] != len(ecg.LEADS):
                 raise ValueError(f"ecg.npy shape {signal.shape}, expected (12, T)")
             if not np.isfinite(signal).all():
                 raise ValueError("ecg.npy has NaN/inf")
-            out["ecg"] = ecg.to_model_input(signal, ecg_samples)
+            out["ecg"] = inputs.signal(signal, seed)
         out["text"] = reports.joined_report(sample.get("rad.txt", b"").decode().strip(),
                                             sample.get("ecg.txt", b"").decode().strip())
         if not out["text"]:
@@ -102,55 +127,109 @@ def shard_urls(directory: str | Path) -> list[str]:
     return [str(Path(directory) / entry["name"]) for entry in index["shards"]]
 
 
-def _stream_seed(*parts: int) -> int:
-    return int(np.random.SeedSequence([p & 0xFFFFFFFF for p in parts]).generate_state(1)[0])
+def source_dirs(train: str) -> list[str]:
+    """data.train -> its shard directories ("a::b" names two sources)."""
+    return [d for d in train.split("::") if d]
 
 
-def _worker_id() -> int:
-    info = torch.utils.data.get_worker_info()
-    return info.id if info is not None else 0
+class ShardReader:
+    """Samples of a shard set by (shard, index), through wids' tar index; a few tars kept open."""
+
+    def __init__(self, paths: list[str], keep_open: int = 8):
+        self.paths, self.keep_open = paths, keep_open
+        self.open: OrderedDict[int, IndexedTarSamples] = OrderedDict()
+
+    def read(self, shard: int, index: int) -> dict:
+        if shard not in self.open:
+            self.open[shard] = IndexedTarSamples(path=self.paths[shard])
+            if len(self.open) > self.keep_open:
+                self.open.popitem(last=False)[1].close()
+        self.open.move_to_end(shard)
+        members = self.open[shard][index]
+        sample = {name.lstrip("."): value.getvalue() for name, value in members.items() if name != "__key__"}
+        return {**sample, "__key__": members["__key__"], "__url__": self.paths[shard]}
 
 
-def _rank_worker_seed(rank: int) -> int:
-    return rank * 1000 + _worker_id()
+MAX_STAND_INS = 16  # unreadable samples in a row at one position before the stream gives up
 
 
-def _worker_shuffle(src, bufsize: int, seed: int):
-    """Shuffle buffer seeded per worker at iteration time (the pipeline is built before forking)."""
-    yield from wds.shuffle(bufsize, min(bufsize, 64), seed=_stream_seed(seed, _worker_id()))(src)
+class TrainStream(torch.utils.data.IterableDataset):
+    """This rank's micro-batches of the global stream from `start_position` (global samples consumed).
+
+    Loader worker w of W makes local micro-batches w, w + W, ...; torch's DataLoader hands them out
+    round-robin, so the rank sees them in order. An unreadable sample is counted and replaced by a
+    stand-in fixed by (seed, position), which keeps every later position where it was."""
+
+    def __init__(self, cfg: DataConfig, rank: int, world: int, tokenizer, start_position: int = 0):
+        self.cfg, self.rank, self.world, self.tokenizer, self.start = cfg, rank, world, tokenizer, start_position
+        self.paths, shard_sizes, source_sizes = [], [], []
+        for directory in source_dirs(cfg.train):
+            index = read_index(directory)
+            self.paths += [str(Path(directory) / e["name"]) for e in index["shards"]]
+            shard_sizes += [e["samples"] for e in index["shards"]]
+            source_sizes.append(sum(e["samples"] for e in index["shards"]))
+        self.space = order.SampleSpace(tuple(shard_sizes), tuple(source_sizes))
+        self.order = order.GlobalOrder(self.space, cfg.mode, cfg.seed, cfg.shuffle_block, tuple(cfg.train_weights))
+        self.inputs = ModelInputs(cfg, augment=cfg.augment)
+
+    def state(self, position: int) -> dict:
+        """What a checkpoint stores of the stream: the position, and a digest of what fixes the order
+        (a resumed run with other shards, seed, mode or weights is told its order changed)."""
+        fixes = {"mode": self.cfg.mode, "seed": self.cfg.seed, "shard_sizes": self.space.shard_sizes,
+                 "weights": [round(float(w), 12) for w in self.order.weights], "shuffle_block": self.cfg.shuffle_block}
+        digest = hashlib.sha256(json.dumps(fixes).encode()).hexdigest()[:16]
+        return {**self.order.describe(position), "order_digest": digest}
+
+    def sample_at(self, position: int, reader: ShardReader) -> dict:
+        candidate = self.order.sample_at(position)
+        for attempt in range(MAX_STAND_INS):
+            shard, index = self.space.locate(candidate)
+            decoded = self._decode(reader, shard, index, order.sample_seed(self.cfg.seed, position, attempt))
+            if decoded is not None:
+                return {**decoded, "position": position}
+            candidate = self.order.replacement(position, attempt)
+        raise RuntimeError(f"{MAX_STAND_INS} unreadable samples in a row at stream position {position}; "
+                           f"last tried {self.paths[shard]} sample {index}")
+
+    def _decode(self, reader: ShardReader, shard: int, index: int, seed: int) -> dict | None:
+        try:
+            raw = reader.read(shard, index)
+        except (ValueError, OSError, AssertionError, IndexError, struct_error) as error:  # wids asserts on bad tars
+            _skip(f"unreadable tar member: {type(error).__name__}", {"__url__": self.paths[shard]})
+            return None
+        return decode_sample(raw, self.inputs, seed)
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        cv2.setNumThreads(1)  # one core per loader worker; OpenCV's own pool would oversubscribe
+        reader = ShardReader(self.paths)
+        for local_step in itertools.count(worker, workers):
+            positions = order.rank_positions(self.start, local_step, self.rank, self.world, self.cfg.batch_size)
+            yield self._collate([self.sample_at(p, reader) for p in positions])
+
+    def _collate(self, samples: list[dict]) -> dict:
+        batch = collate(samples, self.tokenizer, self.cfg.max_text_tokens, self.cfg.image_size, self.cfg.ecg_samples)
+        batch["positions"] = [s["position"] for s in samples]
+        return batch
 
 
-def _decode_and_batch(cfg: DataConfig, tokenizer, batch_size: int, partial_batches: bool) -> list:
-    """The stages every stream ends with: decode (bad samples counted, dropped), then collate."""
-    return [
-        wds.map(partial(decode_sample, image_size=cfg.image_size, ecg_samples=cfg.ecg_samples)),
-        wds.select(lambda s: s is not None),
-        wds.batched(batch_size, partial=partial_batches, collation_fn=partial(
-            collate, tokenizer=tokenizer, max_text_tokens=cfg.max_text_tokens,
-            image_size=cfg.image_size, ecg_samples=cfg.ecg_samples)),
-    ]
-
-
-def build_loader(cfg: DataConfig, rank: int, world: int, tokenizer, *, start_step: int = 0):
-    """Infinite training stream of batches for this rank. `start_step` reseeds a resumed run so it
-    does not replay the samples it saw before (exact stream resume is future work)."""
-    urls = shard_urls(cfg.train)
-    seed = _stream_seed(cfg.seed, start_step)
-    pipeline = wds.DataPipeline(
-        wds.ResampledShards(urls, seed=seed, deterministic=True, worker_seed=partial(_rank_worker_seed, rank)),
-        wds.tarfile_to_samples(handler=partial(_count_and_continue, "unreadable tar member")),
-        partial(_worker_shuffle, bufsize=cfg.shuffle_buffer, seed=seed + rank),
-        *_decode_and_batch(cfg, tokenizer, cfg.batch_size, partial_batches=False),
-    )
-    return wds.WebLoader(pipeline, batch_size=None, num_workers=cfg.workers,
-                         persistent_workers=cfg.workers > 0)
+def build_loader(cfg: DataConfig, rank: int, world: int, tokenizer, *, start_position: int = 0):
+    """The infinite training DataLoader of this rank, from a global stream position."""
+    return torch.utils.data.DataLoader(TrainStream(cfg, rank, world, tokenizer, start_position), batch_size=None,
+                                       num_workers=cfg.workers, persistent_workers=cfg.workers > 0)
 
 
 def iter_batches(directory: str | Path, cfg: DataConfig, tokenizer, batch_size: int | None = None):
     """Every sample of a shard set exactly once, in index order, in batches (single process)."""
+    inputs = ModelInputs(cfg, augment=False)
     pipeline = wds.DataPipeline(
         wds.SimpleShardList(shard_urls(directory)),
         wds.tarfile_to_samples(handler=partial(_count_and_continue, "unreadable tar member")),
-        *_decode_and_batch(cfg, tokenizer, batch_size or cfg.batch_size, partial_batches=True),
+        wds.map(partial(decode_sample, inputs=inputs)),
+        wds.select(lambda s: s is not None),
+        wds.batched(batch_size or cfg.batch_size, partial=True, collation_fn=partial(
+            collate, tokenizer=tokenizer, max_text_tokens=cfg.max_text_tokens,
+            image_size=cfg.image_size, ecg_samples=cfg.ecg_samples)),
     )
     return iter(pipeline)

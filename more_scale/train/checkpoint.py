@@ -7,7 +7,7 @@ never picks up a half-written checkpoint; older tags beyond `keep` are pruned af
 from __future__ import annotations
 
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch.distributed as dist
@@ -16,7 +16,8 @@ import torch.distributed as dist
 @dataclass
 class TrainState:
     step: int = 0  # optimizer steps done
-    samples: int = 0  # global samples consumed
+    samples: int = 0  # global samples consumed: the training stream's position
+    stream: dict = field(default_factory=dict)  # the stream's state at `samples` (TrainStream.state)
 
 
 def checkpoint_root(output_dir: str | Path) -> Path:

@@ -12,7 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from more_scale import dist
 from more_scale.config import Config, config_to_dict, save_config
-from more_scale.data.pipeline import build_loader
+from more_scale.data.pipeline import build_loader, source_dirs
 from more_scale.data.tokenizer import load_tokenizer
 from more_scale.loss import ContrastiveLoss
 from more_scale.models.more import build_model, trainable_summary
@@ -26,7 +26,7 @@ MODEL_KEYS = ("cxr", "ecg", "input_ids", "attention_mask")
 
 
 def tokenizer_dir(cfg: Config) -> Path:
-    return Path(cfg.data.tokenizer) if cfg.data.tokenizer else Path(cfg.data.train).parent / "tokenizer"
+    return Path(cfg.data.tokenizer) if cfg.data.tokenizer else Path(source_dirs(cfg.data.train)[0]).parent / "tokenizer"
 
 
 def to_device(batch: dict, device, dtype: torch.dtype) -> dict:
@@ -47,6 +47,16 @@ def train_step(engine, loss_fn: ContrastiveLoss, batch: dict, dtype: torch.dtype
     engine.backward(losses["loss"])
     engine.step()
     return {**{k: v.detach() for k, v in losses.items()}, "logit_scale": embeddings["logit_scale"].detach()}
+
+
+def _check_stream_resume(state: checkpoint.TrainState, now: dict, console: Console) -> None:
+    """Say where the stream starts; warn when a checkpoint's stream was ordered differently."""
+    where = f"position {now['position']}" + (f" (epoch {now['epoch']}, sample {now['sample_in_epoch']})"
+                                             if "epoch" in now else "")
+    console.print(f"data stream: {now['mode']}, seed {now['seed']}, {where}")
+    if state.stream and state.stream["order_digest"] != now["order_digest"]:
+        console.print("[yellow]the checkpoint's data stream had another order (shards, seed, mode or weights "
+                      "changed): continuing at the same position of the new order")
 
 
 def train(cfg: Config) -> checkpoint.TrainState:
@@ -75,7 +85,10 @@ def train(cfg: Config) -> checkpoint.TrainState:
                   f"{ds['zero_optimization']['stage']} {cfg.train.precision} | trainable {trainable:,} of "
                   f"{total:,} params ({100 * trainable / total:.2f}%) | start step {state.step} of {cfg.train.steps}")
     preemption = PreemptionWatch()  # before the loader forks its workers: they inherit the handler, not death by SIGUSR1
-    loader = iter(build_loader(cfg.data, rank, world, tokenizer, start_step=state.step))
+    loader = build_loader(cfg.data, rank, world, tokenizer, start_position=state.samples)
+    stream = loader.dataset
+    _check_stream_resume(state, stream.state(state.samples), console)
+    loader = iter(loader)
     loss_fn = ContrastiveLoss(cfg.loss, rank, world)
     metrics = MetricsLogger(out, rank)
     skips = SkipLedger(cfg.data.max_skip_rate)
@@ -106,6 +119,7 @@ def train(cfg: Config) -> checkpoint.TrainState:
             progress.update(task, completed=state.step)
             preempted = preemption.requested()
             if state.step % cfg.train.save_every == 0 or state.step == end or preempted:
+                state.stream = stream.state(state.samples)
                 path = checkpoint.save(engine, out, state, config_to_dict(cfg), cfg.train.keep_checkpoints, rank)
                 console.print(f"checkpoint {path}")
                 window_start, window_samples = time.perf_counter(), 0  # keep save time out of samples/s

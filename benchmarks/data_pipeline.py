@@ -1,0 +1,110 @@
+"""Loader throughput per worker process: read (wids index) + JPEG decode + augment + ECG + tokenise +
+collate, at the model's 224 px and 12 x 1000 ECG, augmentation off and on. One process, one thread:
+what one loader worker (one core) delivers; the stage rows say where its time goes.
+
+  python benchmarks/data_pipeline.py [--shards DIR] [--samples 2000]
+
+Without --shards it builds synthetic MIMIC-like shards (256 px short side, as the builder stores)
+in a temporary folder first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import itertools
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from common import write
+
+from more_scale.config import DataConfig
+from more_scale.data import order
+from more_scale.data.pipeline import ModelInputs, ShardReader, TrainStream, collate, decode_sample
+from more_scale.data.tokenizer import load_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def synthetic_shards(folder: Path) -> Path:
+    for script, args in (("make_synthetic.py", ["--out", str(folder / "raw"), "--subjects", "600"]),
+                         ("build_shards.py", ["--source", "mimic", "--root", str(folder / "raw"),
+                                              "--out", str(folder / "shards"), "--workers", "2"])):
+        subprocess.run([sys.executable, str(ROOT / "launch" / script), *args], check=True, capture_output=True)
+    return folder / "shards"
+
+
+def per_sample(fn, items) -> float:
+    start = time.perf_counter()
+    for item in items:
+        fn(item)
+    return (time.perf_counter() - start) / len(items)
+
+
+def stage_rows(stream: TrainStream, inputs: ModelInputs, n: int, tokenizer) -> list[dict]:
+    """Each stage timed alone on the same n samples (ms per sample)."""
+    reader = ShardReader(stream.paths)
+    where = [stream.space.locate(stream.order.sample_at(p)) for p in range(n)]
+    raws = [reader.read(*w) for w in where]
+    images = [cv2.imdecode(np.frombuffer(r["cxr.jpg"], np.uint8), cv2.IMREAD_GRAYSCALE) for r in raws]
+    seeds = [order.sample_seed(0, p) for p in range(n)]
+    decoded = [decode_sample(r, inputs, s) for r, s in zip(raws, seeds)]
+    cfg, batch = stream.cfg, stream.cfg.batch_size
+    stages = {
+        "read (wids index)": per_sample(lambda w: reader.read(*w), where),
+        "jpeg decode": per_sample(lambda r: cv2.imdecode(np.frombuffer(r["cxr.jpg"], np.uint8), cv2.IMREAD_GRAYSCALE),
+                                  raws),
+        "x-ray to 224 (crop/augment)": per_sample(lambda k: inputs.image(images[k], seeds[k]), range(n)),
+        "ecg load + to 12x1000": per_sample(lambda k: inputs.signal(np.load(io.BytesIO(raws[k]["ecg.npy"])), seeds[k]),
+                                            range(n)),
+        "tokenise + collate": per_sample(
+            lambda k: collate(decoded[k:k + batch], tokenizer, cfg.max_text_tokens, cfg.image_size, cfg.ecg_samples),
+            range(0, n - batch + 1, batch)) / batch,
+    }
+    return [{"stage": name, "ms_per_sample": 1e3 * s} for name, s in stages.items()]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shards", type=Path, help="a shard folder (holds train/ and tokenizer/)")
+    parser.add_argument("--samples", type=int, default=2000)
+    parser.add_argument("--batch", type=int, default=64)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        shards = args.shards or synthetic_shards(Path(tmp))
+        tokenizer = load_tokenizer(shards / "tokenizer")
+        rows = []
+        for augment in (False, True):
+            cfg = DataConfig(train=str(shards / "train"), batch_size=args.batch, workers=0, augment=augment,
+                             image_size=224, ecg_samples=1000, max_text_tokens=256)
+            stream = TrainStream(cfg, 0, 1, tokenizer)
+            batches = iter(stream)  # this process is the one worker
+            next(batches)  # open the first shards, build the first orders
+            steps = max(1, args.samples // args.batch)
+            start = time.perf_counter()
+            for _ in itertools.islice(batches, steps):
+                pass
+            rate = steps * args.batch / (time.perf_counter() - start)
+            stages = stage_rows(stream, ModelInputs(cfg, augment), min(args.samples, 512), tokenizer)
+            rows.append({"augment": augment, "what": "end to end (one worker process)", "samples_per_s": rate,
+                         "ms_per_sample": 1e3 / rate})
+            rows += [{"augment": augment, "what": s["stage"], "samples_per_s": 1e3 / s["ms_per_sample"],
+                      "ms_per_sample": s["ms_per_sample"]} for s in stages]
+            print(rows[-len(stages) - 1])
+        command = "python benchmarks/data_pipeline.py" + (f" --shards {args.shards}" if args.shards else "")
+        print(write("data_pipeline_cpu", rows, command,
+                    f"One process, torch and OpenCV at 1 thread: one loader worker on one core. Micro-batch "
+                    f"{args.batch}, {args.samples} samples end to end; stages timed alone on 512 samples. Goal: "
+                    f"1000 samples/s per core with augmentation on."))
+
+
+if __name__ == "__main__":
+    main()

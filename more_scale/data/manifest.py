@@ -1,0 +1,66 @@
+"""A user's own data as a CSV manifest -> sample specs. One row per sample; columns:
+
+  image       X-ray file (JPEG/PNG)                          } at least one of the two
+  ecg         WFDB record (no extension, or .hea) or .npy    }
+  image_text  radiology report text                          } at least one of the two
+  ecg_text    ECG report text / diagnosis names              }
+  ecg_rate    sampling rate in Hz, needed for .npy ECGs
+  split       train | validate | test (default train)
+  key         unique sample name (default row<N>)
+
+Relative paths are taken from `root` (default: the manifest's folder). Columns named in
+`label_columns` are copied into meta.json; any other column is reported as ignored.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pandas as pd
+
+from more_scale.data.build import SampleSpec
+
+COLUMNS = ("key", "split", "image", "image_text", "ecg", "ecg_text", "ecg_rate")
+SPLITS = ("train", "validate", "test")
+
+
+def manifest_samples(manifest: Path, root: Path | None = None,
+                     label_columns: tuple[str, ...] = ()) -> tuple[list[SampleSpec], list[str]]:
+    """Specs for every row, and the manifest columns nothing reads. Errors name the row and column."""
+    table = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+    root = root or manifest.parent
+    if not {"image", "ecg"} & set(table.columns) or not {"image_text", "ecg_text"} & set(table.columns):
+        raise ValueError(f"{manifest}: needs an image or ecg column and an image_text or ecg_text column "
+                         f"(has {list(table.columns)})")
+    unknown = [c for c in label_columns if c not in table.columns]
+    if unknown:
+        raise ValueError(f"{manifest}: label columns {unknown} are not in the manifest")
+    specs, keys = [], set()
+    for number, row in enumerate(table.to_dict("records")):
+        where = f"{manifest} row {number + 2}"  # the line number a spreadsheet shows (header is line 1)
+        key = re.sub(r"[^A-Za-z0-9_-]", "_", row.get("key") or f"row{number:06d}")  # no dots: WebDataset splits on them
+        if key in keys:
+            raise ValueError(f"{where}: key {key!r} repeats an earlier row's")
+        keys.add(key)
+        split = row.get("split") or "train"
+        if split not in SPLITS:
+            raise ValueError(f"{where}: split {split!r}, expected one of {SPLITS}")
+        image, ecg = (_resolve(root, row.get(c, "")) for c in ("image", "ecg"))
+        if not image and not ecg:
+            raise ValueError(f"{where}: neither image nor ecg is given")
+        rate = row.get("ecg_rate") or "0"
+        try:
+            ecg_rate = float(rate)
+        except ValueError as error:
+            raise ValueError(f"{where}: ecg_rate {rate!r} is not a number") from error
+        meta = {"source_row": number, "image_path": row.get("image", ""), "ecg_path": row.get("ecg", ""),
+                **{c: row[c] for c in label_columns}}
+        specs.append(SampleSpec(key=key, split=split, image=image, image_text=row.get("image_text", ""), ecg=ecg,
+                                ecg_npy_rate=ecg_rate, ecg_text=row.get("ecg_text", ""), meta=meta))
+    ignored = [c for c in table.columns if c not in COLUMNS and c not in label_columns]
+    return specs, ignored
+
+
+def _resolve(root: Path, path: str) -> str:
+    return "" if not path.strip() else str(root / path.strip())
