@@ -1,5 +1,8 @@
 """ECG / X-ray / report preprocessing against scipy, OpenCV and hand-computed references."""
 
+import io
+import random
+
 import cv2
 import numpy as np
 import pytest
@@ -80,7 +83,7 @@ def test_cxr_steps_match_opencv(tmp_path):
     assert cxr.resize_short_side(gray, 100).shape == (150, 100)
     x = cxr.to_model_input(gray, 64)
     assert x.shape == (1, 64, 64)
-    resized = cxr.resize_short_side(gray, 64)
+    resized = cv2.resize(gray, (64, 96), interpolation=cv2.INTER_LINEAR)
     top = (resized.shape[0] - 64) // 2
     np.testing.assert_allclose(x[0], (resized[top:top + 64] / 255.0 - 0.499) / 0.293, rtol=1e-5, atol=1e-5)
     (tmp_path / "bad.jpg").write_bytes(b"not a jpeg")
@@ -136,6 +139,19 @@ def test_time_warp_keeps_length_and_ends_and_moves_the_middle():
     assert np.allclose(warped[:, [0, -1]], ramp[:, [0, -1]], atol=1e-6)
     assert (np.diff(warped, axis=1) > 0).all()  # time runs forward, only at another speed
     assert np.abs(warped - ramp).max() > 0.01
+    sine = np.sin(np.linspace(0, 20, 1000, dtype=np.float32))[None].repeat(12, 0) * np.arange(1, 13)[:, None]
+    rng_a, rng_b = np.random.default_rng(3), np.random.default_rng(3)
+    times = _warped_times(rng_b, 0.3, 1000)
+    reference = np.stack([np.interp(times, np.arange(1000), lead) for lead in sine])
+    assert np.allclose(ecg.time_warp(sine.astype(np.float32), rng_a, 0.3), reference, atol=1e-5)
+
+
+def _warped_times(rng, max_stretch, length, knots=4):
+    """The warp's sample times, written out: piecewise-constant speeds, rescaled to keep both ends."""
+    speeds = 1.0 + rng.uniform(-max_stretch, max_stretch, knots + 1)
+    step = np.repeat(speeds, -(-length // (knots + 1)))[:length - 1]
+    times = np.concatenate([[0.0], np.cumsum(step)])
+    return times * (length - 1) / times[-1]
 
 
 def test_permute_segments_reorders_equal_pieces():
@@ -150,9 +166,20 @@ def test_cxr_augmentation_is_seeded_and_reduces_to_a_resize():
     rng = np.random.default_rng(0)
     image = cv2.GaussianBlur((rng.random((256, 300)) * 255).astype(np.uint8), (9, 9), 3)
     aug = cxr.train_augmentation(64, (0.2, 1.0), 0.4, 0.5, 0.5)
-    a, b, c = (cxr.augmented_input(image, aug, seed) for seed in (1, 1, 2))
+    a, b, c = (cxr.augmented_input(image, aug, np.random.default_rng(seed), random.Random(seed)) for seed in (1, 1, 2))
     assert a.shape == (1, 64, 64) and a.dtype == np.float32
     assert np.array_equal(a, b) and not np.array_equal(a, c)
     whole = cxr.train_augmentation(64, (1.0, 1.0), 0.0, 0.0, 0.0)  # crop = the whole film, nothing else
     expected = cxr.normalise(cv2.resize(image, (64, 64), interpolation=cv2.INTER_LINEAR))
-    assert np.allclose(cxr.augmented_input(image, whole, 0), expected, atol=1e-6)
+    assert np.allclose(cxr.augmented_input(image, whole, np.random.default_rng(0), random.Random(0)), expected, atol=1e-6)
+
+
+def test_load_npy_equals_np_load_and_rejects_truncation():
+    buffer = io.BytesIO()
+    signal = np.random.default_rng(0).normal(size=(12, 1000)).astype(np.float16)
+    np.save(buffer, signal)
+    data = buffer.getvalue()
+    assert np.array_equal(ecg.load_npy(data), np.load(io.BytesIO(data)))
+    assert np.array_equal(ecg.load_npy(data), signal)  # twice: the second parse comes from the header cache
+    with pytest.raises(ValueError):
+        ecg.load_npy(data[:-10])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import albumentations as A
@@ -30,12 +31,13 @@ def clahe(image: np.ndarray, clip_limit: float = 2.0, tiles: int = 8) -> np.ndar
     return cv2.createCLAHE(clipLimit=clip_limit, tileGridSize=(tiles, tiles)).apply(image)
 
 
-def resize_short_side(image: np.ndarray, size: int) -> np.ndarray:
+def resize_short_side(image: np.ndarray, size: int, shrink=cv2.INTER_AREA) -> np.ndarray:
+    """Short side to `size`, aspect kept: `shrink` interpolation going down (area: no aliasing from a
+    2500 px film), cubic going up."""
     h, w = image.shape[:2]
     scale = size / min(h, w)
     new = (max(size, round(w * scale)), max(size, round(h * scale)))
-    interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC
-    return cv2.resize(image, new, interpolation=interp)
+    return cv2.resize(image, new, interpolation=shrink if scale < 1 else cv2.INTER_CUBIC)
 
 
 def preprocess_file(path: str | Path, short_side: int = 256) -> np.ndarray:
@@ -45,12 +47,14 @@ def preprocess_file(path: str | Path, short_side: int = 256) -> np.ndarray:
 
 def normalise(image: np.ndarray) -> np.ndarray:
     """(size, size) uint8 -> (1, size, size) float32 with the reference mean and std."""
-    return ((image.astype(np.float32) / 255.0 - MEAN) / STD)[None]
+    out = np.multiply(image, np.float32(1 / (255.0 * STD)), dtype=np.float32)  # (x / 255 - mean) / std, 2 passes
+    out -= np.float32(MEAN / STD)
+    return out[None]
 
 
 def to_model_input(image: np.ndarray, size: int) -> np.ndarray:
     """(H, W) uint8 -> (1, size, size) float32: short side to `size`, centre crop, normalised."""
-    image = resize_short_side(image, size)
+    image = resize_short_side(image, size, cv2.INTER_LINEAR)  # stored 256 -> 224: too small a step to alias
     h, w = image.shape
     top, left = (h - size) // 2, (w - size) // 2
     return normalise(image[top:top + size, left:left + size])
@@ -68,7 +72,10 @@ def train_augmentation(size: int, crop_scale: tuple[float, float], jitter: float
     ])
 
 
-def augmented_input(image: np.ndarray, augmentation: A.Compose, seed: int) -> np.ndarray:
-    """(H, W) uint8 -> (1, size, size) float32 through `augmentation`, its draws fixed by `seed`."""
-    augmentation.set_random_seed(seed)
+def augmented_input(image: np.ndarray, augmentation: A.Compose, rng: np.random.Generator,
+                    py_rng: random.Random) -> np.ndarray:
+    """(H, W) uint8 -> (1, size, size) float32 through `augmentation`, drawing from the given generators
+    (handed to every transform: cheaper than set_random_seed, which builds two generators per transform)."""
+    for part in (augmentation, *augmentation.transforms):
+        part.set_random_state(rng, py_rng)
     return normalise(augmentation(image=image)["image"])

@@ -10,9 +10,9 @@ its worker's counts since its previous batch in `batch["skipped"]` and `batch["s
 from __future__ import annotations
 
 import hashlib
-import io
 import itertools
 import json
+import random
 from collections import Counter, OrderedDict
 from functools import partial
 from pathlib import Path
@@ -51,14 +51,18 @@ class ModelInputs:
         self.cxr_augmentation = cxr.train_augmentation(cfg.image_size, tuple(cfg.cxr_crop_scale), cfg.cxr_jitter,
                                                        cfg.cxr_blur_p, cfg.cxr_flip_p) if augment else None
 
-    def image(self, image: np.ndarray, seed: int) -> np.ndarray:
-        if self.augment:
-            return cxr.augmented_input(image, self.cxr_augmentation, seed)
+    def random(self, seed: int) -> tuple[np.random.Generator, random.Random] | None:
+        """One sample's generators (numpy's and Python's, as albumentations draws from both)."""
+        return (np.random.default_rng(seed), random.Random(seed)) if self.augment else None
+
+    def image(self, image: np.ndarray, draws) -> np.ndarray:
+        if draws is not None:
+            return cxr.augmented_input(image, self.cxr_augmentation, *draws)
         return cxr.to_model_input(image, self.cfg.image_size)
 
-    def signal(self, signal: np.ndarray, seed: int) -> np.ndarray:
-        if self.augment:
-            signal = ecg.augment(signal, np.random.default_rng(seed), self.cfg.ecg_warp, self.cfg.ecg_segments)
+    def signal(self, signal: np.ndarray, draws) -> np.ndarray:
+        if draws is not None:
+            signal = ecg.augment(signal, draws[0], self.cfg.ecg_warp, self.cfg.ecg_segments)
         return ecg.to_model_input(signal, self.cfg.ecg_samples)
 
 
@@ -66,19 +70,21 @@ def decode_sample(sample: dict, inputs: ModelInputs, seed: int = 0) -> dict | No
     """Shard members -> arrays; None (counted) when a present member is corrupt."""
     key = sample.get("__key__", "?")
     out = {"key": key, "cxr": None, "ecg": None}
+    draws = inputs.random(seed)
     try:
         if "cxr.jpg" in sample:
             image = cv2.imdecode(np.frombuffer(sample["cxr.jpg"], np.uint8), cv2.IMREAD_GRAYSCALE)
             if image is None:
                 raise ValueError("corrupt cxr.jpg")
-            out["cxr"] = inputs.image(image, seed)
+            out["cxr"] = inputs.image(image, draws)
         if "ecg.npy" in sample:
-            signal = np.load(io.BytesIO(sample["ecg.npy"]), allow_pickle=False)
+            signal = ecg.load_npy(sample["ecg.npy"])
             if signal.ndim != 2 or signal.shape[0] != len(ecg.LEADS):
                 raise ValueError(f"ecg.npy shape {signal.shape}, expected (12, T)")
-            if not np.isfinite(signal).all():
+            signal = signal.astype(np.float32)
+            if not (np.isfinite(signal.min()) and np.isfinite(signal.max())):  # NaN and inf both reach min/max
                 raise ValueError("ecg.npy has NaN/inf")
-            out["ecg"] = inputs.signal(signal, seed)
+            out["ecg"] = inputs.signal(signal, draws)
         out["text"] = reports.joined_report(sample.get("rad.txt", b"").decode().strip(),
                                             sample.get("ecg.txt", b"").decode().strip())
         if not out["text"]:
@@ -96,13 +102,11 @@ def decode_sample(sample: dict, inputs: ModelInputs, seed: int = 0) -> dict | No
 def collate(samples: list[dict], tokenizer, max_text_tokens: int, image_size: int, ecg_samples: int) -> dict:
     """Decoded samples -> the batch dict; a missing modality is zeros with mask False."""
     n = len(samples)
-    images = np.zeros((n, 1, image_size, image_size), np.float32)
-    signals = np.zeros((n, len(ecg.LEADS), ecg_samples), np.float32)
+    images = np.empty((n, 1, image_size, image_size), np.float32)
+    signals = np.empty((n, len(ecg.LEADS), ecg_samples), np.float32)
     for i, s in enumerate(samples):
-        if s["cxr"] is not None:
-            images[i] = s["cxr"]
-        if s["ecg"] is not None:
-            signals[i] = s["ecg"]
+        images[i] = 0 if s["cxr"] is None else s["cxr"]
+        signals[i] = 0 if s["ecg"] is None else s["ecg"]
     tokens = tokenizer([s["text"] for s in samples], padding="longest", truncation=True,
                        max_length=max_text_tokens, return_tensors="pt")
     skipped, skipped_shards = dict(_SKIPPED), dict(_SKIPPED_SHARDS)
