@@ -43,18 +43,23 @@ class MoRE(nn.Module):
     def scale(self) -> torch.Tensor:
         return self.logit_scale.float().clamp(max=self.max_log_scale).exp()
 
+    def embed(self, modality: str, batch: dict) -> torch.Tensor:
+        """One tower and its head: unit-norm fp32 embeddings (B, D)."""
+        if modality == "cxr":
+            image = batch["cxr"]
+            if self.cxr_channels == 3 and image.shape[1] == 1:
+                image = image.expand(-1, 3, -1, -1)  # grayscale repeated, as the reference
+            features = self.encoders["cxr"](image)
+        elif modality == "ecg":
+            features = self.encoders["ecg"](batch["ecg"])
+        else:
+            features = self.encoders["text"](batch["input_ids"], batch["attention_mask"])
+        return F.normalize(self.heads[modality](features).float(), dim=-1)
+
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
-        """Unit-norm fp32 embeddings (B, D) per modality and the logit scale; rows of a missing modality are computed on zeros
+        """Embeddings per modality and the logit scale; rows of a missing modality are computed on zeros
         and masked later by the loss (static shapes, no per-rank branching)."""
-        image = batch["cxr"]
-        if self.cxr_channels == 3 and image.shape[1] == 1:
-            image = image.expand(-1, 3, -1, -1)  # grayscale repeated, as the reference
-        features = {
-            "cxr": self.encoders["cxr"](image),
-            "ecg": self.encoders["ecg"](batch["ecg"]),
-            "text": self.encoders["text"](batch["input_ids"], batch["attention_mask"]),
-        }
-        out = {m: F.normalize(self.heads[m](f).float(), dim=-1) for m, f in features.items()}
+        out = {m: self.embed(m, batch) for m in MODALITIES}
         out["logit_scale"] = self.scale()  # returned, not read outside: under ZeRO-3 the param is partitioned
         return out
 

@@ -1,0 +1,193 @@
+"""Full MoRE training steps on batches already in memory (compute only), one process: samples/s, text
+tokens/s, achieved TFLOP/s, MFU against the matmul peak measured in the same run, peak memory, and a
+step breakdown (forward per tower, loss, backward, optimizer). Each variant runs beside the
+reference-style baseline of the same dimensions, measured in the same process:
+
+  baseline: the MoRE reference code's choices - DropKey through a materialised logits mask (math
+  attention), no DropToken, BatchNorm heads, fp32 weights, every report padded to 512 tokens - run
+  in fp32 and under bf16 autocast (its best case). Speedups are quoted against the autocast one.
+
+  python benchmarks/throughput.py [--preset paper|small] [--batch 8] [--steps 2] [--precision bf16|fp32]
+
+On a CPU without AVX-512 BF16 or AMX, bf16 matmuls have no fast path (benchmarks/results/peak_cpu.md):
+pass --precision fp32 there; the autocast baseline is then skipped as meaningless.
+FLOPs are counted by torch.utils.flop_counter over one forward + backward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import time
+
+import numpy as np
+import torch
+from common import write
+from peak import matmul_tflops
+from torch.utils.flop_counter import FlopCounterMode
+
+from more_scale.config import CxrConfig, EcgConfig, LossConfig, ModelConfig, TextConfig
+from more_scale.loss import ContrastiveLoss
+from more_scale.models.more import MODALITIES, build_model
+
+PRESETS = {  # ViT-B/16 x2 + a RoBERTa-base-sized LM with LoRA (the paper); the same with a 7B-sized LM; a quick size
+    "paper": {"width": 768, "depth": 12, "heads": 12, "text_hidden": 768, "text_layers": 12, "text_heads": 12,
+              "intermediate": 3072},
+    "paper-7b": {"width": 768, "depth": 12, "heads": 12, "text_hidden": 4096, "text_layers": 32, "text_heads": 32,
+                 "intermediate": 11008},
+    "small": {"width": 256, "depth": 4, "heads": 4, "text_hidden": 256, "text_layers": 4, "text_heads": 4,
+              "intermediate": 1024},
+}
+VOCAB = 50265  # RoBERTa's
+MEAN_REPORT_TOKENS = 128  # realistic report length for per-batch padding
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    name: str
+    drop_token_keep: float = 0.5
+    drop_key: float = 0.3
+    attention: str = "auto"
+    head: str = "layernorm"
+    pad_to_512: bool = False
+    precision: str = "bf16"  # bf16 weights (as DeepSpeed bf16) | fp32 | autocast (fp32 weights, bf16 autocast)
+
+
+def model_config(preset: dict, v: Variant) -> ModelConfig:
+    vit = {"width": preset["width"], "depth": preset["depth"], "heads": preset["heads"],
+           "drop_token_keep": v.drop_token_keep, "drop_key": v.drop_key, "attention": v.attention}
+    text = TextConfig(hidden=preset["text_hidden"], layers=preset["text_layers"], heads=preset["text_heads"],
+                      intermediate=preset["intermediate"], dropout=0.0)
+    return ModelConfig(cxr=CxrConfig(**vit), ecg=EcgConfig(**vit), text=text, head=v.head, head_hidden=preset["width"])
+
+
+def make_batch(batch: int, pad_to_512: bool, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    lengths = np.clip(rng.normal(MEAN_REPORT_TOKENS, 48, batch), 16, 512).astype(int)
+    width = 512 if pad_to_512 else int(lengths.max())
+    ids = torch.from_numpy(rng.integers(3, VOCAB, (batch, width)))
+    mask = torch.arange(width)[None] < torch.from_numpy(lengths)[:, None]
+    return {"cxr": torch.randn(batch, 1, 224, 224), "ecg": torch.randn(batch, 12, 1000),
+            "input_ids": ids.masked_fill(~mask, 1), "attention_mask": mask.long(),
+            "cxr_mask": torch.ones(batch, dtype=torch.bool), "ecg_mask": torch.ones(batch, dtype=torch.bool),
+            "real_tokens": int(lengths.sum())}
+
+
+class Timer:
+    """Wall time per named phase; on a GPU each phase ends with a synchronise."""
+
+    def __init__(self, device: str):
+        self.device, self.seconds, self._last = device, {}, time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        self.seconds[name] = self.seconds.get(name, 0.0) + now - self._last
+        self._last = now
+
+
+def train_step(model, loss_fn, optimizer, batch: dict, v: Variant, timer: Timer | None) -> None:
+    autocast = torch.autocast(batch["cxr"].device.type, torch.bfloat16) if v.precision == "autocast" \
+        else contextlib.nullcontext()
+    lap = timer.lap if timer else (lambda name: None)
+    with autocast:
+        emb = {}
+        for m in MODALITIES:
+            emb[m] = model.embed(m, batch)
+            lap(f"fwd_{m}")
+        emb["logit_scale"] = model.scale()
+        loss = loss_fn(emb, batch)["loss"]
+        lap("loss")
+    loss.backward()
+    lap("backward")
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    lap("optimizer")
+
+
+def measure(preset: dict, v: Variant, batch_size: int, steps: int, device: str, peak: dict) -> dict:
+    torch.manual_seed(0)
+    with torch.device(device):  # initialise on the device: a 7B tower initialised on a CPU takes minutes
+        model = build_model(model_config(preset, v), VOCAB, 1).train()
+    dtype = torch.bfloat16 if v.precision == "bf16" else torch.float32
+    model = model.to(dtype=dtype)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    loss_fn = ContrastiveLoss(LossConfig(), 0, 1)
+    batch = make_batch(batch_size, v.pad_to_512)
+    real_tokens = batch.pop("real_tokens")
+    batch = {k: (t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device)) for k, t in batch.items()}
+    counter = FlopCounterMode(display=False)
+    with counter:  # also the warm-up step
+        train_step(model, loss_fn, optimizer, batch, v, None)
+    flops = counter.get_total_flops()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    timer = Timer(device)
+    for _ in range(steps):
+        train_step(model, loss_fn, optimizer, batch, v, timer)
+    step_s = sum(timer.seconds.values()) / steps
+    peak_key = "bf16" if v.precision in ("bf16", "autocast") else "fp32"
+    achieved = flops / step_s / 1e12
+    row = {"variant": v.name, "precision": v.precision, "batch": batch_size, "step_s": step_s,
+           "samples_per_s": batch_size / step_s, "text_tokens_per_s": real_tokens / step_s,
+           "tflops": achieved, "mfu": achieved / peak[peak_key]}
+    row.update({f"{k}_s": t / steps for k, t in timer.seconds.items()})
+    if device == "cuda":
+        row["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return row
+
+
+def variants(precision: str) -> list[Variant]:
+    """The baseline pair, then ours: equal work (512 tokens, no DropToken) and the paper recipe, plus
+    one-knob sweeps around the recipe (DropToken keep, DropKey, attention backend)."""
+    ref = Variant("reference fp32", drop_token_keep=1.0, attention="math", head="batchnorm", pad_to_512=True,
+                  precision="fp32")
+    out = [ref]
+    if precision == "bf16":
+        out.append(dataclasses.replace(ref, name="reference bf16 autocast", precision="autocast"))
+    out += [
+        Variant("ours, equal work (512 tok, keep 1.0)", drop_token_keep=1.0, pad_to_512=True, precision=precision),
+        Variant("ours, paper recipe (keep 0.5, DropKey, ~128 tok)", precision=precision),
+        Variant("recipe, keep 1.0", drop_token_keep=1.0, precision=precision),
+        Variant("recipe, keep 0.25", drop_token_keep=0.25, precision=precision),
+        Variant("recipe, DropKey off", drop_key=0.0, precision=precision),
+        Variant("recipe, math attention", attention="math", precision=precision),
+    ]
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="paper")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per variant, after one warm-up step")
+    parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
+    parser.add_argument("--only", default="", help="comma-separated variant name prefixes to run")
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    peak = {"fp32": matmul_tflops(torch.float32, device)[0]}
+    if args.precision == "bf16":
+        peak["bf16"] = matmul_tflops(torch.bfloat16, device)[0]
+    print(f"measured matmul peak (TFLOP/s): {peak}")
+    chosen = [v for v in variants(args.precision)
+              if not args.only or any(v.name.startswith(p) for p in args.only.split(","))]
+    rows = []
+    for v in chosen:
+        rows.append(measure(PRESETS[args.preset], v, args.batch, args.steps, device, peak))
+        print({k: round(x, 4) if isinstance(x, float) else x for k, x in rows[-1].items()}, flush=True)
+    baseline = next((r for r in rows if r["precision"] == "autocast"), rows[0])
+    for r in rows:
+        r["speedup_vs_baseline"] = r["samples_per_s"] / baseline["samples_per_s"]
+    command = (f"python benchmarks/throughput.py --preset {args.preset} --batch {args.batch} --steps {args.steps} "
+               f"--precision {args.precision}" + (f" --only '{args.only}'" if args.only else ""))
+    print(write(f"throughput_{args.preset}_{args.precision}_{device}", rows, command,
+                f"Measured matmul peak in the same run: {', '.join(f'{k} {t:.3g} TFLOP/s' for k, t in peak.items())}"
+                f" (MFU denominator). Speedups against '{baseline['variant']}', measured in the same process. "
+                "Optimizer: torch AdamW on the compute-dtype parameters (DeepSpeed's fp32 master copy is not "
+                "modelled here). *_s columns: seconds per step in each phase."))
+
+
+if __name__ == "__main__":
+    main()
