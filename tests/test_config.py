@@ -20,6 +20,8 @@ def test_yaml_then_dotted_overrides_with_types():
                              "train.precision=bf16"])
     assert cfg.train.steps == 20 and cfg.data.batch_size == 8 and cfg.train.lr == pytest.approx(1e-3)
     assert cfg.model.text.lora_targets == ("query",) and cfg.train.precision == "bf16"
+    mixed = load_config(TINY, ["data.train=a/train::b/train", "data.train_weights=[3,1]", "data.mode=resampled"])
+    assert mixed.data.train_weights == (3.0, 1.0)
     assert cfg.model.cxr.width == 64  # from the YAML
     assert cfg.loss.text_cxr == 1.0  # from the dataclass default
     with pytest.raises(AttributeError):
@@ -42,6 +44,10 @@ def test_round_trip_through_dict():
     ("train.warmup_steps=500", "train.warmup_steps (500) must be in [0, train.steps=200]"),
     ("train.deepspeed_config=nope.json", "train.deepspeed_config: no such file nope.json"),
     ("train", "expected dotted.key=value"),
+    ("data.mode=shuffled", "data.mode must be resampled or epoch, got 'shuffled'"),
+    ("data.train_weights=[1,2]", "data.train_weights has 2 weights for 1 sources in data.train"),
+    ("data.cxr_crop_scale=[0.5]", "data.cxr_crop_scale must be two numbers 0 < lo <= hi <= 1, got (0.5,)"),
+    ("data.ecg_warp=1.5", "data.ecg_warp must be in [0, 1), got 1.5"),
 ])
 def test_bad_values_fail_naming_the_key(override, message):
     with pytest.raises(ConfigError, match=re.escape(message)):

@@ -68,6 +68,16 @@ def test_stream_resumed_on_another_world_size_continues_the_global_order(shards,
         assert len(set(first_epoch)) == len(first_epoch) == total // 8 * 8
 
 
+def test_weighted_sources_mix_in_proportion(shards, tokenizer):
+    """Two shard sets as data.train=A::B with weights 1:3 (resampled): about a quarter of the stream
+    comes from A whatever their sizes."""
+    cfg = _cfg(shards, train=f"{shards / 'train'}::{shards / 'test'}", train_weights=(1.0, 3.0), batch_size=50)
+    keys = [k for b in _batches(cfg, tokenizer, 0, 1, 8) for k in b["keys"]]
+    test_keys = {k for b in iter_batches(shards / "test", cfg, tokenizer, 64) for k in b["keys"]}
+    share_a = sum(k not in test_keys for k in keys) / len(keys)
+    assert 0.19 < share_a < 0.31, share_a
+
+
 def test_ranks_and_seeds_differ(shards, tokenizer):
     cfg = _cfg(shards, mode="epoch")
     rank0, rank1 = (_merged([_batches(cfg, tokenizer, r, 2, 4)]) for r in range(2))
