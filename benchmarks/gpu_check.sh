@@ -19,7 +19,7 @@ for name in ("flash_attn", "xformers", "triton", "peft", "transformers", "deepsp
 PY
 python benchmarks/peak.py --size 8192
 python benchmarks/attention.py --batch 64
-python benchmarks/throughput.py --preset paper --batch "$BATCH" --steps "$STEPS" --precision bf16
+python benchmarks/throughput.py --preset paper --batch "$BATCH" --steps "$STEPS" --precision bf16 --batch-sweep 8,64
 python benchmarks/throughput.py --preset paper-7b --batch 8 --steps 2 --precision bf16 \
   --only "ours, paper recipe" || echo "7B-sized text tower did not run (see the error above: memory?)"
 python benchmarks/report.py

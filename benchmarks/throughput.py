@@ -165,6 +165,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2, help="timed steps per variant, after one warm-up step")
     parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
     parser.add_argument("--only", default="", help="comma-separated variant name prefixes to run")
+    parser.add_argument("--batch-sweep", default="", help="comma-separated micro-batch sizes: the paper recipe again at each")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     peak = {"fp32": matmul_tflops(torch.float32, device)[0]}
@@ -173,15 +174,20 @@ def main() -> None:
     print(f"measured matmul peak (TFLOP/s): {peak}")
     chosen = [v for v in variants(args.precision)
               if not args.only or any(v.name.startswith(p) for p in args.only.split(","))]
+    runs = [(v, args.batch) for v in chosen]
+    recipe = next(v for v in variants(args.precision) if v.name.startswith("ours, paper recipe"))
+    sweep = [int(b) for b in args.batch_sweep.split(",") if b]
+    runs += [(dataclasses.replace(recipe, name=f"recipe, micro-batch {b}"), b) for b in sweep]
     rows = []
-    for v in chosen:
-        rows.append(measure(PRESETS[args.preset], v, args.batch, args.steps, device, peak))
+    for v, batch in runs:
+        rows.append(measure(PRESETS[args.preset], v, batch, args.steps, device, peak))
         print({k: round(x, 4) if isinstance(x, float) else x for k, x in rows[-1].items()}, flush=True)
     baseline = next((r for r in rows if r["precision"] == "autocast"), rows[0])
     for r in rows:
         r["speedup_vs_baseline"] = r["samples_per_s"] / baseline["samples_per_s"]
     command = (f"python benchmarks/throughput.py --preset {args.preset} --batch {args.batch} --steps {args.steps} "
-               f"--precision {args.precision}" + (f" --only '{args.only}'" if args.only else ""))
+               f"--precision {args.precision}" + (f" --only '{args.only}'" if args.only else "")
+               + (f" --batch-sweep {args.batch_sweep}" if args.batch_sweep else ""))
     print(write(f"throughput_{args.preset}_{args.precision}_{device}", rows, command,
                 f"Measured matmul peak in the same run: {', '.join(f'{k} {t:.3g} TFLOP/s' for k, t in peak.items())}"
                 f" (MFU denominator). Speedups against '{baseline['variant']}', measured in the same process. "
