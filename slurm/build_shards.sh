@@ -4,8 +4,11 @@
 #
 #   ROOT=/data/physionet OUT=/data/shards sbatch slurm/build_shards.sh
 #   ROOT=/data/physionet OUT=/data/shards BUILD_ARGS="--window-days 30" sbatch --array=0-31 slurm/build_shards.sh
+#   SOURCE=ptbxl ROOT=/data/ptb-xl OUT=/data/ptbxl_shards sbatch slurm/build_shards.sh
+#   SOURCE=csv ROOT=/data/mine OUT=/data/mine_shards BUILD_ARGS="--manifest /data/mine/manifest.csv" sbatch ...
 #
-# Environment: ROOT (required: holds mimic-cxr-jpg/, mimic-cxr-reports/, mimic-iv-ecg/), OUT (required),
+# Environment: ROOT (required: mimic: holds mimic-cxr-jpg/, mimic-cxr-reports/, mimic-iv-ecg/; ptbxl: the
+# PTB-XL folder; csv: the base of the manifest's relative paths), OUT (required),
 # SOURCE [mimic], PYTHON [python], WORKERS [cpus per task], BUILD_ARGS (more build_shards.py flags),
 # LOG_DIR: where the merge job writes its log [.].
 # Same inputs and flags give byte-identical shards whatever the array size.
