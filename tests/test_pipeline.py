@@ -139,6 +139,32 @@ def test_training_stream_replaces_bad_samples_in_place(shards, tokenizer, tmp_pa
     assert order == batch["keys"] and set(keys[2:]) <= set(batch["keys"]) and not {keys[0], keys[1]} & set(batch["keys"])
 
 
+def test_training_stream_counts_a_shard_with_a_corrupt_tar_header(shards, tokenizer, tmp_path):
+    """One of two shards gets a tar header overwritten (same length, so the index check passes): every
+    read of it is counted against that shard and served by a stand-in from the other."""
+    import json
+    import shutil
+
+    bad = tmp_path / "train"
+    bad.mkdir()
+    index = read_index(shards / "train")
+    index["shards"] = index["shards"][:2]
+    for entry in index["shards"]:
+        shutil.copy(shards / "train" / entry["name"], bad / entry["name"])
+    index["samples"] = sum(e["samples"] for e in index["shards"])
+    (bad / "shards.json").write_text(json.dumps(index))
+    broken = bad / index["shards"][0]["name"]
+    data = bytearray(broken.read_bytes())
+    data[124:136] = b"not-a-size!\0"  # the first member's size field (octal digits expected)
+    broken.write_bytes(bytes(data))
+    batch = _batches(_cfg(shards, train=str(bad), mode="epoch", batch_size=16), tokenizer, 0, 1, 1)[0]
+    assert len(batch["keys"]) == 16 and batch["positions"] == list(range(16))
+    assert set(batch["skipped"]) == {"unreadable tar member: ValueError"} and sum(batch["skipped"].values()) >= 1
+    assert batch["skipped_shards"] == {broken.name: sum(batch["skipped"].values())}
+    good = {k for b in iter_batches(bad, _cfg(shards), tokenizer, 64) for k in b["keys"]}  # the intact shard only
+    assert set(batch["keys"]) <= good
+
+
 def test_skip_ledger_stops_above_the_rate_naming_shards():
     from more_scale.train.skips import MIN_SAMPLES, SkipLedger
 
