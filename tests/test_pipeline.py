@@ -85,6 +85,28 @@ def test_ranks_and_seeds_differ(shards, tokenizer):
     assert rank0 != _merged([_batches(_cfg(shards, mode="epoch", seed=1), tokenizer, 0, 2, 4)])
 
 
+def test_shard_reader_equals_tarfile_and_scans_each_shard_once(shards):
+    from more_scale.data.pipeline import ShardReader, shard_urls
+
+    paths = shard_urls(shards / "train")[:3]
+    reader = ShardReader(paths)
+    for shard, path in enumerate(paths):
+        with tarfile.open(path) as tar:
+            expected = {}
+            for m in tar.getmembers():
+                key, member = m.name.split(".", 1)
+                expected.setdefault(key, {})[member] = tar.extractfile(m).read()
+        got = {}
+        for index in reversed(range(len(expected))):  # any order: reads are by index
+            sample = reader.read(shard, index)
+            key = sample.pop("__key__")
+            got[key] = {k: v for k, v in sample.items() if k != "__url__"}
+        assert got == expected
+    assert sorted(reader.tables) == [0, 1, 2]
+    with pytest.raises(IndexError):
+        reader.read(0, len(expected) + 5)
+
+
 def test_every_sample_once_in_evaluation_order(shards, tokenizer):
     index = read_index(shards / "test")
     keys = [k for b in iter_batches(shards / "test", _cfg(shards), tokenizer, batch_size=5) for k in b["keys"]]
