@@ -10,7 +10,7 @@ import argparse
 import sys
 
 import torch
-from common import timed, write
+from common import DEVICE, DTYPES, timed, write
 
 from more_scale.models.attention import BACKENDS, attention, drop_key_mask, unsupported_reason
 
@@ -20,10 +20,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=197)
     args = parser.parse_args()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtypes = (torch.float32, torch.bfloat16) + ((torch.float16,) if device == "cuda" else ())
+    device = DEVICE
     rows = []
-    for dtype in dtypes:
+    for dtype in DTYPES:
         for drop in (False, True):
             shape = (args.batch, 12, args.tokens, 64)
             q, k, v = (torch.randn(shape, dtype=dtype, device=device, requires_grad=True) for _ in range(3))

@@ -12,6 +12,9 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# fp16 only on a GPU: CPUs have no fast fp16 path
+DTYPES = (torch.float32, torch.bfloat16) + ((torch.float16,) if DEVICE == "cuda" else ())
 
 
 def timed(fn, warmup: int = 2, repeat: int = 5) -> float:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from common import timed, write
+from common import DEVICE, timed, write
 
 from more_scale.config import CxrConfig, EcgConfig
 from more_scale.models.vit import build_cxr_encoder, build_ecg_encoder
@@ -27,7 +27,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     args = parser.parse_args()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = DEVICE
     torch.manual_seed(0)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     rows, base, bare_base = [], None, None

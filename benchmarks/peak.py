@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from common import timed, write
+from common import DEVICE, DTYPES, timed, write
 
 
 def matmul_tflops(dtype: torch.dtype, device: str, size: int = 2048) -> tuple[float, float]:
@@ -24,10 +24,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--size", type=int, default=2048)
     args = parser.parse_args()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtypes = (torch.float32, torch.bfloat16) + ((torch.float16,) if device == "cuda" else ())
+    device = DEVICE
     rows = []
-    for dtype in dtypes:
+    for dtype in DTYPES:
         tflops, seconds = matmul_tflops(dtype, device, args.size)
         rows.append({"dtype": str(dtype).removeprefix("torch."), "size": args.size, "ms": 1e3 * seconds,
                      "tflops": tflops})

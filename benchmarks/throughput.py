@@ -23,7 +23,7 @@ import time
 
 import numpy as np
 import torch
-from common import write
+from common import DEVICE, write
 from peak import matmul_tflops
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -167,7 +167,7 @@ def main() -> None:
     parser.add_argument("--only", default="", help="comma-separated variant name prefixes to run")
     parser.add_argument("--batch-sweep", default="", help="comma-separated micro-batch sizes: the paper recipe again at each")
     args = parser.parse_args()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = DEVICE
     peak = {"fp32": matmul_tflops(torch.float32, device)[0]}
     if args.precision == "bf16":
         peak["bf16"] = matmul_tflops(torch.bfloat16, device)[0]
