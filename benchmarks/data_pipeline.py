@@ -4,8 +4,9 @@ what one loader worker (one core) delivers; the stage rows say where its time go
 
   python benchmarks/data_pipeline.py [--shards DIR] [--samples 2000]
 
-Without --shards it builds synthetic MIMIC-like shards (256 px short side, as the builder stores)
-in a temporary folder first.
+Without --shards it builds synthetic MIMIC-like shards (256 px short side, as the builder stores) in a
+temporary folder first, 32 samples per shard: the stream's draws then spread over a dozen shards, as
+they spread over hundreds in a real shard set.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def synthetic_shards(folder: Path) -> Path:
     for script, args in (("make_synthetic.py", ["--out", str(folder / "raw"), "--subjects", "600"]),
                          ("build_shards.py", ["--source", "mimic", "--root", str(folder / "raw"),
-                                              "--out", str(folder / "shards"), "--workers", "2"])):
+                                              "--out", str(folder / "shards"), "--workers", "2",
+                                              "--samples-per-shard", "32"])):
         subprocess.run([sys.executable, str(ROOT / "launch" / script), *args], check=True, capture_output=True)
     return folder / "shards"
 
