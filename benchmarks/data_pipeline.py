@@ -1,4 +1,4 @@
-"""Loader throughput per worker process: read (wids index) + JPEG decode + augment + ECG + tokenise +
+"""Loader throughput per worker process: read by index + JPEG decode + augment + ECG + tokenise +
 collate, at the model's 224 px and 12 x 1000 ECG, augmentation off and on. One process, one thread:
 what one loader worker (one core) delivers; the stage rows say where its time goes.
 
@@ -60,7 +60,7 @@ def stage_rows(stream: TrainStream, inputs: ModelInputs, n: int, tokenizer) -> l
     decoded = [decode_sample(r, inputs, s) for r, s in zip(raws, seeds)]
     cfg, batch = stream.cfg, stream.cfg.batch_size
     stages = {
-        "read (wids index)": per_sample(lambda w: reader.read(*w), where),
+        "read (shard table + pread)": per_sample(lambda w: reader.read(*w), where),
         "jpeg decode": per_sample(lambda r: cv2.imdecode(np.frombuffer(r["cxr.jpg"], np.uint8), cv2.IMREAD_GRAYSCALE),
                                   raws),
         "x-ray to 224 (crop/augment)": per_sample(lambda k: inputs.image(images[k], inputs.random(seeds[k])), range(n)),
