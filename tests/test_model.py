@@ -9,20 +9,36 @@ from more_scale.models.more import build_model, trainable_summary
 from more_scale.models.vit import EcgConvStem, build_cxr_encoder, build_ecg_encoder, drop_tokens
 
 
-@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def attention_error_bound(dtype: torch.dtype, n: int, d: int, backward: bool) -> float:
+    """Largest error of a correct kernel against float64 on the same inputs, in units of the result's scale.
+
+    A result is rounded to `dtype` at a few points (logits, probabilities, output: 4 allowed forward, 8
+    backward), each worth eps/2 relative. bf16 kernels accumulate their sums in fp32, so sums add
+    nothing at bf16's eps; fp32 sums round at every term, so their length (N keys, D channels) adds up
+    to N + D eps. Measured over 1200 draws (AVX-512 BF16): bf16 <= 0.8 eps forward, 1.6 backward;
+    fp32 <= 2.2 and 13."""
+    roundings = 8 if backward else 4
+    return torch.finfo(dtype).eps * (roundings + (n + d if dtype == torch.float32 else 0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n", [16, 17])
 @pytest.mark.parametrize("drop", [0.0, 0.3])
-def test_sdpa_equals_math_forward_and_backward(dtype, tol, n, drop):
+@pytest.mark.parametrize("backend", ["sdpa", "math"])
+def test_attention_backends_equal_float64_forward_and_backward(dtype, n, drop, backend):
     g = torch.Generator().manual_seed(n)
     q, k, v = (torch.randn(2, 3, n, 8, generator=g).to(dtype).requires_grad_() for _ in range(3))
     mask = drop_key_mask((2, 3, n, n), drop, "cpu", generator=g) if drop else None
-    out = attention(q, k, v, backend="sdpa", keep_mask=mask)
-    ref = math_attention(q, k, v, mask)
-    torch.testing.assert_close(out.float(), ref.float(), rtol=tol, atol=tol)
+    exact_inputs = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    exact = math_attention(*exact_inputs, mask)
+    out = attention(q, k, v, backend=backend, keep_mask=mask)
+    scale = v.detach().double().abs().max()  # attention averages rows of v
+    assert (out.double() - exact).abs().max() <= attention_error_bound(dtype, n, 8, False) * scale
     grads = torch.autograd.grad(out.float().sum(), (q, k, v))
-    ref_grads = torch.autograd.grad(ref.float().sum(), (q, k, v))
-    for a, b in zip(grads, ref_grads):
-        torch.testing.assert_close(a.float(), b.float(), rtol=tol * 5, atol=tol * 5)
+    exact_grads = torch.autograd.grad(exact.sum(), exact_inputs)
+    for name, a, b in zip("qkv", grads, exact_grads):
+        bound = attention_error_bound(dtype, n, 8, True) * b.abs().max()
+        assert (a.double() - b).abs().max() <= bound, f"d{name}"
 
 
 def test_drop_key_masks_keys_and_never_a_whole_row():

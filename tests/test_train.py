@@ -23,22 +23,50 @@ def _free_port() -> str:
         return str(s.getsockname()[1])
 
 
+BF16_ULP = 2.0 ** -8  # bf16 keeps 8 significant bits: one unit in the last place, relative
+
+
+def _worst_relative(run: list[float], reference: list[float]) -> float:
+    return max(abs(a - b) / abs(b) for a, b in zip(run, reference))
+
+
 def test_zero_stages_on_two_ranks_equal_one_rank(shards, tmp_path):
-    """10 steps, same global batch of 8: 1 rank x 8 rows vs 2 ranks x 4 rows, ZeRO 1/2/3, fp32 and bf16."""
+    """10 steps, same global batch of 8: 1 rank x 8 rows vs 2 ranks x 4 rows, ZeRO 1/2/3, fp32 and bf16.
+
+    fp32 tests the partitioning itself, tightly. bf16 is judged against bf16 round-off measured in the
+    same run on the same CPU: CPUs with and without AVX-512 BF16 round differently, and a 10-step bf16
+    trajectory amplifies any changed rounding into a loss that moves by 0.1-2% (seen across data orders)."""
     worker = str(ROOT / "tests" / "equivalence_worker.py")
     run_launcher([launcher("torchrun"), "--standalone", "--nproc_per_node", "1", worker, "--shards", str(shards),
-                  "--out", str(tmp_path / "one.json"), "--stages", "1"])
+                  "--out", str(tmp_path / "one.json"), "--row-orders"])
     run_launcher([launcher("torchrun"), "--standalone", "--nproc_per_node", "2", worker, "--shards", str(shards),
                   "--out", str(tmp_path / "two.json")])
     one = json.loads((tmp_path / "one.json").read_text())
     two = json.loads((tmp_path / "two.json").read_text())
-    assert len(one["zero1-fp32"]) == 10 and len(set(round(v, 4) for v in one["zero1-fp32"])) > 3  # it trains
-    for name, losses in two.items():
-        precision = name.split("-")[1]
-        tolerance = 1e-5 if precision == "fp32" else 2e-2
-        reference = one[f"zero1-{precision}"]
-        worst = max(abs(a - b) / abs(b) for a, b in zip(losses, reference))
-        assert worst < tolerance, f"{name}: worst relative difference {worst:.2e} > {tolerance}"
+    exact = one["zero1-fp32"]
+    assert len(exact) == 10 and len(set(round(v, 4) for v in exact)) > 3  # it trains
+    # fp32 round-off (2^-24 per operation) summed in another order by the partition and the all-reduce,
+    # over 10 steps: measured <= 2e-7 on AVX-512 BF16 and passed at 1e-5 on AVX2 hosts
+    for stage in (1, 2, 3):
+        worst = _worst_relative(two[f"zero{stage}-fp32"], exact)
+        assert worst < 1e-5, f"zero{stage}-fp32: worst relative difference {worst:.2e} > 1e-5"
+    # bf16 noise of this CPU: how far 1-rank bf16 runs (each ZeRO stage, and ZeRO-1 with the batch's rows
+    # reordered, which changes only the order of bf16 sums) stray from the fp32 trajectory
+    noise = max(_worst_relative(losses, exact) for name, losses in one.items() if "bf16" in name)
+    learned = (exact[0] - min(exact)) / exact[0]
+    # bf16 follows fp32 more closely than training moves the loss (a broken bf16 path, e.g. weights that
+    # never update or gradients scaled wrong, strays by as much as training moves: 8-16% here)
+    assert noise < learned / 2, f"1-rank bf16 strays {noise:.2%} from fp32, while training moved the loss {learned:.2%}"
+    for stage in (1, 2, 3):
+        losses = two[f"zero{stage}-bf16"]
+        # step 1 runs the same bf16 weights on the same rows: only a rounding changed by the row split can
+        # differ (reordering rows moved it 2e-5 here), so one bf16 ulp of the loss bounds it
+        first = abs(losses[0] - one[f"zero{stage}-bf16"][0]) / one[f"zero{stage}-bf16"][0]
+        assert first < BF16_ULP, f"zero{stage}-bf16 step 1: relative difference {first:.2e} > 2^-8"
+        # the 2-rank run is one more draw of the same round-off: its largest stray from fp32 was 0.3-1.03x
+        # the 1-rank runs' largest over five data orders; 3x leaves room for an unlucky draw
+        worst = _worst_relative(losses, exact)
+        assert worst < 3 * noise, f"zero{stage}-bf16 strays {worst:.2e} from fp32, > 3 x bf16 noise {noise:.2e}"
 
 
 @pytest.fixture(scope="module")
