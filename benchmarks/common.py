@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+# where tables go; gpu_check.sh --dry-run points it elsewhere so toy figures never replace measured ones
+RESULTS = Path(os.environ.get("MORE_RESULTS_DIR", Path(__file__).resolve().parent / "results"))
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # fp16 only on a GPU: CPUs have no fast fp16 path
 DTYPES = (torch.float32, torch.bfloat16) + ((torch.float16,) if DEVICE == "cuda" else ())
@@ -52,9 +53,9 @@ def write(name: str, rows: list[dict], command: str, notes: str = "") -> str:
     meta = {"command": command, "machine": machine(), "torch": torch.__version__,
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "threads": torch.get_num_threads()}
     (RESULTS / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    columns = list(rows[0])
+    columns = list(dict.fromkeys(c for r in rows for c in r))  # every row's columns, in order of appearance
     lines = [f"| {' | '.join(columns)} |", f"|{'---|' * len(columns)}"]
-    lines += [f"| {' | '.join(_fmt(r[c]) for c in columns)} |" for r in rows]
+    lines += [f"| {' | '.join(_fmt(r.get(c)) for c in columns)} |" for r in rows]
     table = "\n".join(lines)
     text = (f"# {name}\n\n`{command}` on {meta['machine']}, torch {meta['torch']}, {meta['date']}"
             f"{', OMP_NUM_THREADS=' + os.environ['OMP_NUM_THREADS'] if 'OMP_NUM_THREADS' in os.environ else ''}\n\n"
@@ -64,4 +65,4 @@ def write(name: str, rows: list[dict], command: str, notes: str = "") -> str:
 
 
 def _fmt(value) -> str:
-    return f"{value:.3g}" if isinstance(value, float) else str(value)
+    return "-" if value is None else f"{value:.3g}" if isinstance(value, float) else str(value)

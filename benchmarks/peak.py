@@ -1,6 +1,8 @@
 """Measured matmul peak of this device per dtype: the denominator of every MFU figure.
 
-  python benchmarks/peak.py [--size 2048]
+  python benchmarks/peak.py [--size N]     (default: 8192 on a GPU, 2048 on a CPU, shrunk on a slow path)
+
+The measurement is more_scale.hardware.matmul_peak, the function training calls at start-up.
 """
 
 from __future__ import annotations
@@ -8,30 +10,24 @@ from __future__ import annotations
 import argparse
 
 import torch
-from common import DEVICE, DTYPES, timed, write
+from common import DEVICE, DTYPES, write
 
-
-def matmul_tflops(dtype: torch.dtype, device: str, size: int = 2048) -> tuple[float, float]:
-    """(TFLOP/s, seconds) of one size^3 matmul: the achievable peak every MFU here divides by."""
-    a = torch.randn(size, size, device=device).to(dtype)
-    b = torch.randn(size, size, device=device).to(dtype)
-    slow = dtype == torch.bfloat16 and device == "cpu"  # without AVX-512 BF16 one product can take a minute
-    seconds = timed(lambda: a @ b, warmup=0 if slow else 1, repeat=1 if slow else 5)
-    return 2 * size**3 / seconds / 1e12, seconds
+from more_scale.hardware import matmul_peak
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--size", type=int, default=2048)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", type=int, default=None)
     args = parser.parse_args()
-    device = DEVICE
     rows = []
     for dtype in DTYPES:
-        tflops, seconds = matmul_tflops(dtype, device, args.size)
-        rows.append({"dtype": str(dtype).removeprefix("torch."), "size": args.size, "ms": 1e3 * seconds,
-                     "tflops": tflops})
+        peak = matmul_peak(DEVICE, dtype, args.size)
+        rows.append({"dtype": peak.dtype, "size": peak.size, "tflops": peak.tflops,
+                     "datasheet_bf16_tflops": peak.datasheet_tflops or "-"})
         print(rows[-1])
-    print(write(f"peak_{device}", rows, f"python benchmarks/peak.py --size {args.size}"))
+    print(write(f"peak_{DEVICE}", rows, "python benchmarks/peak.py" + (f" --size {args.size}" if args.size else ""),
+                "Warmed products (2 untimed, median of 5). The datasheet column is the dense bf16 figure of a known "
+                "GPU, for reference: MFU divides by the measured figure."))
 
 
 if __name__ == "__main__":

@@ -41,18 +41,16 @@ def worker(args) -> None:
                       steps=100, warmup_steps=1)
     engine, _ = build_engine(cfg, model, args.batch, world)
     loss_fn = ContrastiveLoss(LossConfig(), rank, world)
-    batch = make_batch(args.batch, pad_to_512=False, seed=rank)
-    batch.pop("real_tokens")
+    batch, _ = make_batch(args.batch, pad_to_512=False, seed=rank)
     timer = Timer("cpu")
     for step in range(args.steps + 1):
         if step == 1:  # the first step warms up (allocations, DeepSpeed's lazy buffers)
             timer = Timer("cpu")
-        if torch.distributed.is_initialized():
-            torch.distributed.barrier()  # phases start together on every rank
+        dist.barrier()  # phases start together on every rank
         timer.lap("wait")
         embeddings = engine(batch)
         timer.lap("forward")
-        loss = loss_fn(embeddings, batch)["loss"]
+        loss = loss_fn(embeddings, batch.cxr_mask, batch.ecg_mask)["loss"]
         timer.lap("loss")
         engine.backward(loss)
         timer.lap("backward")

@@ -1,7 +1,13 @@
-"""Full MoRE training steps on batches already in memory (compute only), one process: samples/s, text
-tokens/s, achieved TFLOP/s, MFU against the matmul peak measured in the same run, peak memory, and a
-step breakdown (forward per tower, loss, backward, optimizer). Each variant runs beside the
-reference-style baseline of the same dimensions, measured in the same process:
+"""Full MoRE training steps on batches already on the device (compute only), one process: samples/s, text
+tokens/s, achieved TFLOP/s, MFU against the matmul peak measured in the same run (more_scale.hardware,
+the function training uses), peak memory, and a step breakdown (forward per tower, loss, backward,
+optimizer). Two kinds of step:
+
+  plain: torch AdamW on the compute-dtype parameters, no DeepSpeed: what the model costs.
+  engine: the DeepSpeed engine step training runs (ZeRO stage from --engine-zero, bf16 with fp32 master
+  weights, gradient clipping), on the same resident batches: plain vs engine is the engine's overhead.
+
+Each variant runs beside the reference-style baseline of the same dimensions, measured in the same process:
 
   baseline: the MoRE reference code's choices - DropKey through a materialised logits mask (math
   attention), no DropToken, BatchNorm heads, fp32 weights, every report padded to 512 tokens - run
@@ -11,7 +17,8 @@ reference-style baseline of the same dimensions, measured in the same process:
 
 On a CPU without AVX-512 BF16 or AMX, bf16 matmuls have no fast path (benchmarks/results/peak_cpu.md):
 pass --precision fp32 there; the autocast baseline is then skipped as meaningless.
-FLOPs are counted by torch.utils.flop_counter over one forward + backward.
+FLOPs per step come from more_scale.models.flops (the count training logs; tests/test_flops.py checks it
+against torch.utils.flop_counter).
 """
 
 from __future__ import annotations
@@ -19,17 +26,23 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import os
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 from common import DEVICE, write
-from peak import matmul_tflops
-from torch.utils.flop_counter import FlopCounterMode
 
-from more_scale.config import CxrConfig, EcgConfig, LossConfig, ModelConfig, TextConfig
+from more_scale import dist
+from more_scale.batch import Batch
+from more_scale.config import CxrConfig, EcgConfig, LossConfig, ModelConfig, TextConfig, TrainConfig
+from more_scale.hardware import matmul_peak
 from more_scale.loss import ContrastiveLoss
+from more_scale.models.flops import step_flops
 from more_scale.models.more import MODALITIES, build_model
+
+DS_CONFIGS = Path(__file__).resolve().parent.parent / "ds_configs"
 
 PRESETS = {  # ViT-B/16 x2 + a RoBERTa-base-sized LM with LoRA (the paper); the same with a 7B-sized LM; a quick size
     "paper": {"width": 768, "depth": 12, "heads": 12, "text_hidden": 768, "text_layers": 12, "text_heads": 12,
@@ -52,6 +65,7 @@ class Variant:
     head: str = "layernorm"
     pad_to_512: bool = False
     precision: str = "bf16"  # bf16 weights (as DeepSpeed bf16) | fp32 | autocast (fp32 weights, bf16 autocast)
+    engine_zero: int = 0  # 0: plain torch step | 1, 2, 3: the DeepSpeed engine step at that ZeRO stage
 
 
 def model_config(preset: dict, v: Variant) -> ModelConfig:
@@ -62,16 +76,15 @@ def model_config(preset: dict, v: Variant) -> ModelConfig:
     return ModelConfig(cxr=CxrConfig(**vit), ecg=EcgConfig(**vit), text=text, head=v.head, head_hidden=preset["width"])
 
 
-def make_batch(batch: int, pad_to_512: bool, seed: int = 0) -> dict:
+def make_batch(batch: int, pad_to_512: bool, seed: int = 0) -> tuple[Batch, int]:
+    """(a batch of random inputs with realistic report lengths, its real text tokens)."""
     rng = np.random.default_rng(seed)
     lengths = np.clip(rng.normal(MEAN_REPORT_TOKENS, 48, batch), 16, 512).astype(int)
     width = 512 if pad_to_512 else int(lengths.max())
     ids = torch.from_numpy(rng.integers(3, VOCAB, (batch, width)))
     mask = torch.arange(width)[None] < torch.from_numpy(lengths)[:, None]
-    return {"cxr": torch.randn(batch, 1, 224, 224), "ecg": torch.randn(batch, 12, 1000),
-            "input_ids": ids.masked_fill(~mask, 1), "attention_mask": mask.long(),
-            "cxr_mask": torch.ones(batch, dtype=torch.bool), "ecg_mask": torch.ones(batch, dtype=torch.bool),
-            "real_tokens": int(lengths.sum())}
+    return Batch.complete(torch.randn(batch, 1, 224, 224), torch.randn(batch, 12, 1000), ids.masked_fill(~mask, 1),
+                          mask.long()), int(lengths.sum())
 
 
 class Timer:
@@ -88,17 +101,16 @@ class Timer:
         self._last = now
 
 
-def train_step(model, loss_fn, optimizer, batch: dict, v: Variant, timer: Timer | None) -> None:
-    autocast = torch.autocast(batch["cxr"].device.type, torch.bfloat16) if v.precision == "autocast" \
+def plain_step(model, loss_fn, optimizer, batch: Batch, v: Variant, lap) -> None:
+    autocast = torch.autocast(batch.cxr.device.type, torch.bfloat16) if v.precision == "autocast" \
         else contextlib.nullcontext()
-    lap = timer.lap if timer else (lambda name: None)
     with autocast:
         emb = {}
         for m in MODALITIES:
             emb[m] = model.embed(m, batch)
             lap(f"fwd_{m}")
         emb["logit_scale"] = model.scale()
-        loss = loss_fn(emb, batch)["loss"]
+        loss = loss_fn(emb, batch.cxr_mask, batch.ecg_mask)["loss"]
         lap("loss")
     loss.backward()
     lap("backward")
@@ -107,35 +119,66 @@ def train_step(model, loss_fn, optimizer, batch: dict, v: Variant, timer: Timer 
     lap("optimizer")
 
 
+def engine_step(engine, loss_fn, batch: Batch, lap) -> None:
+    """What train/loop.py's train_step runs, with phase laps."""
+    emb = engine(batch)
+    lap("forward")
+    loss = loss_fn(emb, batch.cxr_mask, batch.ecg_mask)["loss"]
+    lap("loss")
+    engine.backward(loss)
+    lap("backward")
+    engine.step()
+    lap("optimizer")
+
+
+def _single_process_group() -> None:
+    """DeepSpeed's engine needs a process group: one rank of one (nccl on a GPU, gloo on a CPU)."""
+    if not torch.distributed.is_initialized():
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT", "29533"))
+        dist.init_distributed()
+
+
 def measure(preset: dict, v: Variant, batch_size: int, steps: int, device: str, peak: dict) -> dict:
     torch.manual_seed(0)
+    cfg = model_config(preset, v)
     with torch.device(device):  # initialise on the device: a 7B tower initialised on a CPU takes minutes
-        model = build_model(model_config(preset, v), VOCAB, 1).train()
+        model = build_model(cfg, VOCAB, 1).train()
+    flops = step_flops(model, cfg)
     dtype = torch.bfloat16 if v.precision == "bf16" else torch.float32
-    model = model.to(dtype=dtype)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     loss_fn = ContrastiveLoss(LossConfig(), 0, 1)
-    batch = make_batch(batch_size, v.pad_to_512)
-    real_tokens = batch.pop("real_tokens")
-    batch = {k: (t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device)) for k, t in batch.items()}
-    counter = FlopCounterMode(display=False)
-    with counter:  # also the warm-up step
-        train_step(model, loss_fn, optimizer, batch, v, None)
-    flops = counter.get_total_flops()
+    host_batch, real_tokens = make_batch(batch_size, v.pad_to_512)
+    batch = host_batch.to(device, dtype)
+    if v.engine_zero:
+        from more_scale.train.engine import build_engine
+
+        _single_process_group()
+        train_cfg = TrainConfig(deepspeed_config=str(DS_CONFIGS / f"zero{v.engine_zero}.json"), precision=v.precision,
+                                steps=1000, warmup_steps=1)
+        engine, _ = build_engine(train_cfg, model, batch_size, 1)
+        step = lambda lap: engine_step(engine, loss_fn, batch, lap)  # noqa: E731
+    else:
+        model = model.to(dtype=dtype)
+        fused = device == "cuda"
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=fused)
+        step = lambda lap: plain_step(model, loss_fn, optimizer, batch, v, lap)  # noqa: E731
+    step(lambda name: None)  # warm-up: allocations, kernel choices, DeepSpeed's lazy buffers
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     timer = Timer(device)
     for _ in range(steps):
-        train_step(model, loss_fn, optimizer, batch, v, timer)
+        step(timer.lap)
     step_s = sum(timer.seconds.values()) / steps
     peak_key = "bf16" if v.precision in ("bf16", "autocast") else "fp32"
-    achieved = flops / step_s / 1e12
-    row = {"variant": v.name, "precision": v.precision, "batch": batch_size, "step_s": step_s,
-           "samples_per_s": batch_size / step_s, "text_tokens_per_s": real_tokens / step_s,
-           "tflops": achieved, "mfu": achieved / peak[peak_key]}
+    achieved = flops.per_step(batch_size, batch.input_ids.shape[1]) / step_s / 1e12
+    row = {"variant": v.name, "step": f"engine ZeRO-{v.engine_zero}" if v.engine_zero else "plain",
+           "precision": v.precision, "batch": batch_size, "step_s": step_s, "samples_per_s": batch_size / step_s,
+           "text_tokens_per_s": real_tokens / step_s, "tflops": achieved, "mfu": achieved / peak[peak_key]}
     row.update({f"{k}_s": t / steps for k, t in timer.seconds.items()})
     if device == "cuda":
         row["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    if v.engine_zero:
+        engine.destroy()
     return row
 
 
@@ -166,15 +209,20 @@ def main() -> None:
     parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
     parser.add_argument("--only", default="", help="comma-separated variant name prefixes to run")
     parser.add_argument("--batch-sweep", default="", help="comma-separated micro-batch sizes: the paper recipe again at each")
+    parser.add_argument("--engine-zero", default="2", help="comma-separated ZeRO stages: equal work and the recipe "
+                                                            "again as DeepSpeed engine steps ('' = none)")
     args = parser.parse_args()
     device = DEVICE
-    peak = {"fp32": matmul_tflops(torch.float32, device)[0]}
+    peak = {"fp32": matmul_peak(device, torch.float32).tflops}
     if args.precision == "bf16":
-        peak["bf16"] = matmul_tflops(torch.bfloat16, device)[0]
+        peak["bf16"] = matmul_peak(device, torch.bfloat16).tflops
     print(f"measured matmul peak (TFLOP/s): {peak}")
     chosen = [v for v in variants(args.precision)
               if not args.only or any(v.name.startswith(p) for p in args.only.split(","))]
     runs = [(v, args.batch) for v in chosen]
+    engine_stages = [int(z) for z in args.engine_zero.split(",") if z]
+    runs += [(dataclasses.replace(v, engine_zero=z), args.batch) for z in engine_stages for v in chosen
+             if v.name.startswith("ours")]
     recipe = next(v for v in variants(args.precision) if v.name.startswith("ours, paper recipe"))
     sweep = [int(b) for b in args.batch_sweep.split(",") if b]
     runs += [(dataclasses.replace(recipe, name=f"recipe, micro-batch {b}"), b) for b in sweep]
@@ -183,16 +231,22 @@ def main() -> None:
         rows.append(measure(PRESETS[args.preset], v, batch, args.steps, device, peak))
         print({k: round(x, 4) if isinstance(x, float) else x for k, x in rows[-1].items()}, flush=True)
     baseline = next((r for r in rows if r["precision"] == "autocast"), rows[0])
+    plain = {(r["variant"], r["batch"]): r for r in rows if r["step"] == "plain"}
     for r in rows:
         r["speedup_vs_baseline"] = r["samples_per_s"] / baseline["samples_per_s"]
+        same = plain.get((r["variant"], r["batch"]))
+        r["vs_plain_step"] = r["samples_per_s"] / same["samples_per_s"] if same else None
     command = (f"python benchmarks/throughput.py --preset {args.preset} --batch {args.batch} --steps {args.steps} "
-               f"--precision {args.precision}" + (f" --only '{args.only}'" if args.only else "")
+               f"--precision {args.precision} --engine-zero '{args.engine_zero}'"
+               + (f" --only '{args.only}'" if args.only else "")
                + (f" --batch-sweep {args.batch_sweep}" if args.batch_sweep else ""))
     print(write(f"throughput_{args.preset}_{args.precision}_{device}", rows, command,
                 f"Measured matmul peak in the same run: {', '.join(f'{k} {t:.3g} TFLOP/s' for k, t in peak.items())}"
                 f" (MFU denominator). Speedups against '{baseline['variant']}', measured in the same process. "
-                "Optimizer: torch AdamW on the compute-dtype parameters (DeepSpeed's fp32 master copy is not "
-                "modelled here). *_s columns: seconds per step in each phase."))
+                "plain: torch AdamW on the compute-dtype parameters; engine ZeRO-n: the DeepSpeed engine step of "
+                "training (fp32 master weights, clipping); vs_plain_step: engine / plain for the same variant. "
+                "*_s columns: seconds per step in each phase."))
+    dist.close()
 
 
 if __name__ == "__main__":

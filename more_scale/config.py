@@ -129,6 +129,8 @@ class TrainConfig:
     stop_at_step: int = 0  # end this run early, with a checkpoint, at this step (schedule still spans `steps`); 0 = off
     resume: str = "none"  # none | auto (latest checkpoint in output_dir) | path to a checkpoint dir
     seed: int = 0  # model init and dropout
+    compile: bool = False  # torch.compile each tower in place (checkpoints unchanged); compiling takes minutes first
+    collective_timeout_s: float = 600.0  # a collective waiting longer (dead or wedged rank) ends the job with an error
 
 
 @dataclass(frozen=True)
@@ -282,6 +284,7 @@ def validate(cfg: Config) -> None:
         (t.save_every >= 1, f"train.save_every must be >= 1, got {t.save_every}"),
         (t.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1, got {t.keep_checkpoints}"),
         (t.log_every >= 1, f"train.log_every must be >= 1, got {t.log_every}"),
+        (t.collective_timeout_s > 0, f"train.collective_timeout_s must be > 0, got {t.collective_timeout_s}"),
     ]
     for vit_name, vit in (("cxr", m.cxr), ("ecg", m.ecg)):
         checks += [

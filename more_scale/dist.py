@@ -1,14 +1,22 @@
-"""Rank/world discovery (DeepSpeed launcher, torchrun, SLURM) and the gathers the loss needs."""
+"""Rank/world discovery (DeepSpeed launcher, torchrun, SLURM) and every collective the package issues.
+
+No other module calls a `torch.distributed` collective (tests/test_dist.py greps for it). Each helper
+puts its tensor on the communication device first: NCCL reduces CUDA tensors only, so a CPU tensor
+in an all-reduce is a crash at the first GPU step that no gloo test sees. Under gloo that device is
+the CPU.
+"""
 
 from __future__ import annotations
 
+import datetime
 import os
+from collections.abc import Sequence
 
 import torch
-import torch.distributed as dist
+import torch.distributed as tdist
 
 # torch 2.13 renamed all_gather_into_tensor (deprecated) to all_gather_single
-_all_gather_single = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
+_all_gather_single = getattr(tdist, "all_gather_single", tdist.all_gather_into_tensor)
 
 
 def discover() -> tuple[int, int, int]:
@@ -21,8 +29,9 @@ def discover() -> tuple[int, int, int]:
     return 0, 1, 0
 
 
-def init_distributed() -> tuple[int, int, int]:
-    """Start the process group (nccl on GPUs, gloo on CPU) and return (rank, world, local_rank)."""
+def init_distributed(timeout_s: float = 600.0) -> tuple[int, int, int]:
+    """Start the process group (nccl on GPUs, gloo on CPU) and return (rank, world, local_rank).
+    `timeout_s` bounds every collective: a dead or wedged rank ends the job instead of hanging it."""
     import deepspeed
 
     rank, world, local_rank = discover()
@@ -32,18 +41,101 @@ def init_distributed() -> tuple[int, int, int]:
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
+                               timeout=datetime.timedelta(seconds=timeout_s))
     return rank, world, local_rank
 
 
 def close() -> None:
     """Without an explicit teardown a rare abort at interpreter exit was seen with gloo."""
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    if tdist.is_initialized():
+        tdist.destroy_process_group()
 
 
 def world_size() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
+    return tdist.get_world_size() if tdist.is_initialized() else 1
+
+
+def backend() -> str:
+    """The process group's backend ("nccl", "gloo"), or "none" when running alone."""
+    return tdist.get_backend() if tdist.is_initialized() else "none"
+
+
+def comm_device() -> torch.device:
+    """Where collective tensors must live: this rank's GPU under NCCL (the engine's device), else the CPU."""
+    if backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def barrier() -> None:
+    if tdist.is_initialized():
+        tdist.barrier()
+
+
+def _reduce(values: Sequence[float], dtype: torch.dtype, op) -> torch.Tensor:
+    """One all-reduce of a few scalars; the result stays on the communication device (no host sync)."""
+    t = torch.tensor(list(values), dtype=dtype).to(comm_device(), non_blocking=True)
+    if tdist.is_initialized():
+        tdist.all_reduce(t, op=op)
+    return t
+
+
+def sum_over_ranks(values: Sequence[int]) -> list[int]:
+    """Integer counts summed over ranks (a host-device sync: call at log steps only)."""
+    return [int(v) for v in _reduce(values, torch.int64, tdist.ReduceOp.SUM).tolist()]
+
+
+def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
+    """Average scalars over ranks (one all-reduce; a host-device sync: call at log steps only)."""
+    if world_size() == 1 or not values:
+        return values
+    names = sorted(values)
+    t = _reduce([float(values[n]) for n in names], torch.float64, tdist.ReduceOp.SUM)
+    return {n: v / world_size() for n, v in zip(names, t.tolist())}
+
+
+def mean_tensors_over_ranks(values: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Like mean_over_ranks for 0-dim device tensors (losses): stacked on the device, one all-reduce,
+    one copy to the host. The one host-device sync of a log step."""
+    names = sorted(values)
+    t = torch.stack([values[n].detach().reshape(()).to(comm_device(), torch.float64) for n in names])
+    if tdist.is_initialized() and world_size() > 1:
+        tdist.all_reduce(t)
+    return {n: v / world_size() for n, v in zip(names, t.tolist())}
+
+
+class AnyRankFlag:
+    """A boolean that becomes True on every rank once any rank raised it, without a host sync per step.
+
+    `post(flag)` all-reduces the flag (MAX) and, on a GPU, starts the copy of the result into pinned
+    host memory; `result()` returns the previous post's answer. Under NCCL the all-reduce is queued on
+    the GPU and does not block the host; reading it a step later waits only for work issued a step
+    earlier, which has long finished. Every rank posts and reads at the same steps, so all ranks see
+    the same answer at the same step."""
+
+    def __init__(self):
+        self._pending: tuple[torch.Tensor, torch.cuda.Event | None] | None = None
+
+    def post(self, flag: bool) -> None:
+        t = _reduce([int(flag)], torch.int32, tdist.ReduceOp.MAX)
+        if t.device.type == "cuda":
+            host = torch.empty(1, dtype=torch.int32, pin_memory=True)
+            host.copy_(t, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+            self._pending = (host, done)
+        else:
+            self._pending = (t, None)
+
+    def result(self) -> bool:
+        """The answer of the last post (False before any); blocks only until that post's copy is done."""
+        if self._pending is None:
+            return False
+        value, done = self._pending
+        if done is not None:
+            done.synchronize()
+        return bool(value.item())
 
 
 class _GatherRows(torch.autograd.Function):
@@ -61,37 +153,27 @@ class _GatherRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         grad = grad.contiguous()
-        if dist.get_backend() == "nccl":
+        if backend() == "nccl":
             out = torch.empty((ctx.rows, *grad.shape[1:]), dtype=grad.dtype, device=grad.device)
-            dist.reduce_scatter_tensor(out, grad)  # sum over ranks, keep this rank's rows
+            tdist.reduce_scatter_tensor(out, grad)  # sum over ranks, keep this rank's rows
             return out
-        dist.all_reduce(grad)  # gloo has no reduce_scatter: sum everything, keep this rank's rows
-        start = dist.get_rank() * ctx.rows
+        tdist.all_reduce(grad)  # gloo has no reduce_scatter: sum everything, keep this rank's rows
+        start = tdist.get_rank() * ctx.rows
         return grad[start:start + ctx.rows]
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """(B, ...) per rank -> (world * B, ...) in rank order; gradients flow back to each rank's rows,
-    summed over the ranks whose losses used them."""
+    summed over the ranks whose losses used them. `x` lives on the engine's device already."""
     if world_size() == 1:
         return x
     return _GatherRows.apply(x.contiguous())
 
 
 def gather(x: torch.Tensor) -> torch.Tensor:
-    """(B, ...) -> (world * B, ...), no gradient (masks, labels)."""
+    """(B, ...) -> (world * B, ...), no gradient (masks, labels); on the device `x` is on."""
     if world_size() == 1:
         return x
     out = torch.empty((world_size() * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
     _all_gather_single(out, x.contiguous())
     return out
-
-
-def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
-    """Average scalars over ranks (one all-reduce; a host-device sync: call at log steps only)."""
-    if world_size() == 1 or not values:
-        return values
-    names = sorted(values)
-    t = torch.tensor([float(values[n]) for n in names], dtype=torch.float64)
-    dist.all_reduce(t)
-    return {n: v / world_size() for n, v in zip(names, t.tolist())}

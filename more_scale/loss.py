@@ -28,13 +28,14 @@ class ContrastiveLoss:
         self.weights = {f"{a}_{b}": getattr(cfg, f"{a}_{b}") for a, b in PAIRS}
         self.rank, self.world = rank, world
 
-    def __call__(self, emb: dict[str, torch.Tensor], batch: dict) -> dict[str, torch.Tensor]:
-        """emb: unit-norm (B, D) per modality and the scalar `logit_scale`; returns the loss by name.
+    def __call__(self, emb: dict[str, torch.Tensor], cxr_mask: torch.Tensor, ecg_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """emb: unit-norm (B, D) per modality and the scalar `logit_scale`; cxr_mask / ecg_mask (B,): the
+        sample has that modality. Returns the loss by name.
         Each value is this rank's share: its mean over ranks is the mean over all valid global rows,
         so DeepSpeed's gradient averaging yields the gradient of the global loss."""
         b = emb["text"].shape[0]
         masks = {"text": torch.ones(b, dtype=torch.bool, device=emb["text"].device),
-                 "cxr": batch["cxr_mask"].to(emb["text"].device), "ecg": batch["ecg_mask"].to(emb["text"].device)}
+                 "cxr": cxr_mask.to(emb["text"].device), "ecg": ecg_mask.to(emb["text"].device)}
         # a fixed order: every rank must issue the same collectives in the same sequence (a set's
         # order follows per-process string hashing and silently pairs text with X-ray across ranks)
         used = [m for m in ("text", "cxr", "ecg") if any(m in (a, c) and self.weights[f"{a}_{c}"] > 0 for a, c in PAIRS)]

@@ -38,7 +38,7 @@ def test_single_process_equals_reference_with_missing_modalities():
     cxr_mask = torch.tensor([1, 1, 0, 1, 1, 1, 0, 1], dtype=torch.bool)
     ecg_mask = torch.tensor([1, 0, 1, 1, 1, 0, 1, 1], dtype=torch.bool)
     emb["logit_scale"] = torch.tensor([10.0])
-    out = ContrastiveLoss(LossConfig(cxr_ecg=0.5), 0, 1)(emb, {"cxr_mask": cxr_mask, "ecg_mask": ecg_mask})
+    out = ContrastiveLoss(LossConfig(cxr_ecg=0.5), 0, 1)(emb, cxr_mask, ecg_mask)
     weights = {("text", "cxr"): 1.0, ("text", "ecg"): 1.0, ("cxr", "ecg"): 0.5}
     expected = reference_loss(emb, cxr_mask, ecg_mask, 10.0, weights)
     torch.testing.assert_close(out["loss"], expected, rtol=1e-5, atol=1e-6)
@@ -48,8 +48,8 @@ def test_single_process_equals_reference_with_missing_modalities():
 def test_chance_level_is_log_batch():
     emb = {m: torch.ones(16, 4) / 2 for m in ("text", "cxr", "ecg")}  # every pair equally similar
     emb["logit_scale"] = torch.tensor([1.0])
-    masks = {"cxr_mask": torch.ones(16, dtype=torch.bool), "ecg_mask": torch.ones(16, dtype=torch.bool)}
-    out = ContrastiveLoss(LossConfig(), 0, 1)(emb, masks)
+    present = torch.ones(16, dtype=torch.bool)
+    out = ContrastiveLoss(LossConfig(), 0, 1)(emb, present, present)
     assert out["loss/text_cxr"].item() == pytest.approx(math.log(16), rel=1e-6)
 
 
@@ -64,7 +64,7 @@ def _gradient_worker(rank, world, init_file, result_file):
         emb = {m: F.normalize(inputs[m][rows] @ w, dim=-1) for m in ("text", "cxr", "ecg")}
         emb["logit_scale"] = torch.tensor([5.0])
         loss = ContrastiveLoss(LossConfig(cxr_ecg=0.3), rank, world)(
-            emb, {"cxr_mask": cxr_mask[rows], "ecg_mask": ecg_mask[rows]})
+            emb, cxr_mask[rows], ecg_mask[rows])
         loss["loss"].backward()
         grad = w.grad.clone()
         dist.all_reduce(grad)  # DeepSpeed averages gradients over data-parallel ranks
@@ -92,7 +92,7 @@ def test_two_rank_gathered_gradient_equals_single_process(tmp_path):
     w = weight.clone().requires_grad_()
     emb = {m: F.normalize(inputs[m] @ w, dim=-1) for m in ("text", "cxr", "ecg")}
     emb["logit_scale"] = torch.tensor([5.0])
-    one = ContrastiveLoss(LossConfig(cxr_ecg=0.3), 0, 1)(emb, {"cxr_mask": cxr_mask, "ecg_mask": ecg_mask})
+    one = ContrastiveLoss(LossConfig(cxr_ecg=0.3), 0, 1)(emb, cxr_mask, ecg_mask)
     one["loss"].backward()
     torch.testing.assert_close(two["loss"], one["loss"].detach(), rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(two["grad"], w.grad, rtol=1e-5, atol=1e-7)

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from more_scale.batch import Batch
 from more_scale.config import CxrConfig, EcgConfig, ModelConfig, TextConfig
 from more_scale.models.attention import attention, drop_key_mask, math_attention
 from more_scale.models.more import build_model, trainable_summary
@@ -96,8 +97,8 @@ def _tiny_model(**text):
 
 def test_more_forward_unit_norm_and_lora_frozen_base():
     model = _tiny_model()
-    batch = {"cxr": torch.randn(3, 1, 32, 32), "ecg": torch.randn(3, 12, 1000),
-             "input_ids": torch.randint(3, 100, (3, 12)), "attention_mask": torch.ones(3, 12, dtype=torch.long)}
+    batch = Batch.complete(torch.randn(3, 1, 32, 32), torch.randn(3, 12, 1000), torch.randint(3, 100, (3, 12)),
+                        torch.ones(3, 12, dtype=torch.long))
     out = model(batch)
     for m in ("cxr", "ecg", "text"):
         assert out[m].shape == (3, 16)

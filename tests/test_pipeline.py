@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from more_scale.batch import Bookkeeping
 from more_scale.config import DataConfig
 from more_scale.data.build import read_index
 from more_scale.data.pipeline import build_loader, iter_batches
@@ -18,14 +19,14 @@ def _cfg(shards, **kw):
                          "max_text_tokens": 64, **kw})
 
 
-def test_batch_dict(shards, tokenizer):
+def test_batch_holds_the_inputs_and_bookkeeping(shards, tokenizer):
     batch = next(iter(build_loader(_cfg(shards), 0, 1, tokenizer)))
-    assert batch["cxr"].shape == (4, 1, 64, 64) and batch["cxr"].dtype == torch.float32
-    assert batch["ecg"].shape == (4, 12, 1000) and batch["ecg"].abs().max() <= 1.0
-    assert batch["cxr_mask"].all() and batch["ecg_mask"].all()  # paired shards
-    assert batch["input_ids"].shape == batch["attention_mask"].shape and batch["input_ids"].shape[1] <= 64
-    assert (batch["input_ids"][:, 0] == tokenizer.bos_token_id).all()
-    assert len(batch["keys"]) == 4 and batch["skipped"] == {}
+    assert batch.cxr.shape == (4, 1, 64, 64) and batch.cxr.dtype == torch.float32
+    assert batch.ecg.shape == (4, 12, 1000) and batch.ecg.abs().max() <= 1.0
+    assert batch.cxr_mask.all() and batch.ecg_mask.all()  # paired shards
+    assert batch.input_ids.shape == batch.attention_mask.shape and batch.input_ids.shape[1] <= 64
+    assert (batch.input_ids[:, 0] == tokenizer.bos_token_id).all()
+    assert len(batch.info.keys) == 4 and batch.info.skipped == {}
 
 
 def _batches(cfg, tokenizer, rank, world, n, start=0):
@@ -34,7 +35,7 @@ def _batches(cfg, tokenizer, rank, world, n, start=0):
 
 def _merged(per_rank: list[list[dict]], field: str = "keys") -> list:
     """The ranks' streams interleaved step by step: the global order."""
-    return [x for step in zip(*per_rank) for batch in step for x in batch[field]]
+    return [x for step in zip(*per_rank) for batch in step for x in getattr(batch.info, field)]
 
 
 @pytest.mark.parametrize("mode", ["resampled", "epoch"])
@@ -47,9 +48,9 @@ def test_resumed_stream_equals_uninterrupted_2_ranks_2_workers(shards, tokenizer
     for rank in range(2):
         whole = _batches(cfg, tokenizer, rank, 2, steps)
         resumed = _batches(cfg, tokenizer, rank, 2, 3) + _batches(cfg, tokenizer, rank, 2, steps - 3, start=3 * 8)
-        assert [b["keys"] for b in whole] == [b["keys"] for b in resumed]
-        assert all(torch.equal(a["cxr"], b["cxr"]) and torch.equal(a["ecg"], b["ecg"]) for a, b in zip(whole, resumed))
-        assert whole[0]["positions"] == list(range(rank * 4, rank * 4 + 4))
+        assert [b.info.keys for b in whole] == [b.info.keys for b in resumed]
+        assert all(torch.equal(a.cxr, b.cxr) and torch.equal(a.ecg, b.ecg) for a, b in zip(whole, resumed))
+        assert whole[0].info.positions == list(range(rank * 4, rank * 4 + 4))
 
 
 @pytest.mark.filterwarnings("ignore:This DataLoader will create 3 worker processes")
@@ -60,7 +61,7 @@ def test_stream_resumed_on_another_world_size_continues_the_global_order(shards,
     two = _cfg(shards, workers=2, mode=mode, shuffle_block=16)
     uninterrupted = _merged([_batches(two, tokenizer, r, 2, 9) for r in range(2)])  # positions 0..71
     one = _cfg(shards, workers=3, batch_size=6, mode=mode, shuffle_block=16)
-    continued = [k for b in _batches(one, tokenizer, 0, 1, 8, start=24) for k in b["keys"]]
+    continued = [k for b in _batches(one, tokenizer, 0, 1, 8, start=24) for k in b.info.keys]
     assert continued == uninterrupted[24:72]
     if mode == "epoch":  # one epoch holds every training sample exactly once
         total = read_index(shards / "train")["samples"]
@@ -72,8 +73,8 @@ def test_weighted_sources_mix_in_proportion(shards, tokenizer):
     """Two shard sets as data.train=A::B with weights 1:3 (resampled): about a quarter of the stream
     comes from A whatever their sizes."""
     cfg = _cfg(shards, train=f"{shards / 'train'}::{shards / 'test'}", train_weights=(1.0, 3.0), batch_size=50)
-    keys = [k for b in _batches(cfg, tokenizer, 0, 1, 8) for k in b["keys"]]
-    test_keys = {k for b in iter_batches(shards / "test", cfg, tokenizer, 64) for k in b["keys"]}
+    keys = [k for b in _batches(cfg, tokenizer, 0, 1, 8) for k in b.info.keys]
+    test_keys = {k for b in iter_batches(shards / "test", cfg, tokenizer, 64) for k in b.info.keys}
     share_a = sum(k not in test_keys for k in keys) / len(keys)
     assert 0.19 < share_a < 0.31, share_a
 
@@ -86,7 +87,8 @@ def test_ranks_and_seeds_differ(shards, tokenizer):
 
 
 def test_shard_reader_equals_tarfile_and_scans_each_shard_once(shards):
-    from more_scale.data.pipeline import ShardReader, shard_urls
+    from more_scale.data.pipeline import shard_urls
+    from more_scale.data.shard_reader import ShardReader
 
     paths = shard_urls(shards / "train")[:3]
     reader = ShardReader(paths)
@@ -109,7 +111,7 @@ def test_shard_reader_equals_tarfile_and_scans_each_shard_once(shards):
 
 def test_every_sample_once_in_evaluation_order(shards, tokenizer):
     index = read_index(shards / "test")
-    keys = [k for b in iter_batches(shards / "test", _cfg(shards), tokenizer, batch_size=5) for k in b["keys"]]
+    keys = [k for b in iter_batches(shards / "test", _cfg(shards), tokenizer, batch_size=5) for k in b.info.keys]
     assert len(keys) == len(set(keys)) == index["samples"]
 
 
@@ -144,9 +146,9 @@ def test_bad_samples_are_skipped_and_counted(shards, tokenizer, tmp_path):
     """Evaluation: the rest streams, both are counted by reason and by shard."""
     bad, _ = _bad_shard_set(shards, tmp_path / "bad")
     batches = list(iter_batches(bad, _cfg(shards), tokenizer, batch_size=8))
-    assert sum(len(b["keys"]) for b in batches) == 4
-    assert {k: v for b in batches for k, v in b["skipped"].items()} == BAD_REASONS
-    assert {k: v for b in batches for k, v in b["skipped_shards"].items()} == {"bad-000000.tar": 2}
+    assert sum(len(b.info.keys) for b in batches) == 4
+    assert {k: v for b in batches for k, v in b.info.skipped.items()} == BAD_REASONS
+    assert {k: v for b in batches for k, v in b.info.skipped_shards.items()} == {"bad-000000.tar": 2}
 
 
 def test_training_stream_replaces_bad_samples_in_place(shards, tokenizer, tmp_path):
@@ -154,11 +156,11 @@ def test_training_stream_replaces_bad_samples_in_place(shards, tokenizer, tmp_pa
     a readable stand-in, so every position after it holds what it would have held."""
     bad, keys = _bad_shard_set(shards, tmp_path / "bad")
     batch = _batches(_cfg(shards, train=str(bad), mode="epoch", batch_size=6), tokenizer, 0, 1, 1)[0]
-    assert batch["positions"] == list(range(6))
-    assert batch["skipped"].keys() == BAD_REASONS.keys()  # a stand-in drawn from 6 may be broken too: counted again
-    assert batch["skipped_shards"] == {"bad-000000.tar": sum(batch["skipped"].values())}
-    order = _batches(_cfg(shards, train=str(bad), mode="epoch", batch_size=6), tokenizer, 0, 1, 1)[0]["keys"]
-    assert order == batch["keys"] and set(keys[2:]) <= set(batch["keys"]) and not {keys[0], keys[1]} & set(batch["keys"])
+    assert batch.info.positions == list(range(6))
+    assert batch.info.skipped.keys() == BAD_REASONS.keys()  # a stand-in drawn from 6 may be broken too: counted again
+    assert batch.info.skipped_shards == {"bad-000000.tar": sum(batch.info.skipped.values())}
+    order = _batches(_cfg(shards, train=str(bad), mode="epoch", batch_size=6), tokenizer, 0, 1, 1)[0].info.keys
+    assert order == batch.info.keys and set(keys[2:]) <= set(batch.info.keys) and not {keys[0], keys[1]} & set(batch.info.keys)
 
 
 def test_training_stream_counts_a_shard_with_a_corrupt_tar_header(shards, tokenizer, tmp_path):
@@ -180,19 +182,19 @@ def test_training_stream_counts_a_shard_with_a_corrupt_tar_header(shards, tokeni
     data[124:136] = b"not-a-size!\0"  # the first member's size field (octal digits expected)
     broken.write_bytes(bytes(data))
     batch = _batches(_cfg(shards, train=str(bad), mode="epoch", batch_size=16), tokenizer, 0, 1, 1)[0]
-    assert len(batch["keys"]) == 16 and batch["positions"] == list(range(16))
-    assert set(batch["skipped"]) == {"unreadable tar member: ValueError"} and sum(batch["skipped"].values()) >= 1
-    assert batch["skipped_shards"] == {broken.name: sum(batch["skipped"].values())}
-    good = {k for b in iter_batches(bad, _cfg(shards), tokenizer, 64) for k in b["keys"]}  # the intact shard only
-    assert set(batch["keys"]) <= good
+    assert len(batch.info.keys) == 16 and batch.info.positions == list(range(16))
+    assert set(batch.info.skipped) == {"unreadable tar member: ValueError"} and sum(batch.info.skipped.values()) >= 1
+    assert batch.info.skipped_shards == {broken.name: sum(batch.info.skipped.values())}
+    good = {k for b in iter_batches(bad, _cfg(shards), tokenizer, 64) for k in b.info.keys}  # the intact shard only
+    assert set(batch.info.keys) <= good
 
 
 def test_skip_ledger_stops_above_the_rate_naming_shards():
     from more_scale.train.skips import MIN_SAMPLES, SkipLedger
 
     ledger = SkipLedger(max_rate=0.05)
-    batch = {"skipped": {"ValueError: corrupt cxr.jpg": 3}, "skipped_shards": {"train-000007.tar": 3},
-             "keys": ["k"] * 97}
+    batch = Bookkeeping(keys=["k"] * 97, skipped={"ValueError: corrupt cxr.jpg": 3},
+                        skipped_shards={"train-000007.tar": 3})
     for _ in range(3):
         ledger.add(batch)
     assert ledger.global_totals() == (9, 291)

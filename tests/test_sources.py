@@ -133,11 +133,11 @@ def test_csv_build_of_the_real_data_accounts_for_every_file_and_streams(tmp_path
     tokenizer = load_tokenizer(out / "tokenizer")
     batches = list(itertools.islice(iter(build_loader(cfg, 0, 1, tokenizer)), 4))
     for batch in batches:
-        for key, has_cxr, has_ecg in zip(batch["keys"], batch["cxr_mask"], batch["ecg_mask"]):
+        for key, has_cxr, has_ecg in zip(batch.info.keys, batch.cxr_mask, batch.ecg_mask):
             assert (bool(has_cxr), bool(has_ecg)) == ((True, False) if key.startswith("covid") else (False, True))
-        assert batch["skipped"] == {}
-    assert any(b["ecg_mask"].any() for b in batches) and any(b["cxr_mask"].any() for b in batches)
-    evaluated = [k for b in iter_batches(out / "test", cfg, tokenizer, 32) for k in b["keys"]]
+        assert batch.info.skipped == {}
+    assert any(b.ecg_mask.any() for b in batches) and any(b.cxr_mask.any() for b in batches)
+    evaluated = [k for b in iter_batches(out / "test", cfg, tokenizer, 32) for k in b.info.keys]
     assert len(evaluated) == read_index(out / "test")["samples"]
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import RobertaConfig, RobertaModel
 
+from more_scale.batch import Batch
 from more_scale.config import CxrConfig, EcgConfig, ModelConfig, TextConfig
 from more_scale.models.more import build_model
 from more_scale.models.pretrained import from_pretrained, save_pretrained
@@ -76,5 +77,5 @@ def _batch(tokenizer):
     g = torch.Generator().manual_seed(1)
     tokens = tokenizer(["The report from Xray is: Heart size is normal.", "The report from ECG is: Sinus rhythm."],
                        padding=True, return_tensors="pt")
-    return {"cxr": torch.randn(2, 1, 32, 32, generator=g), "ecg": torch.randn(2, 12, 1000, generator=g),
-            "input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"]}
+    return Batch.complete(torch.randn(2, 1, 32, 32, generator=g), torch.randn(2, 12, 1000, generator=g),
+                       tokens["input_ids"], tokens["attention_mask"])

@@ -27,9 +27,28 @@ def test_every_available_backend_equals_math_with_dropkey(backend):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
 
 
-def test_auto_picks_a_backend_that_can_run_and_flash_refuses_dropkey():
+def test_auto_picks_the_fastest_measured_backend_once_per_shape(monkeypatch):
+    timings = {"sdpa": 2.0, "math": 1.0}  # this machine's "measurement": math wins
+    calls = []
+
+    def timed(backend, shape, dtype, device, drop_key):
+        calls.append((backend, shape))
+        return timings[backend]
+
+    monkeypatch.setattr(attn, "_time_backend", timed)
+    attn._fastest.cache_clear()
     q = torch.randn(1, 2, 5, 8)
-    assert attn.resolve("auto", q, drop_key_active=True) == "sdpa"  # CPU: the measured winner
+    assert attn.resolve("auto", q, drop_key_active=True) == "math"
+    assert attn.resolve("auto", q, drop_key_active=True) == "math"
+    assert len(calls) == 2  # each candidate timed once for this shape, then the answer is cached
+    timings["sdpa"] = 0.5
+    assert attn.resolve("auto", torch.randn(1, 2, 7, 8), drop_key_active=True) == "sdpa"  # a new shape is measured
+    attn._fastest.cache_clear()
+    monkeypatch.undo()
+    q9 = torch.randn(1, 2, 9, 8)
+    state = torch.get_rng_state()
+    attn.resolve("auto", q9, drop_key_active=True)  # a real measurement
+    assert torch.equal(torch.get_rng_state(), state)  # ... leaves the RNG DropKey and DropToken draw from alone
     assert "flash_attn" not in attn.available(q, drop_key_active=True)
     with pytest.raises(RuntimeError, match="flash_attn"):
         attn.resolve("flash_attn", q, drop_key_active=False)

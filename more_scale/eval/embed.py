@@ -10,7 +10,7 @@ import torch
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 from rich.progress import track
 
-from more_scale.config import Config, load_config
+from more_scale.config import Config, DataConfig, load_config
 from more_scale.data.pipeline import iter_batches
 from more_scale.data.tokenizer import load_tokenizer
 from more_scale.models.more import MODALITIES, MoRE, build_model
@@ -41,19 +41,21 @@ def load_trained(run_dir: str | Path, tag: str | None = None) -> tuple[MoRE, Con
 
 
 @torch.no_grad()
-def embed(model: MoRE, shards: str | Path, cfg: Config, tokenizer, batch_size: int = 64) -> Embeddings:
+def embed(model: MoRE, shards: str | Path, data_cfg: DataConfig, tokenizer, batch_size: int = 64) -> Embeddings:
+    """Every sample of a shard set through the model, on the device the model is on."""
+    device = next(model.parameters()).device
     vectors = {m: [] for m in MODALITIES}
     masks = {m: [] for m in MODALITIES}
     keys, meta = [], []
-    for batch in track(iter_batches(shards, cfg.data, tokenizer, batch_size), description=f"embedding {shards}"):
-        out = model(batch)
+    for batch in track(iter_batches(shards, data_cfg, tokenizer, batch_size), description=f"embedding {shards}"):
+        out = model(batch.to(device, non_blocking=True))
         for m in MODALITIES:
-            vectors[m].append(out[m].numpy())
-        masks["cxr"].append(batch["cxr_mask"].numpy())
-        masks["ecg"].append(batch["ecg_mask"].numpy())
-        masks["text"].append(np.ones(len(batch["keys"]), bool))
-        keys += batch["keys"]
-        meta += batch["meta"]
+            vectors[m].append(out[m].cpu().numpy())
+        masks["cxr"].append(batch.cxr_mask.numpy())
+        masks["ecg"].append(batch.ecg_mask.numpy())
+        masks["text"].append(np.ones(len(batch), bool))
+        keys += batch.info.keys
+        meta += batch.info.meta
     if not keys:
         raise ValueError(f"{shards}: no samples to embed")
     return Embeddings({m: np.concatenate(v) for m, v in vectors.items()},
@@ -62,6 +64,7 @@ def embed(model: MoRE, shards: str | Path, cfg: Config, tokenizer, batch_size: i
 
 @torch.no_grad()
 def embed_texts(model: MoRE, tokenizer, texts: list[str], max_tokens: int) -> np.ndarray:
-    tokens = tokenizer(texts, padding="longest", truncation=True, max_length=max_tokens, return_tensors="pt")
+    device = next(model.parameters()).device
+    tokens = tokenizer(texts, padding="longest", truncation=True, max_length=max_tokens, return_tensors="pt").to(device)
     features = model.encoders["text"](tokens["input_ids"], tokens["attention_mask"])
-    return torch.nn.functional.normalize(model.heads["text"](features), dim=-1).numpy()
+    return torch.nn.functional.normalize(model.heads["text"](features), dim=-1).cpu().numpy()

@@ -6,6 +6,7 @@ import json
 import os
 from pathlib import Path
 
+import torch
 from rich.console import Console
 from rich.table import Table
 
@@ -18,7 +19,8 @@ RETRIEVAL_PAIRS = (("text", "cxr"), ("text", "ecg"), ("cxr", "ecg"))
 
 def evaluate(run_dir: str | Path, shards: str | Path, out_dir: str | Path, tasks=DEFAULT_TASKS) -> dict:
     model, cfg, tokenizer = load_trained(run_dir)
-    emb = embed(model, shards, cfg, tokenizer)
+    model.to("cuda" if torch.cuda.is_available() else "cpu")
+    emb = embed(model, shards, cfg.data, tokenizer)
     results = {"run": str(run_dir), "shards": str(shards), "samples": len(emb.keys), "zero_shot": {}, "retrieval": {}}
     for task in tasks:
         pos = embed_texts(model, tokenizer, task.prompts(task.positive), cfg.data.max_text_tokens)

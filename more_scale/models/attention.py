@@ -9,8 +9,12 @@ masked to -inf with probability p before the softmax. Backends:
               boolean attn_mask.
   math        softmax(QK^T/sqrt(d) + M)V written out in fp32 softmax: the reference all are tested against.
 
-`auto` picks the fastest backend that is installed, runs on the device and dtype, and can honour
-DropKey; asking by name for one that cannot is an error, never a silent fallback.
+`auto` picks, among the backends that are installed, run on the device and dtype, and can honour
+DropKey, the fastest for this call's shape, measured on the running device the first time a shape is
+seen (forward + backward, a few repetitions) and cached per (shape, dtype, device, DropKey). The winner
+differs between machines: on a 2-core AVX2 CPU SDPA beat the written-out path, on an AVX-512 BF16
+CPU the written-out path won the bf16 recipe step. Asking by name for a backend that cannot run the
+call is an error, never a silent fallback.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import functools
 import importlib
 import logging
+import time
 
 import torch
 import torch.nn.functional as F
@@ -25,11 +30,10 @@ import torch.nn.functional as F
 BACKENDS = ("flash_attn", "xformers", "sdpa", "math")
 log = logging.getLogger(__name__)
 
-# Preference on CPU, from benchmarks/attention.py (benchmarks/results/attention_cpu.md, ViT-B size:
-# B 8, H 12, N 197, D 64, 2-core AMD EPYC): sdpa beats the written-out path with and without DropKey,
-# fp32 fwd 18.8 vs 39.3 ms, bf16 fwd 13.5 vs 274 ms (that host has no AVX-512 BF16 matmul).
+# Candidate order: the first wins a tie, and is the choice while torch.compile traces (no timing then)
 CPU_ORDER = ("sdpa", "math")
 CUDA_ORDER = ("flash_attn", "xformers", "sdpa", "math")
+TIMING_REPEATS = 3  # after one warm-up call per candidate
 
 
 @functools.cache
@@ -61,16 +65,45 @@ def available(q: torch.Tensor, drop_key_active: bool) -> list[str]:
     return [b for b in order if unsupported_reason(b, q, drop_key_active) is None]
 
 
+def _time_backend(backend: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
+                  drop_key: bool) -> float:
+    """Median seconds of one forward + backward of `backend` on random inputs of `shape`. Inputs come
+    from a private generator: measuring never moves the global RNG that DropKey and DropToken draw from."""
+    g = torch.Generator(device).manual_seed(0)
+    q, k, v = (torch.randn(shape, device=device, generator=g).to(dtype).requires_grad_() for _ in range(3))
+    mask = None
+    if drop_key:
+        mask = torch.rand((shape[0], shape[1], shape[2], shape[2]), device=device, generator=g) >= 0.3
+        mask |= ~mask.any(dim=-1, keepdim=True)
+    times = []
+    for _ in range(1 + TIMING_REPEATS):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        attention(q, k, v, backend=backend, keep_mask=mask).sum().backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return sorted(times[1:])[TIMING_REPEATS // 2]
+
+
 @functools.cache
-def _log_choice(backend: str, shape: tuple, dtype: torch.dtype, device: str, drop_key: bool) -> None:
-    log.info("attention: %s for %s %s on %s%s", backend, shape, dtype, device, " with DropKey" if drop_key else "")
+def _fastest(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, drop_key: bool,
+             candidates: tuple[str, ...]) -> str:
+    with torch.enable_grad():
+        seconds = {b: _time_backend(b, shape, dtype, device, drop_key) for b in candidates}
+    chosen = min(candidates, key=lambda b: seconds[b])
+    log.info("attention: %s for %s %s on %s%s (%s)", chosen, shape, dtype, device, " with DropKey" if drop_key else "",
+             ", ".join(f"{b} {1e3 * t:.2f} ms" for b, t in seconds.items()))
+    return chosen
 
 
 def resolve(backend: str, q: torch.Tensor, drop_key_active: bool) -> str:
     if backend == "auto":
-        chosen = available(q, drop_key_active)[0]
-        _log_choice(chosen, tuple(q.shape), q.dtype, q.device.type, drop_key_active)
-        return chosen
+        candidates = tuple(available(q, drop_key_active))
+        if len(candidates) == 1 or torch.compiler.is_compiling():
+            return candidates[0]
+        return _fastest(tuple(q.shape), q.dtype, q.device, drop_key_active, candidates)
     if backend not in BACKENDS:
         raise ValueError(f"attention backend {backend!r}: expected auto or one of {BACKENDS}")
     reason = unsupported_reason(backend, q, drop_key_active)

@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from more_scale.batch import Batch
 from more_scale.config import ModelConfig
 from more_scale.models.text import build_text_encoder
 from more_scale.models.vit import Fp32BatchNorm1d, build_cxr_encoder, build_ecg_encoder
@@ -43,20 +44,20 @@ class MoRE(nn.Module):
     def scale(self) -> torch.Tensor:
         return self.logit_scale.float().clamp(max=self.max_log_scale).exp()
 
-    def embed(self, modality: str, batch: dict) -> torch.Tensor:
+    def embed(self, modality: str, batch: Batch) -> torch.Tensor:
         """One tower and its head: unit-norm fp32 embeddings (B, D)."""
         if modality == "cxr":
-            image = batch["cxr"]
+            image = batch.cxr
             if self.cxr_channels == 3 and image.shape[1] == 1:
                 image = image.expand(-1, 3, -1, -1)  # grayscale repeated, as the reference
             features = self.encoders["cxr"](image)
         elif modality == "ecg":
-            features = self.encoders["ecg"](batch["ecg"])
+            features = self.encoders["ecg"](batch.ecg)
         else:
-            features = self.encoders["text"](batch["input_ids"], batch["attention_mask"])
+            features = self.encoders["text"](batch.input_ids, batch.attention_mask)
         return F.normalize(self.heads[modality](features).float(), dim=-1)
 
-    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         """Embeddings per modality and the logit scale; rows of a missing modality are computed on zeros
         and masked later by the loss (static shapes, no per-rank branching)."""
         out = {m: self.embed(m, batch) for m in MODALITIES}

@@ -10,7 +10,7 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch.distributed as dist
+from more_scale import dist
 
 
 @dataclass
@@ -28,8 +28,7 @@ def save(engine, output_dir: str | Path, state: TrainState, config: dict, keep: 
     root = checkpoint_root(output_dir)
     tag = f"step_{state.step:08d}"
     engine.save_checkpoint(str(root), tag=tag, client_state={"train_state": asdict(state), "config": config})
-    if dist.is_initialized():
-        dist.barrier()
+    dist.barrier()
     if rank == 0:
         for old in sorted(root.glob("step_*"))[:-keep]:
             shutil.rmtree(old, ignore_errors=True)

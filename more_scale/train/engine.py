@@ -45,10 +45,22 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def engine_device() -> torch.device:
+    """This rank's accelerator (dist.init_distributed set the CUDA device), else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
 def build_engine(cfg: TrainConfig, model: nn.Module, micro_batch: int, world: int):
-    """(engine, ds_config). Client torch AdamW: no JIT-compiled DeepSpeed optimizer ops needed."""
+    """(engine, ds_config). A client torch AdamW (no JIT-compiled DeepSpeed optimizer ops), fused on a
+    GPU: the model moves to its device first, so the optimizer is built on device tensors."""
     ds = deepspeed_config(cfg, micro_batch, world)
-    optimizer = torch.optim.AdamW(parameter_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas))
+    device = engine_device()
+    offload = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") != "none"
+    if not offload:
+        model.to(device)
+    fused = device.type == "cuda" and not offload  # one kernel for all parameters instead of a loop of many
+    optimizer = torch.optim.AdamW(parameter_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas),
+                                  fused=fused)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, config=ds,
         # a callable: DeepSpeed hands it the optimizer it wraps, and saves/loads the schedule state

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import socket
-import time
 from pathlib import Path
 
 import torch
@@ -11,39 +10,33 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from more_scale import dist
+from more_scale.batch import Batch
 from more_scale.config import Config, config_to_dict, save_config
 from more_scale.data.pipeline import build_loader, source_dirs
 from more_scale.data.tokenizer import load_tokenizer
+from more_scale.hardware import matmul_peak
 from more_scale.loss import ContrastiveLoss
+from more_scale.models.flops import step_flops
 from more_scale.models.more import build_model, trainable_summary
 from more_scale.train import checkpoint
 from more_scale.train.engine import build_engine
+from more_scale.train.meter import StepMeter
 from more_scale.train.metrics import MetricsLogger
 from more_scale.train.preemption import EXIT_REQUEUE, Preempted, PreemptionWatch
+from more_scale.train.prefetch import DevicePrefetcher
 from more_scale.train.skips import SkipLedger
-
-MODEL_KEYS = ("cxr", "ecg", "input_ids", "attention_mask")
 
 
 def tokenizer_dir(cfg: Config) -> Path:
     return Path(cfg.data.tokenizer) if cfg.data.tokenizer else Path(source_dirs(cfg.data.train)[0]).parent / "tokenizer"
 
 
-def to_device(batch: dict, device, dtype: torch.dtype) -> dict:
-    """Model inputs to the engine's device; float inputs in the engine's compute dtype."""
-    out = {}
-    for key in MODEL_KEYS + ("cxr_mask", "ecg_mask"):
-        value = batch[key].to(device)
-        out[key] = value.to(dtype) if value.is_floating_point() else value
-    return out
-
-
-def train_step(engine, loss_fn: ContrastiveLoss, batch: dict, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """One micro-batch: forward, loss, backward, and DeepSpeed's step (which applies the optimizer,
-    clipping and LR schedule only at the accumulation boundary)."""
-    inputs = to_device(batch, engine.device, dtype)
-    embeddings = engine(inputs)
-    losses = loss_fn(embeddings, inputs)
+def train_step(engine, loss_fn: ContrastiveLoss, batch: Batch) -> dict[str, torch.Tensor]:
+    """One micro-batch already on the engine's device: forward, loss, backward, and DeepSpeed's step
+    (which applies the optimizer, clipping and LR schedule only at the accumulation boundary).
+    Returns detached device tensors: reading them is the caller's host sync, at log steps only."""
+    embeddings = engine(batch)
+    losses = loss_fn(embeddings, batch.cxr_mask, batch.ecg_mask)
     engine.backward(losses["loss"])
     engine.step()
     return {**{k: v.detach() for k, v in losses.items()}, "logit_scale": embeddings["logit_scale"].detach()}
@@ -60,7 +53,7 @@ def _check_stream_resume(state: checkpoint.TrainState, now: dict, console: Conso
 
 
 def train(cfg: Config) -> checkpoint.TrainState:
-    rank, world, local_rank = dist.init_distributed()
+    rank, world, local_rank = dist.init_distributed(cfg.train.collective_timeout_s)
     print(f"rank {rank}/{world} on {socket.gethostname()} (local rank {local_rank})", flush=True)  # one line per rank
     console = Console(quiet=rank != 0)
     out = Path(cfg.output_dir)
@@ -72,49 +65,61 @@ def train(cfg: Config) -> checkpoint.TrainState:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # statistics over the global batch
         else:
             console.print("[yellow]model.head=batchnorm on CPU: SyncBatchNorm needs GPUs, statistics stay per rank")
+    flops = step_flops(model, cfg.model)
+    if cfg.train.compile:
+        for encoder in model.encoders.values():
+            encoder.compile()  # in place: parameter names, and so checkpoints, stay as they are
     trainable, total = trainable_summary(model)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
         tokenizer.save_pretrained(str(out / "tokenizer"))  # the run folder is self-contained for evaluation
     engine, ds = build_engine(cfg.train, model, cfg.data.batch_size, world)
-    dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+    device, dtype = engine.device, torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+    peak = matmul_peak(device, dtype)  # the MFU denominator, measured on this device now
     state = checkpoint.resume(engine, out, cfg.train.resume)
     console.print(f"[bold]more_scale[/] world {world} | global batch {ds['train_batch_size']} = micro "
                   f"{cfg.data.batch_size} x accum {cfg.train.grad_accum} x dp {world} | ZeRO "
                   f"{ds['zero_optimization']['stage']} {cfg.train.precision} | trainable {trainable:,} of "
                   f"{total:,} params ({100 * trainable / total:.2f}%) | start step {state.step} of {cfg.train.steps}")
+    console.print(f"device {device} ({peak.device}) | measured {peak.dtype} matmul peak {peak.tflops:.3g} TFLOP/s "
+                  f"({peak.size}^3){f', datasheet {peak.datasheet_tflops:g}' if peak.datasheet_tflops else ''} | "
+                  f"{flops.per_sample(cfg.data.max_text_tokens) / 1e9:.3g} GFLOP per training sample at "
+                  f"{cfg.data.max_text_tokens} text tokens")
     preemption = PreemptionWatch()  # before the loader forks its workers: they inherit the handler, not death by SIGUSR1
-    loader = build_loader(cfg.data, rank, world, tokenizer, start_position=state.samples)
+    loader = build_loader(cfg.data, rank, world, tokenizer, start_position=state.samples,
+                          pin_memory=device.type == "cuda")
     stream = loader.dataset
     _check_stream_resume(state, stream.state(state.samples), console)
-    loader = iter(loader)
+    batches = DevicePrefetcher(iter(loader), device, dtype)
     loss_fn = ContrastiveLoss(cfg.loss, rank, world)
     metrics = MetricsLogger(out, rank)
     skips = SkipLedger(cfg.data.max_skip_rate)
+    meter = StepMeter(flops, peak, device)
     columns = (TextColumn("step"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.fields[info]}"),
                TimeRemainingColumn())
     with Progress(*columns, console=console, disable=rank != 0) as progress:
         task = progress.add_task("train", total=cfg.train.steps, completed=state.step, info="")
-        window_start, window_samples = time.perf_counter(), 0
         end = cfg.train.stop_at_step or cfg.train.steps
         while state.step < end:
             for _ in range(cfg.train.grad_accum):
-                batch = next(loader)
-                skips.add(batch)
-                values = train_step(engine, loss_fn, batch, dtype)
+                batch = next(batches)
+                skips.add(batch.info)
+                meter.add_micro_batch(len(batch), batch.info.text_tokens, batch.input_ids.shape[1])
+                values = train_step(engine, loss_fn, batch)
             state.step += 1
             state.samples += ds["train_batch_size"]
-            window_samples += ds["train_batch_size"]
+            meter.add_step(ds["train_batch_size"])
             if state.step % cfg.train.log_every == 0 or state.step == end:
-                logged = dist.mean_over_ranks({k: v.item() for k, v in values.items()})
-                elapsed = time.perf_counter() - window_start
+                logged = dist.mean_tensors_over_ranks(values)  # the one host-device sync of a log step
+                speed = meter.report(batches.wait_s)
+                batches.wait_s = 0.0
+                speed["text_tokens_per_s"] = world * dist.mean_over_ranks({"t": speed["text_tokens_per_s"]})["t"]
                 skipped, used = skips.global_totals()
-                logged.update(lr=engine.get_lr()[0], samples_per_s=window_samples / elapsed, samples=state.samples,
-                              skipped=skipped)
+                logged.update(lr=engine.get_lr()[0], samples=state.samples, skipped=skipped, **speed)
                 metrics.log(state.step, logged)
-                progress.update(task, info=f"loss {logged['loss']:.4f}  {logged['samples_per_s']:.1f} samples/s")
-                window_start, window_samples = time.perf_counter(), 0
+                progress.update(task, info=f"loss {logged['loss']:.4f}  {logged['samples_per_s']:.1f} samples/s  "
+                                           f"MFU {logged['mfu']:.1%}  data wait {logged['data_wait_share']:.0%}")
                 skips.check(skipped, used)
             progress.update(task, completed=state.step)
             preempted = preemption.requested()
@@ -122,7 +127,8 @@ def train(cfg: Config) -> checkpoint.TrainState:
                 state.stream = stream.state(state.samples)
                 path = checkpoint.save(engine, out, state, config_to_dict(cfg), cfg.train.keep_checkpoints, rank)
                 console.print(f"checkpoint {path}")
-                window_start, window_samples = time.perf_counter(), 0  # keep save time out of samples/s
+                meter.restart()  # keep save time out of the next window's speed
+                batches.wait_s = 0.0
             if preempted:
                 metrics.close()
                 console.print(f"[yellow]preempted: checkpoint at step {state.step}, exiting {EXIT_REQUEUE} to be requeued")

@@ -1,4 +1,4 @@
-"""Preemption: a signal asks for a checkpoint at the next step boundary and an exit that says "requeue me".
+"""Preemption: a signal asks for a checkpoint at a step boundary and an exit that says "requeue me".
 
 SLURM's `#SBATCH --signal=USR1@120` sends SIGUSR1 to every task 120 s before the time limit (or on
 preemption); the batch script requeues the job when training exits with EXIT_REQUEUE, and the next
@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import signal
 
-import torch
-import torch.distributed as dist
+from more_scale import dist
 
 EXIT_REQUEUE = 75  # EX_TEMPFAIL (sysexits.h): a temporary failure, try again
 
@@ -23,6 +22,7 @@ class Preempted(Exception):
 class PreemptionWatch:
     def __init__(self, signals=(signal.SIGUSR1,)):
         self._requested = False
+        self._flag = dist.AnyRankFlag()
         for sig in signals:
             signal.signal(sig, self._handle)
 
@@ -30,9 +30,9 @@ class PreemptionWatch:
         self._requested = True  # only a flag: the step in flight finishes normally
 
     def requested(self) -> bool:
-        """True on every rank once any rank was signalled (one MAX all-reduce of an int per step),
-        so all ranks stop at the same step and write the same checkpoint."""
-        flag = torch.tensor([int(self._requested)])
-        if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        """True on every rank, at the same step, once any rank was signalled. Call once per step: the
+        answer is the all-reduce posted at the previous call, so no step waits on the GPU for it; a
+        signal is acted on one step after it arrived."""
+        answer = self._flag.result()
+        self._flag.post(self._requested)
+        return answer

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections import Counter
 
-import torch
-import torch.distributed as dist
+from more_scale import dist
+from more_scale.batch import Bookkeeping
 
 MIN_SAMPLES = 200  # judge the rate only once this many samples were read (a bad first shard is no trend)
 
@@ -17,17 +17,15 @@ class SkipLedger:
         self.shards: Counter = Counter()
         self.used = 0
 
-    def add(self, batch: dict) -> None:
-        self.reasons.update(batch["skipped"])
-        self.shards.update(batch["skipped_shards"])
-        self.used += len(batch["keys"])
+    def add(self, info: Bookkeeping) -> None:
+        self.reasons.update(info.skipped)
+        self.shards.update(info.skipped_shards)
+        self.used += len(info.keys)
 
     def global_totals(self) -> tuple[int, int]:
         """(skipped, used) summed over ranks: one all-reduce, call at log steps only."""
-        totals = torch.tensor([sum(self.reasons.values()), self.used], dtype=torch.int64)
-        if dist.is_initialized():
-            dist.all_reduce(totals)
-        return int(totals[0]), int(totals[1])
+        skipped, used = dist.sum_over_ranks([sum(self.reasons.values()), self.used])
+        return skipped, used
 
     def check(self, skipped: int, used: int) -> None:
         """Raise (on every rank alike: the totals are global) when too many samples were corrupt."""
