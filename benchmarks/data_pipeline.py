@@ -26,12 +26,14 @@ import numpy as np
 import torch
 from common import write
 
-from more_scale.config import DataConfig
+from more_scale.config import DataConfig, InputShape
 from more_scale.data import ecg, order
-from more_scale.data.pipeline import ModelInputs, ShardReader, TrainStream, build_loader, collate, decode_sample
+from more_scale.data.pipeline import ModelInputs, SkipCounter, TrainStream, build_loader, collate, decode_sample
+from more_scale.data.shard_reader import ShardReader
 from more_scale.data.tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
+SHAPE = InputShape(image_size=224, ecg_samples=1000)  # the paper's inputs
 
 
 def synthetic_shards(folder: Path) -> Path:
@@ -67,7 +69,7 @@ def stage_rows(stream: TrainStream, inputs: ModelInputs, n: int, tokenizer) -> l
         "ecg load + to 12x1000": per_sample(
             lambda k: inputs.signal(ecg.load_npy(raws[k]["ecg.npy"]), inputs.random(seeds[k])), range(n)),
         "tokenise + collate": per_sample(
-            lambda k: collate(decoded[k:k + batch], tokenizer, cfg.max_text_tokens, cfg.image_size, cfg.ecg_samples),
+            lambda k: collate(decoded[k:k + batch], tokenizer, cfg, stream.shape, SkipCounter()),
             range(0, n - batch + 1, batch)) / batch,
     }
     return [{"stage": name, "ms_per_sample": 1e3 * s} for name, s in stages.items()]
@@ -75,7 +77,7 @@ def stage_rows(stream: TrainStream, inputs: ModelInputs, n: int, tokenizer) -> l
 
 def loader_rate(cfg: DataConfig, tokenizer, workers: int, steps: int) -> float:
     """Batches through torch's DataLoader (worker processes, shared-memory hand-off), as training gets them."""
-    loader = iter(build_loader(dataclasses.replace(cfg, workers=workers), 0, 1, tokenizer))
+    loader = iter(build_loader(dataclasses.replace(cfg, workers=workers), SHAPE, 0, 1, tokenizer))
     for _ in range(workers):  # every worker has started and opened its shards
         next(loader)
     start = time.perf_counter()
@@ -98,8 +100,8 @@ def main() -> None:
         rows = []
         for augment in (False, True):
             cfg = DataConfig(train=str(shards / "train"), batch_size=args.batch, workers=0, augment=augment,
-                             image_size=224, ecg_samples=1000, max_text_tokens=256)
-            stream = TrainStream(cfg, 0, 1, tokenizer)
+                             max_text_tokens=256)
+            stream = TrainStream(cfg, SHAPE, 0, 1, tokenizer)
             batches = iter(stream)  # this process is the one worker
             next(batches)  # open the first shards, build the first orders
             steps = max(1, args.samples // args.batch)
@@ -107,7 +109,7 @@ def main() -> None:
             for _ in itertools.islice(batches, steps):
                 pass
             rate = steps * args.batch / (time.perf_counter() - start)
-            stages = stage_rows(stream, ModelInputs(cfg, augment), min(args.samples, 512), tokenizer)
+            stages = stage_rows(stream, ModelInputs(cfg, SHAPE, augment), min(args.samples, 512), tokenizer)
             rows.append({"augment": augment, "what": "end to end (one worker process)", "samples_per_s": rate,
                          "ms_per_sample": 1e3 / rate})
             rows += [{"augment": augment, "what": s["stage"], "samples_per_s": 1e3 / s["ms_per_sample"],

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 
-import torch
 from common import DEVICE, DTYPES, write
 
 from more_scale.hardware import matmul_peak

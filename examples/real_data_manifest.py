@@ -32,7 +32,7 @@ def manifest_rows(real: Path) -> tuple[list[dict], dict[str, str]]:
     test_patients = set(patients[int(0.8 * len(patients)):])  # the last fifth of patients: no patient in two splits
     for i, r in enumerate(covid.to_dict("records")):
         rows.append({"key": f"covid_{i:03d}", "split": "test" if r["patientid"] in test_patients else "train",
-                     "image": str(COVID / r["path"]), "image_text": r["clinical_notes"], "source": "covid-chestxray",
+                     "cxr": str(COVID / r["path"]), "cxr_text": r["clinical_notes"], "source": "covid-chestxray",
                      "finding": r["finding"], "view": r["view"]})
     pairs = pd.read_csv(real / PTBXL_PAIRS, dtype={"signal_path": str})
     for r in pairs.itertuples(index=False):
@@ -50,7 +50,7 @@ def manifest_rows(real: Path) -> tuple[list[dict], dict[str, str]]:
             continue
         rows.append({"key": f"cinc_{r['record']}", "split": "train", "ecg": record, "ecg_text": r["dx_text"],
                      "source": "cinc2021", "finding": r["dx_text"]})
-    listed = {row.get("image") or row.get("ecg") for row in rows}
+    listed = {row.get("cxr") or row.get("ecg") for row in rows}
     for path in sorted(_signal_and_image_files(real)):
         if path not in listed and path not in not_rows:
             not_rows[path] = "no metadata row names it"

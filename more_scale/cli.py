@@ -40,7 +40,7 @@ BUILD_SHARDS_DOC = """Build WebDataset shards (+ shards.json index per split, + 
 mimic: --root holds mimic-cxr-jpg/, mimic-cxr-reports/ and mimic-iv-ecg/ (or name each with --cxr-root,
 --reports-root, --ecg-root, e.g. PhysioNet's physionet.org/files/... folders).
 ptbxl: --root is the PTB-XL folder (ptbxl_database.csv, scp_statements.csv, records100/, records500/).
-csv: a manifest with image / ecg / image_text / ecg_text / split / key / ecg_rate columns (see
+csv: a manifest with cxr / ecg / cxr_text / ecg_text / split / key / ecg_rate columns (see
 more_scale/data/manifest.py); relative paths are from --root, default the manifest's folder.
 """
 
@@ -113,9 +113,9 @@ def build_shards_main(argv: list[str] | None = None) -> int:
         console.print(f"merged {args.out}: {merge_index(args.out, options, {'source': args.source})}")
         return 0
     specs, left_out = _sample_specs(args, options, parser)
-    kinds = {"X-ray + ECG": sum(bool(s.image and s.ecg) for s in specs),
-             "X-ray only": sum(bool(s.image and not s.ecg) for s in specs),
-             "ECG only": sum(bool(s.ecg and not s.image) for s in specs)}
+    kinds = {"X-ray + ECG": sum(bool(s.cxr and s.ecg) for s in specs),
+             "X-ray only": sum(bool(s.cxr and not s.ecg) for s in specs),
+             "ECG only": sum(bool(s.ecg and not s.cxr) for s in specs)}
     console.print(f"{len(specs)} samples {kinds}; left out: {left_out}")
     summary = write_shards(specs, args.out, options, {"source": args.source}, args.num_parts, args.part)
     console.print(f"written to {args.out}: {summary}")
@@ -187,7 +187,7 @@ EXPORT_DOC = """Export a trained run as a from_pretrained directory (encoders, h
 
 def export_main(argv: list[str] | None = None) -> int:
     from more_scale.eval.embed import load_trained
-    from more_scale.models.pretrained import save_pretrained
+    from more_scale.export import save_pretrained
 
     parser = argparse.ArgumentParser(description=EXPORT_DOC, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="run folder (output_dir of training)")

@@ -14,6 +14,15 @@ from pathlib import Path
 
 import yaml
 
+ECG_STEM_KERNEL = 5  # the paper's ECG stem: Conv1d(kernel 5, stride 5), then Conv1d(kernel 5, stride 1)
+
+
+def ecg_stem_lengths(samples: int) -> tuple[int, int]:
+    """Lengths after the paper's two stem convolutions of a `samples`-long lead; the second is the
+    token count (1000 -> 200 -> 196)."""
+    first = (samples - ECG_STEM_KERNEL) // ECG_STEM_KERNEL + 1
+    return first, first - (ECG_STEM_KERNEL - 1)
+
 
 class ConfigError(ValueError):
     """A config key or value is unknown, mistyped or impossible; the message names it."""
@@ -28,8 +37,6 @@ class DataConfig:
     batch_size: int = 8  # micro-batch per rank
     workers: int = 2  # loader processes per rank
     shuffle_block: int = 4096  # epoch mode: samples shuffled within blocks this long (after shuffling the shards)
-    image_size: int = 224  # X-ray side fed to the model (random crop from the stored image)
-    ecg_samples: int = 1000  # ECG length fed to the model (10 s at 100 Hz)
     max_text_tokens: int = 256  # reports are padded per batch to the longest, truncated here
     seed: int = 0  # stream seed; rank and worker are mixed in
     max_skip_rate: float = 0.05  # stop training when more than this share of read samples is corrupt
@@ -121,7 +128,7 @@ class TrainConfig:
     betas: tuple[float, ...] = (0.9, 0.98)
     grad_accum: int = 1  # micro-batches per optimizer step
     grad_clip: float = 1.0  # global norm; 0 = off
-    deepspeed_config: str = "ds_configs/zero2.json"  # ZeRO stage / offload; bf16 set by `precision`
+    deepspeed_config: str = "zero2"  # a file, or a shipped one by name: zero1 zero2 zero3 zero3_offload
     precision: str = "bf16"  # bf16 | fp32 (fp16 has no fast path on CPU and is not offered)
     save_every: int = 500  # checkpoint every N steps (and always at the end)
     keep_checkpoints: int = 2  # newest N kept on disk
@@ -134,6 +141,18 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class InputShape:
+    """The inputs the model takes, which the loaders produce. Said once, in the model's config; the loaders
+    get this small value beside their own slice (`input_shape(cfg.model)`)."""
+    image_size: int  # X-ray side (random crop or centre crop from the stored image)
+    ecg_samples: int  # ECG length (10 s at 100 Hz = 1000)
+
+
+def input_shape(model: ModelConfig) -> InputShape:
+    return InputShape(model.cxr.image_size, model.ecg.samples)
+
+
+@dataclass(frozen=True)
 class Config:
     output_dir: str = "runs/default"
     data: DataConfig = field(default_factory=DataConfig)
@@ -143,10 +162,15 @@ class Config:
 
 
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
-    """Defaults < YAML at `path` < `overrides` ("train.steps=20"); validated and frozen."""
+    """Defaults < YAML at `path` < `overrides` ("train.steps=20"); validated and frozen. `path` is a file,
+    or the name of a config shipped with the package (`tiny-cpu`, `base`, `configs/base.yaml`)."""
     tree: dict = {}
     if path is not None:
-        text = Path(path).read_text()
+        resolved = resolve_path(str(path), "configs", ".yaml")
+        if not resolved.is_file():
+            raise FileNotFoundError(f"config {path}: no such file, nor a shipped config "
+                                    f"(shipped: {', '.join(shipped('configs', '.yaml'))})")
+        text = resolved.read_text()
         tree = yaml.safe_load(text) or {}
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level, got {type(tree).__name__}")
@@ -174,13 +198,25 @@ def save_config(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 
-def resolve_path(path: str) -> Path:
-    """A config path as given, else relative to the repository (ds_configs/... from any directory)."""
+PACKAGE_DIR = Path(__file__).resolve().parent  # configs/ and ds_configs/ ship inside the package
+
+
+def resolve_path(path: str, folder: str = "ds_configs", suffix: str = ".json") -> Path:
+    """A file as given when it exists; else one shipped with the package, found by its path under the
+    package (`ds_configs/zero2.json`) or its name in `folder` (`zero2`, `zero2.json`). Works the same
+    from a checkout and after a plain `pip install .`."""
     given = Path(path)
     if given.is_absolute() or given.exists():
         return given
-    in_repo = Path(__file__).resolve().parent.parent / path
-    return in_repo if in_repo.exists() else given
+    for candidate in (PACKAGE_DIR / path, PACKAGE_DIR / folder / path, PACKAGE_DIR / folder / f"{path}{suffix}"):
+        if candidate.is_file():
+            return candidate
+    return given
+
+
+def shipped(folder: str, suffix: str) -> list[str]:
+    """Names of the files shipped in a package folder (configs, ds_configs)."""
+    return sorted(p.stem for p in (PACKAGE_DIR / folder).glob(f"*{suffix}"))
 
 
 def _set_dotted(tree: dict, key: str, value) -> None:
@@ -247,16 +283,13 @@ def validate(cfg: Config) -> None:
         (len(d.cxr_crop_scale) == 2 and 0 < d.cxr_crop_scale[0] <= d.cxr_crop_scale[1] <= 1,
          f"data.cxr_crop_scale must be two numbers 0 < lo <= hi <= 1, got {d.cxr_crop_scale}"),
         (0 <= d.ecg_warp < 1, f"data.ecg_warp must be in [0, 1), got {d.ecg_warp}"),
-        (d.image_size == m.cxr.image_size,
-         f"data.image_size ({d.image_size}) != model.cxr.image_size ({m.cxr.image_size})"),
-        (d.ecg_samples == m.ecg.samples, f"data.ecg_samples ({d.ecg_samples}) != model.ecg.samples ({m.ecg.samples})"),
         (d.max_text_tokens + 2 <= m.text.max_positions or bool(m.text.pretrained),
          f"data.max_text_tokens ({d.max_text_tokens}) + 2 exceeds model.text.max_positions ({m.text.max_positions})"),
         (m.cxr.image_size % m.cxr.patch_size == 0,
          f"model.cxr.image_size ({m.cxr.image_size}) is not a multiple of model.cxr.patch_size ({m.cxr.patch_size})"),
         (m.cxr.channels in (1, 3), f"model.cxr.channels must be 1 or 3, got {m.cxr.channels}"),
-        (m.ecg.samples >= 10 and (m.ecg.samples // 5) > 4,
-         f"model.ecg.samples ({m.ecg.samples}) too short for the Conv1d stem (stride 5, kernel 5)"),
+        (m.ecg.stem != "conv" or ecg_stem_lengths(m.ecg.samples)[1] >= 1,
+         f"model.ecg.samples ({m.ecg.samples}) too short for the Conv1d stem (kernel {ECG_STEM_KERNEL}, twice)"),
         (m.text.hidden % m.text.heads == 0,
          f"model.text.hidden ({m.text.hidden}) is not divisible by model.text.heads ({m.text.heads})"),
         (m.ecg.stem_norm in ("batch", "group"), f"model.ecg.stem_norm must be batch or group, got {m.ecg.stem_norm!r}"),
@@ -305,7 +338,8 @@ def validate(cfg: Config) -> None:
             raise ConfigError(message)
     ds_path = resolve_path(t.deepspeed_config)
     if not ds_path.is_file():
-        raise ConfigError(f"train.deepspeed_config: no such file {t.deepspeed_config}")
+        raise ConfigError(f"train.deepspeed_config: no such file {t.deepspeed_config} "
+                          f"(shipped: {', '.join(shipped('ds_configs', '.json'))})")
     ds = json.loads(ds_path.read_text())
     stage = ds.get("zero_optimization", {}).get("stage", 0)
     if stage not in (1, 2, 3):

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from more_scale import dist
-from more_scale.config import load_config
+from more_scale.config import input_shape, load_config
 from more_scale.data.pipeline import iter_batches
 from more_scale.data.tokenizer import load_tokenizer
 from more_scale.loss import ContrastiveLoss
@@ -71,7 +71,7 @@ def main() -> None:
     cfg = load_config("configs/tiny-cpu.yaml", EXACT + [f"data.train={args.shards / 'train'}",
                                                         f"data.batch_size={micro}", f"train.steps={args.steps}"])
     tokenizer = load_tokenizer(args.shards / "tokenizer")
-    full = [b for b in iter_batches(args.shards / "train", cfg.data, tokenizer, args.global_batch)
+    full = [b for b in iter_batches(args.shards / "train", cfg.data, input_shape(cfg.model), tokenizer, args.global_batch)
             if len(b) == args.global_batch]
     batches = list(itertools.islice(itertools.cycle(full), args.steps))
     results = {}

@@ -86,7 +86,7 @@ def test_bad_raw_files_are_reported_not_fatal(raw_root, tmp_path):
     pairs = pairs[:4]
     broken_image = tmp_path / "broken.jpg"
     broken_image.write_bytes(b"\xff\xd8 garbage")
-    bad = [dataclasses.replace(pairs[0], image=str(broken_image)),
+    bad = [dataclasses.replace(pairs[0], cxr=str(broken_image)),
            dataclasses.replace(pairs[1], ecg=str(tmp_path / "missing_record"))]
     summary = write_shards(bad + pairs[2:], tmp_path / "out", BuildOptions(tokenizer_vocab=0), {"source": "mimic"})
     failures = [f for split in summary["failures"] for f in read_index(tmp_path / "out" / split)["failures"]]

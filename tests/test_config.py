@@ -37,7 +37,8 @@ def test_round_trip_through_dict():
     ("train.stepz=3", "unknown key train.stepz"),
     ("model.cxr.widht=3", "unknown key model.cxr.widht"),
     ("train.steps=abc", "train.steps: expected int"),
-    ("data.image_size=96", "data.image_size (96) != model.cxr.image_size (64)"),
+    ("data.image_size=96", "unknown key data.image_size"),  # the input size is said once, in model.cxr
+    ("model.ecg.samples=8", "model.ecg.samples (8) too short for the Conv1d stem (kernel 5, twice)"),
     ("train.precision=fp16", "train.precision must be bf16 or fp32"),
     ("model.cxr.heads=5", "model.cxr.width (64) is not divisible by model.cxr.heads (5)"),
     ("model.ecg.drop_token_keep=0", "model.ecg.drop_token_keep must be in (0, 1]"),

@@ -9,18 +9,20 @@ import pytest
 import torch
 
 from more_scale.batch import Bookkeeping
-from more_scale.config import DataConfig
+from more_scale.config import DataConfig, InputShape
 from more_scale.data.build import read_index
 from more_scale.data.pipeline import build_loader, iter_batches
 
+SHAPE = InputShape(image_size=64, ecg_samples=1000)
+
 
 def _cfg(shards, **kw):
-    return DataConfig(**{"train": str(shards / "train"), "batch_size": 4, "workers": 0, "image_size": 64,
+    return DataConfig(**{"train": str(shards / "train"), "batch_size": 4, "workers": 0,
                          "max_text_tokens": 64, **kw})
 
 
 def test_batch_holds_the_inputs_and_bookkeeping(shards, tokenizer):
-    batch = next(iter(build_loader(_cfg(shards), 0, 1, tokenizer)))
+    batch = next(iter(build_loader(_cfg(shards), SHAPE, 0, 1, tokenizer)))
     assert batch.cxr.shape == (4, 1, 64, 64) and batch.cxr.dtype == torch.float32
     assert batch.ecg.shape == (4, 12, 1000) and batch.ecg.abs().max() <= 1.0
     assert batch.cxr_mask.all() and batch.ecg_mask.all()  # paired shards
@@ -30,7 +32,7 @@ def test_batch_holds_the_inputs_and_bookkeeping(shards, tokenizer):
 
 
 def _batches(cfg, tokenizer, rank, world, n, start=0):
-    return list(itertools.islice(iter(build_loader(cfg, rank, world, tokenizer, start_position=start)), n))
+    return list(itertools.islice(iter(build_loader(cfg, SHAPE, rank, world, tokenizer, start_position=start)), n))
 
 
 def _merged(per_rank: list[list[dict]], field: str = "keys") -> list:
@@ -74,7 +76,7 @@ def test_weighted_sources_mix_in_proportion(shards, tokenizer):
     comes from A whatever their sizes."""
     cfg = _cfg(shards, train=f"{shards / 'train'}::{shards / 'test'}", train_weights=(1.0, 3.0), batch_size=50)
     keys = [k for b in _batches(cfg, tokenizer, 0, 1, 8) for k in b.info.keys]
-    test_keys = {k for b in iter_batches(shards / "test", cfg, tokenizer, 64) for k in b.info.keys}
+    test_keys = {k for b in iter_batches(shards / "test", cfg, SHAPE, tokenizer, 64) for k in b.info.keys}
     share_a = sum(k not in test_keys for k in keys) / len(keys)
     assert 0.19 < share_a < 0.31, share_a
 
@@ -111,7 +113,7 @@ def test_shard_reader_equals_tarfile_and_scans_each_shard_once(shards):
 
 def test_every_sample_once_in_evaluation_order(shards, tokenizer):
     index = read_index(shards / "test")
-    keys = [k for b in iter_batches(shards / "test", _cfg(shards), tokenizer, batch_size=5) for k in b.info.keys]
+    keys = [k for b in iter_batches(shards / "test", _cfg(shards), SHAPE, tokenizer, batch_size=5) for k in b.info.keys]
     assert len(keys) == len(set(keys)) == index["samples"]
 
 
@@ -145,7 +147,7 @@ BAD_REASONS = {"ValueError: corrupt cxr.jpg": 1, "ValueError: ecg.npy has NaN/in
 def test_bad_samples_are_skipped_and_counted(shards, tokenizer, tmp_path):
     """Evaluation: the rest streams, both are counted by reason and by shard."""
     bad, _ = _bad_shard_set(shards, tmp_path / "bad")
-    batches = list(iter_batches(bad, _cfg(shards), tokenizer, batch_size=8))
+    batches = list(iter_batches(bad, _cfg(shards), SHAPE, tokenizer, batch_size=8))
     assert sum(len(b.info.keys) for b in batches) == 4
     assert {k: v for b in batches for k, v in b.info.skipped.items()} == BAD_REASONS
     assert {k: v for b in batches for k, v in b.info.skipped_shards.items()} == {"bad-000000.tar": 2}
@@ -185,7 +187,7 @@ def test_training_stream_counts_a_shard_with_a_corrupt_tar_header(shards, tokeni
     assert len(batch.info.keys) == 16 and batch.info.positions == list(range(16))
     assert set(batch.info.skipped) == {"unreadable tar member: ValueError"} and sum(batch.info.skipped.values()) >= 1
     assert batch.info.skipped_shards == {broken.name: sum(batch.info.skipped.values())}
-    good = {k for b in iter_batches(bad, _cfg(shards), tokenizer, 64) for k in b.info.keys}  # the intact shard only
+    good = {k for b in iter_batches(bad, _cfg(shards), SHAPE, tokenizer, 64) for k in b.info.keys}  # the intact shard only
     assert set(batch.info.keys) <= good
 
 

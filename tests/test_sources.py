@@ -14,7 +14,7 @@ import pytest
 import wfdb
 from conftest import REAL_DATA, ROOT
 
-from more_scale.config import DataConfig
+from more_scale.config import DataConfig, InputShape
 from more_scale.data import ecg
 from more_scale.data.build import BuildOptions, read_index, write_shards
 from more_scale.data.manifest import manifest_samples
@@ -94,7 +94,7 @@ def test_manifest_errors_name_row_and_column(tmp_path):
     with pytest.raises(ValueError, match=r"m.csv row 2: ecg_rate 'fast' is not a number"):
         manifest_samples(manifest)
     manifest.write_text("image,notes\na.jpg,x\n")
-    with pytest.raises(ValueError, match="needs an image or ecg column and an image_text or ecg_text column"):
+    with pytest.raises(ValueError, match="needs a cxr or ecg column and a cxr_text or ecg_text column"):
         manifest_samples(manifest)
 
 
@@ -117,10 +117,10 @@ def test_csv_build_of_the_real_data_accounts_for_every_file_and_streams(tmp_path
     for split in ("train", "validate", "test"):
         for member in _members(out / split).values():
             meta = json.loads(member["meta.json"])
-            in_shards.add(meta["image_path"] or meta["ecg_path"])
+            in_shards.add(meta["cxr_path"] or meta["ecg_path"])
         for failure in read_index(out / split)["failures"]:
             key, reason = failure.split(": ", 1)
-            failed[table.loc[key, "image"] or table.loc[key, "ecg"]] = reason
+            failed[table.loc[key, "cxr"] or table.loc[key, "ecg"]] = reason
     files = {p.relative_to(REAL_DATA).as_posix() for p in (REAL_DATA / "cxr" / "covid_chestxray_subset" / "images").iterdir()}
     files |= {p.with_suffix("").relative_to(REAL_DATA).as_posix() for p in (REAL_DATA / "ecg").rglob("*.hea")}
     files |= {p.relative_to(REAL_DATA).as_posix() for p in (REAL_DATA / "ecg").rglob("*.npy")}
@@ -128,16 +128,16 @@ def test_csv_build_of_the_real_data_accounts_for_every_file_and_streams(tmp_path
     assert "ecg/ptbxl_npy_proyecto_ia/6017.npy" in in_shards and "ecg/cinc2021_torch_ecg/E07500" in in_shards
     assert all("image file missing" in r or "not a readable image" in r for r in failed.values()), failed
 
-    cfg = DataConfig(train=str(out / "train"), batch_size=16, workers=0, image_size=64, max_text_tokens=64,
+    cfg = DataConfig(train=str(out / "train"), batch_size=16, workers=0, max_text_tokens=64,
                      augment=True, mode="epoch")
     tokenizer = load_tokenizer(out / "tokenizer")
-    batches = list(itertools.islice(iter(build_loader(cfg, 0, 1, tokenizer)), 4))
+    batches = list(itertools.islice(iter(build_loader(cfg, InputShape(64, 1000), 0, 1, tokenizer)), 4))
     for batch in batches:
         for key, has_cxr, has_ecg in zip(batch.info.keys, batch.cxr_mask, batch.ecg_mask):
             assert (bool(has_cxr), bool(has_ecg)) == ((True, False) if key.startswith("covid") else (False, True))
         assert batch.info.skipped == {}
     assert any(b.ecg_mask.any() for b in batches) and any(b.cxr_mask.any() for b in batches)
-    evaluated = [k for b in iter_batches(out / "test", cfg, tokenizer, 32) for k in b.info.keys]
+    evaluated = [k for b in iter_batches(out / "test", cfg, InputShape(64, 1000), tokenizer, 32) for k in b.info.keys]
     assert len(evaluated) == read_index(out / "test")["samples"]
 
 
@@ -147,8 +147,8 @@ def test_mimic_keep_unpaired_adds_single_modality_samples(raw_root):
     everything, kept_skips = mimic_samples(*roots, BuildOptions(keep_unpaired=True))
     assert everything[:len(paired)] == paired
     unpaired = everything[len(paired):]
-    xray_only = [s for s in unpaired if s.image and not s.ecg]
-    ecg_only = [s for s in unpaired if s.ecg and not s.image]
+    xray_only = [s for s in unpaired if s.cxr and not s.ecg]
+    ecg_only = [s for s in unpaired if s.ecg and not s.cxr]
     assert len(xray_only) == skipped["X-ray study without an ECG within 60 days"] > 0
     assert len(ecg_only) == skipped["ECG not paired with a frontal X-ray study"] > 0
     assert "X-ray study without an ECG within 60 days" not in kept_skips

@@ -8,8 +8,8 @@ from transformers import RobertaConfig, RobertaModel
 
 from more_scale.batch import Batch
 from more_scale.config import CxrConfig, EcgConfig, ModelConfig, TextConfig
+from more_scale.export import from_pretrained, save_pretrained
 from more_scale.models.more import build_model
-from more_scale.models.pretrained import from_pretrained, save_pretrained
 from more_scale.models.text import TextEncoder, build_text_encoder, lora_targets
 
 

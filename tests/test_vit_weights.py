@@ -103,7 +103,8 @@ def hf_vit_dir(tmp_path):
 
 def test_hf_vit_directory_gives_the_same_cls_features(hf_vit_dir):
     directory, reference = hf_vit_dir
-    ours = build_cxr_encoder(dataclasses.replace(TINY, pretrained=str(directory))).eval()
+    ours = build_cxr_encoder(TINY).eval()
+    load_vit_weights(ours, directory)
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         expected = reference(pixel_values=x).last_hidden_state[:, 0]
@@ -112,7 +113,8 @@ def test_hf_vit_directory_gives_the_same_cls_features(hf_vit_dir):
 
 def test_timm_state_dict_with_rgb_stem_into_gray_model_and_new_grid(hf_vit_dir, tmp_path):
     directory, _ = hf_vit_dir
-    rgb = build_cxr_encoder(dataclasses.replace(TINY, pretrained=str(directory))).eval()
+    rgb = build_cxr_encoder(TINY).eval()
+    load_vit_weights(rgb, directory)
     timm = {"cls_token": rgb.cls, "pos_embed": rgb.pos, "patch_embed.proj.weight": rgb.stem.proj.weight,
             "patch_embed.proj.bias": rgb.stem.proj.bias, "head.weight": torch.zeros(10, 32)}
     timm.update({k: v for k, v in rgb.state_dict().items() if k.startswith(("blocks.", "norm."))})
@@ -136,5 +138,11 @@ def test_timm_state_dict_with_rgb_stem_into_gray_model_and_new_grid(hf_vit_dir, 
 
 
 def test_missing_weights_path_is_a_clear_error(tmp_path):
+    from more_scale.config import ModelConfig, TextConfig
+    from more_scale.models.more import build_model
+
+    cfg = ModelConfig(cxr=dataclasses.replace(TINY, pretrained=str(tmp_path / "nope.pth")),
+                      ecg=EcgConfig(width=32, depth=1, heads=2, stem_channels=8),
+                      text=TextConfig(hidden=32, layers=1, heads=2, intermediate=64), head_hidden=32, embed_dim=16)
     with pytest.raises(FileNotFoundError, match="no such ViT weights"):
-        build_cxr_encoder(dataclasses.replace(TINY, pretrained=str(tmp_path / "nope.pth")))
+        build_model(cfg, 100, 1)  # the model config's pretrained path is read when the model is built

@@ -42,9 +42,9 @@ class SampleSpec:
     """One sample to build: where its raw parts are and what is known about it ("" = absent)."""
     key: str
     split: str  # train | validate | test
-    image: str = ""  # X-ray file (JPEG/PNG, any bit depth)
+    cxr: str = ""  # X-ray file (JPEG/PNG, any bit depth)
     report_file: str = ""  # MIMIC-CXR free-text report (FINDINGS + IMPRESSION are kept)
-    image_text: str = ""  # radiology text given inline
+    cxr_text: str = ""  # radiology text given inline
     ecg: str = ""  # WFDB record (path without extension, .mat/.dat read through the .hea) or a .npy array
     ecg_npy_rate: float = 0.0  # sampling rate of a .npy ECG, Hz
     ecg_text: str = ""
@@ -54,17 +54,17 @@ class SampleSpec:
 def build_sample(spec: SampleSpec, options: BuildOptions) -> dict:
     """Read and preprocess one sample into shard members (bytes); raises ValueError naming the file."""
     sample = {"__key__": spec.key}
-    if spec.image:
-        ok, jpeg = cv2.imencode(".jpg", cxr.preprocess_file(spec.image, options.short_side),
+    if spec.cxr:
+        ok, jpeg = cv2.imencode(".jpg", cxr.preprocess_file(spec.cxr, options.short_side),
                                 [cv2.IMWRITE_JPEG_QUALITY, 95])
         if not ok:
-            raise ValueError(f"{spec.image}: JPEG encoding failed")
+            raise ValueError(f"{spec.cxr}: JPEG encoding failed")
         sample["cxr.jpg"] = jpeg.tobytes()
     if spec.ecg:
         buffer = io.BytesIO()
         np.save(buffer, ecg.preprocess_record(spec.ecg, options.ecg_rate, spec.ecg_npy_rate))
         sample["ecg.npy"] = buffer.getvalue()
-    radiology = reports.clean(spec.image_text)
+    radiology = reports.clean(spec.cxr_text)
     if spec.report_file:
         try:
             radiology = reports.radiology_text(Path(spec.report_file).read_text())

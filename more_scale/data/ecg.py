@@ -6,6 +6,7 @@ import io
 from fractions import Fraction
 from functools import lru_cache
 from pathlib import Path
+from types import MappingProxyType
 
 import numpy as np
 import scipy.ndimage
@@ -14,7 +15,7 @@ import wfdb
 
 # Conventional order (PTB-XL's); MIMIC-IV-ECG stores aVF before aVL, so leads are matched by name.
 LEADS = ("I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6")
-_BY_UPPER = {name.upper(): i for i, name in enumerate(LEADS)}
+_BY_UPPER = MappingProxyType({name.upper(): i for i, name in enumerate(LEADS)})
 
 
 def read_wfdb(path: str | Path) -> tuple[np.ndarray, float]:

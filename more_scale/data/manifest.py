@@ -1,13 +1,14 @@
 """A user's own data as a CSV manifest -> sample specs. One row per sample; columns:
 
-  image       X-ray file (JPEG/PNG)                          } at least one of the two
+  cxr         X-ray file (JPEG/PNG)                          } at least one of the two
   ecg         WFDB record (no extension, or .hea) or .npy    }
-  image_text  radiology report text                          } at least one of the two
+  cxr_text    radiology report text                          } at least one of the two
   ecg_text    ECG report text / diagnosis names              }
   ecg_rate    sampling rate in Hz, needed for .npy ECGs
   split       train | validate | test (default train)
   key         unique sample name (default row<N>)
 
+The columns `image` and `image_text` (this format's first names) are read as `cxr` and `cxr_text`.
 Relative paths are taken from `root` (default: the manifest's folder). Columns named in
 `label_columns` are copied into meta.json; any other column is reported as ignored.
 """
@@ -16,12 +17,14 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from types import MappingProxyType
 
 import pandas as pd
 
 from more_scale.data.build import SampleSpec
 
-COLUMNS = ("key", "split", "image", "image_text", "ecg", "ecg_text", "ecg_rate")
+COLUMNS = ("key", "split", "cxr", "cxr_text", "ecg", "ecg_text", "ecg_rate")
+ALIASES = MappingProxyType({"image": "cxr", "image_text": "cxr_text"})
 SPLITS = ("train", "validate", "test")
 
 
@@ -29,9 +32,10 @@ def manifest_samples(manifest: Path, root: Path | None = None,
                      label_columns: tuple[str, ...] = ()) -> tuple[list[SampleSpec], list[str]]:
     """Specs for every row, and the manifest columns nothing reads. Errors name the row and column."""
     table = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+    table = table.rename(columns={old: new for old, new in ALIASES.items() if new not in table.columns})
     root = root or manifest.parent
-    if not {"image", "ecg"} & set(table.columns) or not {"image_text", "ecg_text"} & set(table.columns):
-        raise ValueError(f"{manifest}: needs an image or ecg column and an image_text or ecg_text column "
+    if not {"cxr", "ecg"} & set(table.columns) or not {"cxr_text", "ecg_text"} & set(table.columns):
+        raise ValueError(f"{manifest}: needs a cxr or ecg column and a cxr_text or ecg_text column "
                          f"(has {list(table.columns)})")
     unknown = [c for c in label_columns if c not in table.columns]
     if unknown:
@@ -46,17 +50,17 @@ def manifest_samples(manifest: Path, root: Path | None = None,
         split = row.get("split") or "train"
         if split not in SPLITS:
             raise ValueError(f"{where}: split {split!r}, expected one of {SPLITS}")
-        image, ecg = (_resolve(root, row.get(c, "")) for c in ("image", "ecg"))
-        if not image and not ecg:
-            raise ValueError(f"{where}: neither image nor ecg is given")
+        cxr, ecg = (_resolve(root, row.get(c, "")) for c in ("cxr", "ecg"))
+        if not cxr and not ecg:
+            raise ValueError(f"{where}: neither cxr nor ecg is given")
         rate = row.get("ecg_rate") or "0"
         try:
             ecg_rate = float(rate)
         except ValueError as error:
             raise ValueError(f"{where}: ecg_rate {rate!r} is not a number") from error
-        meta = {"source_row": number, "image_path": row.get("image", ""), "ecg_path": row.get("ecg", ""),
+        meta = {"source_row": number, "cxr_path": row.get("cxr", ""), "ecg_path": row.get("ecg", ""),
                 **{c: row[c] for c in label_columns}}
-        specs.append(SampleSpec(key=key, split=split, image=image, image_text=row.get("image_text", ""), ecg=ecg,
+        specs.append(SampleSpec(key=key, split=split, cxr=cxr, cxr_text=row.get("cxr_text", ""), ecg=ecg,
                                 ecg_npy_rate=ecg_rate, ecg_text=row.get("ecg_text", ""), meta=meta))
     ignored = [c for c in table.columns if c not in COLUMNS and c not in label_columns]
     return specs, ignored

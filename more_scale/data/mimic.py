@@ -105,7 +105,7 @@ def _spec(key: str, tables: _Tables, cxr_root: Path, report_root: Path, ecg_root
     if study is not None:
         row, when = study
         group = f"p{str(row.subject_id)[:2]}/p{row.subject_id}"
-        fields.update(image=str(cxr_root / "files" / group / f"s{row.study_id}" / f"{row.dicom_id}.jpg"),
+        fields.update(cxr=str(cxr_root / "files" / group / f"s{row.study_id}" / f"{row.dicom_id}.jpg"),
                       report_file=str(report_root / "files" / group / f"s{row.study_id}.txt"))
         meta.update(subject_id=int(row.subject_id), study_id=int(row.study_id), dicom_id=row.dicom_id,
                     view=row.ViewPosition, split=row.split, cxr_time=when.isoformat(),

@@ -23,7 +23,7 @@ import torch
 import webdataset as wds
 
 from more_scale.batch import Batch, Bookkeeping
-from more_scale.config import DataConfig
+from more_scale.config import DataConfig, InputShape
 from more_scale.data import cxr, ecg, order, reports
 from more_scale.data.build import read_index
 from more_scale.data.shard_reader import ShardReader
@@ -60,9 +60,9 @@ class ModelInputs:
     """Stored arrays -> model inputs: centre crop and no randomness, or (augment) the paper's training
     augmentations with every draw fixed by a per-sample seed, so a stream replays exactly."""
 
-    def __init__(self, cfg: DataConfig, augment: bool):
-        self.cfg, self.augment = cfg, augment
-        self.cxr_augmentation = cxr.train_augmentation(cfg.image_size, tuple(cfg.cxr_crop_scale), cfg.cxr_jitter,
+    def __init__(self, cfg: DataConfig, shape: InputShape, augment: bool):
+        self.cfg, self.shape, self.augment = cfg, shape, augment
+        self.cxr_augmentation = cxr.train_augmentation(shape.image_size, tuple(cfg.cxr_crop_scale), cfg.cxr_jitter,
                                                        cfg.cxr_blur_p, cfg.cxr_flip_p) if augment else None
 
     def random(self, seed: int) -> tuple[np.random.Generator, random.Random] | None:
@@ -72,12 +72,12 @@ class ModelInputs:
     def image(self, image: np.ndarray, draws) -> np.ndarray:
         if draws is not None:
             return cxr.augmented_input(image, self.cxr_augmentation, *draws)
-        return cxr.to_model_input(image, self.cfg.image_size)
+        return cxr.to_model_input(image, self.shape.image_size)
 
     def signal(self, signal: np.ndarray, draws) -> np.ndarray:
         if draws is not None:
             signal = ecg.augment(signal, draws[0], self.cfg.ecg_warp, self.cfg.ecg_segments)
-        return ecg.to_model_input(signal, self.cfg.ecg_samples)
+        return ecg.to_model_input(signal, self.shape.ecg_samples)
 
 
 def decode_sample(sample: dict, inputs: ModelInputs, seed: int = 0) -> dict:
@@ -111,12 +111,12 @@ def decode_sample(sample: dict, inputs: ModelInputs, seed: int = 0) -> dict:
     return out
 
 
-def collate(samples: list[dict], tokenizer, cfg: DataConfig, skips: SkipCounter) -> Batch:
+def collate(samples: list[dict], tokenizer, cfg: DataConfig, shape: InputShape, skips: SkipCounter) -> Batch:
     """Decoded samples -> a Batch; a missing modality is zeros with mask False. The skips counted since
     the previous batch go into this one's bookkeeping."""
     n = len(samples)
-    images = np.empty((n, 1, cfg.image_size, cfg.image_size), np.float32)
-    signals = np.empty((n, len(ecg.LEADS), cfg.ecg_samples), np.float32)
+    images = np.empty((n, 1, shape.image_size, shape.image_size), np.float32)
+    signals = np.empty((n, len(ecg.LEADS), shape.ecg_samples), np.float32)
     for i, s in enumerate(samples):
         images[i] = 0 if s["cxr"] is None else s["cxr"]
         signals[i] = 0 if s["ecg"] is None else s["ecg"]
@@ -152,8 +152,9 @@ class TrainStream(torch.utils.data.IterableDataset):
     round-robin, so the rank sees them in order. An unreadable sample is counted and replaced by a
     stand-in fixed by (seed, position), which keeps every later position where it was."""
 
-    def __init__(self, cfg: DataConfig, rank: int, world: int, tokenizer, start_position: int = 0):
-        self.cfg, self.rank, self.world, self.tokenizer, self.start = cfg, rank, world, tokenizer, start_position
+    def __init__(self, cfg: DataConfig, shape: InputShape, rank: int, world: int, tokenizer, start_position: int = 0):
+        self.cfg, self.shape, self.rank, self.world = cfg, shape, rank, world
+        self.tokenizer, self.start = tokenizer, start_position
         self.paths, shard_sizes, source_sizes = [], [], []
         for directory in source_dirs(cfg.train):
             index = read_index(directory)
@@ -162,7 +163,7 @@ class TrainStream(torch.utils.data.IterableDataset):
             source_sizes.append(sum(e["samples"] for e in index["shards"]))
         self.space = order.SampleSpace(tuple(shard_sizes), tuple(source_sizes))
         self.order = order.GlobalOrder(self.space, cfg.mode, cfg.seed, cfg.shuffle_block, tuple(cfg.train_weights))
-        self.inputs = ModelInputs(cfg, augment=cfg.augment)
+        self.inputs = ModelInputs(cfg, shape, augment=cfg.augment)
 
     def state(self, position: int) -> dict:
         """What a checkpoint stores of the stream: the position, and a digest of what fixes the order
@@ -195,21 +196,21 @@ class TrainStream(torch.utils.data.IterableDataset):
         reader, skips = ShardReader(self.paths), SkipCounter()
         for local_step in itertools.count(worker, workers):
             positions = order.rank_positions(self.start, local_step, self.rank, self.world, self.cfg.batch_size)
-            yield collate([self.sample_at(p, reader, skips) for p in positions], self.tokenizer, self.cfg, skips)
+            yield collate([self.sample_at(p, reader, skips) for p in positions], self.tokenizer, self.cfg, self.shape, skips)
 
 
-def build_loader(cfg: DataConfig, rank: int, world: int, tokenizer, *, start_position: int = 0,
+def build_loader(cfg: DataConfig, shape: InputShape, rank: int, world: int, tokenizer, *, start_position: int = 0,
                  pin_memory: bool = False):
     """The infinite training DataLoader of this rank, from a global stream position. `pin_memory`: batches
     arrive page-locked, so their copies to a GPU can run asynchronously (train/prefetch.py)."""
-    return torch.utils.data.DataLoader(TrainStream(cfg, rank, world, tokenizer, start_position), batch_size=None,
+    return torch.utils.data.DataLoader(TrainStream(cfg, shape, rank, world, tokenizer, start_position), batch_size=None,
                                        num_workers=cfg.workers, persistent_workers=cfg.workers > 0,
                                        pin_memory=pin_memory)
 
 
-def iter_batches(directory: str | Path, cfg: DataConfig, tokenizer, batch_size: int | None = None):
+def iter_batches(directory: str | Path, cfg: DataConfig, shape: InputShape, tokenizer, batch_size: int | None = None):
     """Every sample of a shard set exactly once, in index order, in batches (single process)."""
-    inputs, skips = ModelInputs(cfg, augment=False), SkipCounter()
+    inputs, skips = ModelInputs(cfg, shape, augment=False), SkipCounter()
     size = batch_size or cfg.batch_size
 
     def unreadable(error: Exception) -> bool:  # webdataset's handler: count, then go on with the next member
@@ -223,7 +224,7 @@ def iter_batches(directory: str | Path, cfg: DataConfig, tokenizer, batch_size: 
         except BadSample as bad:
             skips.count(bad.reason, str(raw.get("__url__", "?")))
         if len(pending) == size:
-            yield collate(pending, tokenizer, cfg, skips)
+            yield collate(pending, tokenizer, cfg, shape, skips)
             pending = []
     if pending:
-        yield collate(pending, tokenizer, cfg, skips)
+        yield collate(pending, tokenizer, cfg, shape, skips)

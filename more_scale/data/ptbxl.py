@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import ast
 from pathlib import Path
+from types import MappingProxyType
 
 import pandas as pd
 
 from more_scale.data.build import SampleSpec
 
-FOLD_SPLITS = {9: "validate", 10: "test"}  # every other fold trains
+FOLD_SPLITS = MappingProxyType({9: "validate", 10: "test"})  # every other fold trains
 
 
 def scp_labels(codes: dict, statements: pd.DataFrame) -> dict:

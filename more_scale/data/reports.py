@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import re
+from types import MappingProxyType
 
 # The official MIMIC-CXR parser's header pattern: newline, one space, capitals, colon.
 _HEADER = re.compile(r"\n\s?([A-Z][A-Z ()/,-]*):\s", re.MULTILINE)
-_ALIASES = {"CONCLUSION": "IMPRESSION", "CONCLUSIONS": "IMPRESSION", "SUMMARY": "IMPRESSION",
-            "FINDINGS AND IMPRESSION": "IMPRESSION", "IMPRESSIONS": "IMPRESSION", "FINDING": "FINDINGS"}
+_ALIASES = MappingProxyType({"CONCLUSION": "IMPRESSION", "CONCLUSIONS": "IMPRESSION", "SUMMARY": "IMPRESSION",
+            "FINDINGS AND IMPRESSION": "IMPRESSION", "IMPRESSIONS": "IMPRESSION", "FINDING": "FINDINGS"})
 
 
 def clean(text: str) -> str:

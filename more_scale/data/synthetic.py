@@ -19,6 +19,7 @@ import multiprocessing
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 
 import cv2
 import numpy as np
@@ -44,6 +45,10 @@ ECG_MEASUREMENT_COLUMNS = (
 )
 ECG_RATE_HZ = 500
 ECG_SECONDS = 10
+# machine_measurements.csv's codes for "not measured": an onset/offset of a wave that is absent (no P wave
+# in AF) is 29999 ms, an axis that cannot be computed 32767, as in the real MIMIC-IV-ECG table
+NO_ONSET_MS = 29999
+NO_AXIS = 32767
 SPLIT_FRACTIONS = (("train", 0.75), ("validate", 0.05), ("test", 0.2))  # by subject; a big test split for eval
 
 
@@ -272,8 +277,8 @@ def _chexpert_row(rng: np.random.Generator, subject, study, f: CxrFindings) -> t
 
 # Frontal-plane angle (deg) of each limb lead and horizontal-plane angle of each chest lead: a lead
 # records the projection of the heart's electrical vector onto its axis.
-_LEAD_AXES = {"I": 0, "II": 60, "III": 120, "aVR": -150, "aVF": 90, "aVL": -30,
-              "V1": 115, "V2": 95, "V3": 75, "V4": 55, "V5": 30, "V6": 0}
+_LEAD_AXES = MappingProxyType({"I": 0, "II": 60, "III": 120, "aVR": -150, "aVF": 90, "aVL": -30,
+              "V1": 115, "V2": 95, "V3": 75, "V4": 55, "V5": 30, "V6": 0})
 
 
 def _beat_times(rng: np.random.Generator, rhythm: str) -> tuple[np.ndarray, float]:
@@ -295,10 +300,11 @@ def _synth_ecg(rng: np.random.Generator, f: EcgFindings) -> tuple[np.ndarray, fl
     qrs_axis = np.deg2rad(rng.uniform(20, 70) - (35 if f.lvh else 0))
     horiz = np.deg2rad(rng.uniform(40, 60))
     qrs_gain = 2.4 if f.lvh else 1.0
-    def train(offset: float, width: float) -> np.ndarray:  # one Gaussian wave per beat, summed
+    def wave_per_beat(offset: float, width: float) -> np.ndarray:  # one Gaussian wave per beat, summed
         return np.exp(-(((t[:, None] - beats[None, :] - offset) / width) ** 2)).sum(axis=1)
 
-    p_wave, r_wave, s_wave, t_wave = train(-0.16, 0.025), train(0.0, 0.012), train(0.03, 0.01), train(0.3, 0.05)
+    p_wave, r_wave = wave_per_beat(-0.16, 0.025), wave_per_beat(0.0, 0.012)
+    s_wave, t_wave = wave_per_beat(0.03, 0.01), wave_per_beat(0.3, 0.05)
     signal = np.zeros((t.size, len(MIMIC_ECG_LEADS)))
     for i, lead in enumerate(MIMIC_ECG_LEADS):
         axis = np.deg2rad(_LEAD_AXES[lead])
@@ -349,5 +355,5 @@ def _measurement_row(rng: np.random.Generator, subject, study, ecg_time: str, f:
     rr = int(60000 / {"sinus": 75, "brady": 50, "tachy": 120, "afib": 100}[f.rhythm] + rng.integers(-40, 40))
     no_p = f.rhythm == "afib"
     return (subject, study, int(rng.integers(6000, 9000)), ecg_time, *reports, "0.005-150 Hz",
-            "60 Hz notch Baseline filter", rr, 29999 if no_p else 40, 29999 if no_p else 150, 200, 290, 600,
-            32767 if no_p else int(rng.integers(0, 80)), int(rng.integers(-30, 90)), int(rng.integers(0, 90)))
+            "60 Hz notch Baseline filter", rr, NO_ONSET_MS if no_p else 40, NO_ONSET_MS if no_p else 150, 200, 290, 600,
+            NO_AXIS if no_p else int(rng.integers(0, 80)), int(rng.integers(-30, 90)), int(rng.integers(0, 90)))

@@ -10,7 +10,7 @@ import torch
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 from rich.progress import track
 
-from more_scale.config import Config, DataConfig, load_config
+from more_scale.config import Config, DataConfig, InputShape, load_config
 from more_scale.data.pipeline import iter_batches
 from more_scale.data.tokenizer import load_tokenizer
 from more_scale.models.more import MODALITIES, MoRE, build_model
@@ -41,13 +41,14 @@ def load_trained(run_dir: str | Path, tag: str | None = None) -> tuple[MoRE, Con
 
 
 @torch.no_grad()
-def embed(model: MoRE, shards: str | Path, data_cfg: DataConfig, tokenizer, batch_size: int = 64) -> Embeddings:
+def embed(model: MoRE, shards: str | Path, data_cfg: DataConfig, shape: InputShape, tokenizer,
+          batch_size: int = 64) -> Embeddings:
     """Every sample of a shard set through the model, on the device the model is on."""
     device = next(model.parameters()).device
     vectors = {m: [] for m in MODALITIES}
     masks = {m: [] for m in MODALITIES}
     keys, meta = [], []
-    for batch in track(iter_batches(shards, data_cfg, tokenizer, batch_size), description=f"embedding {shards}"):
+    for batch in track(iter_batches(shards, data_cfg, shape, tokenizer, batch_size), description=f"embedding {shards}"):
         out = model(batch.to(device, non_blocking=True))
         for m in MODALITIES:
             vectors[m].append(out[m].cpu().numpy())

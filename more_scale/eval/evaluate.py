@@ -10,6 +10,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from more_scale.config import input_shape
 from more_scale.eval.embed import embed, embed_texts, load_trained
 from more_scale.eval.metrics import retrieval, zero_shot
 from more_scale.eval.tasks import DEFAULT_TASKS
@@ -20,7 +21,7 @@ RETRIEVAL_PAIRS = (("text", "cxr"), ("text", "ecg"), ("cxr", "ecg"))
 def evaluate(run_dir: str | Path, shards: str | Path, out_dir: str | Path, tasks=DEFAULT_TASKS) -> dict:
     model, cfg, tokenizer = load_trained(run_dir)
     model.to("cuda" if torch.cuda.is_available() else "cpu")
-    emb = embed(model, shards, cfg.data, tokenizer)
+    emb = embed(model, shards, cfg.data, input_shape(cfg.model), tokenizer)
     results = {"run": str(run_dir), "shards": str(shards), "samples": len(emb.keys), "zero_shot": {}, "retrieval": {}}
     for task in tasks:
         pos = embed_texts(model, tokenizer, task.prompts(task.positive), cfg.data.max_text_tokens)

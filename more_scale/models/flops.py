@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
-from more_scale.config import ModelConfig, VitConfig
+from more_scale.config import ECG_STEM_KERNEL, ModelConfig, VitConfig, ecg_stem_lengths
 
 
 @dataclass(frozen=True)
@@ -67,9 +67,9 @@ def ecg_stem_flops(cfg) -> tuple[tuple[float, float], int]:
     if cfg.stem == "patch":
         patches = cfg.leads * (cfg.samples // cfg.patch_samples)
         return (2 * cfg.patch_samples * cfg.width * patches, 0.0), patches
-    t1 = (cfg.samples - 5) // 5 + 1  # Conv1d(12 -> S, k 5, s 5)
-    t2 = t1 - 4  # Conv1d(S -> W, k 5, s 1): the tokens
-    return (2 * cfg.leads * 5 * cfg.stem_channels * t1, 2 * cfg.stem_channels * 5 * cfg.width * t2), t2
+    t1, t2 = ecg_stem_lengths(cfg.samples)  # after Conv1d(12 -> S, stride k), after Conv1d(S -> W): the tokens
+    k = ECG_STEM_KERNEL
+    return (2 * cfg.leads * k * cfg.stem_channels * t1, 2 * cfg.stem_channels * k * cfg.width * t2), t2
 
 
 # projections that read a transformer layer's input (BERT/RoBERTa, Llama/Mistral/Qwen, Phi-3, GPT-2 names)

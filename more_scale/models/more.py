@@ -12,6 +12,7 @@ from more_scale.batch import Batch
 from more_scale.config import ModelConfig
 from more_scale.models.text import build_text_encoder
 from more_scale.models.vit import Fp32BatchNorm1d, build_cxr_encoder, build_ecg_encoder
+from more_scale.models.vit_weights import load_vit_weights
 
 MODALITIES = ("cxr", "ecg", "text")
 
@@ -33,6 +34,9 @@ class MoRE(nn.Module):
             "ecg": build_ecg_encoder(cfg.ecg),
             "text": build_text_encoder(cfg.text, vocab_size, pad_token_id),
         })
+        for name, vit_cfg in (("cxr", cfg.cxr), ("ecg", cfg.ecg)):
+            if vit_cfg.pretrained:  # the paper starts both towers (the ECG body too) from ViT-B weights
+                load_vit_weights(self.encoders[name], vit_cfg.pretrained)
         self.heads = nn.ModuleDict({m: projection_head(self.encoders[m].width, cfg.head_hidden, cfg.embed_dim, cfg.head)
                                     for m in MODALITIES})
         # log(1/tau), as CLIP; exp() clamped at max_logit_scale in `scale()`. Shape (1,): DeepSpeed's

@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from more_scale.config import CxrConfig, EcgConfig, VitConfig
+from more_scale.config import ECG_STEM_KERNEL, CxrConfig, EcgConfig, VitConfig, ecg_stem_lengths
 from more_scale.models.attention import attention
 
 
@@ -98,8 +98,9 @@ class EcgConvStem(nn.Module):
         def norm(c: int) -> nn.Module:
             return Fp32BatchNorm1d(c) if cfg.stem_norm == "batch" else nn.GroupNorm(1, c)
 
-        self.net = nn.Sequential(nn.Conv1d(cfg.leads, cfg.stem_channels, 5, stride=5), nn.ReLU(), norm(cfg.stem_channels),
-                                 nn.Conv1d(cfg.stem_channels, cfg.width, 5, stride=1), nn.ReLU(), norm(cfg.width))
+        k = ECG_STEM_KERNEL
+        self.net = nn.Sequential(nn.Conv1d(cfg.leads, cfg.stem_channels, k, stride=k), nn.ReLU(), norm(cfg.stem_channels),
+                                 nn.Conv1d(cfg.stem_channels, cfg.width, k, stride=1), nn.ReLU(), norm(cfg.width))
         self.grid = (self.tokens(cfg.samples),)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 12, T) -> (B, N, width)
@@ -107,7 +108,7 @@ class EcgConvStem(nn.Module):
 
     @staticmethod
     def tokens(samples: int) -> int:
-        return (samples - 5) // 5 + 1 - 4
+        return ecg_stem_lengths(samples)[1]
 
 
 class EcgLeadPatchStem(nn.Module):
@@ -183,19 +184,8 @@ def interpolate_pos(pos: torch.Tensor, old_grid: tuple[int, ...], new_grid: tupl
 
 
 def build_cxr_encoder(cfg: CxrConfig) -> VisionTransformer:
-    vit = VisionTransformer(cfg, PatchStem2d(cfg.channels, cfg.width, cfg.patch_size, cfg.image_size))
-    if cfg.pretrained:
-        from more_scale.models.vit_weights import load_vit_weights
-
-        load_vit_weights(vit, cfg.pretrained)
-    return vit
+    return VisionTransformer(cfg, PatchStem2d(cfg.channels, cfg.width, cfg.patch_size, cfg.image_size))
 
 
 def build_ecg_encoder(cfg: EcgConfig) -> VisionTransformer:
-    stem = EcgConvStem(cfg) if cfg.stem == "conv" else EcgLeadPatchStem(cfg)
-    vit = VisionTransformer(cfg, stem)
-    if cfg.pretrained:  # a ViT body for the ECG tower (the paper starts both towers from ViT-B)
-        from more_scale.models.vit_weights import load_vit_weights
-
-        load_vit_weights(vit, cfg.pretrained)
-    return vit
+    return VisionTransformer(cfg, EcgConvStem(cfg) if cfg.stem == "conv" else EcgLeadPatchStem(cfg))

@@ -11,7 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from more_scale import dist
 from more_scale.batch import Batch
-from more_scale.config import Config, config_to_dict, save_config
+from more_scale.config import Config, config_to_dict, input_shape, save_config
 from more_scale.data.pipeline import build_loader, source_dirs
 from more_scale.data.tokenizer import load_tokenizer
 from more_scale.hardware import matmul_peak
@@ -87,7 +87,7 @@ def train(cfg: Config) -> checkpoint.TrainState:
                   f"{flops.per_sample(cfg.data.max_text_tokens) / 1e9:.3g} GFLOP per training sample at "
                   f"{cfg.data.max_text_tokens} text tokens")
     preemption = PreemptionWatch()  # before the loader forks its workers: they inherit the handler, not death by SIGUSR1
-    loader = build_loader(cfg.data, rank, world, tokenizer, start_position=state.samples,
+    loader = build_loader(cfg.data, input_shape(cfg.model), rank, world, tokenizer, start_position=state.samples,
                           pin_memory=device.type == "cuda")
     stream = loader.dataset
     _check_stream_resume(state, stream.state(state.samples), console)
