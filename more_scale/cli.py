@@ -45,8 +45,8 @@ more_scale/data/manifest.py); relative paths are from --root, default the manife
 """
 
 
-def _sample_specs(args, options, parser) -> tuple[list, dict]:
-    """The chosen source's sample specs and what it left out (counts by reason)."""
+def _sample_specs(args, options, parser) -> tuple[list, dict, list[str]]:
+    """The chosen source's sample specs, what it left out (counts by reason), and rejected manifest rows."""
     if args.source == "mimic":
         from more_scale.data.mimic import mimic_samples
 
@@ -57,20 +57,26 @@ def _sample_specs(args, options, parser) -> tuple[list, dict]:
         if missing:
             parser.error(f"not a directory: {', '.join(missing)}")
         specs, skipped = mimic_samples(roots["cxr"], roots["reports"], roots["ecg"], options)
-        return specs, dict(skipped)
+        return specs, dict(skipped), []
     if args.source == "ptbxl":
         from more_scale.data.ptbxl import ptbxl_samples
 
         if args.root is None or not args.root.is_dir():
             parser.error(f"--source ptbxl needs --root, the PTB-XL folder (got {args.root})")
-        return ptbxl_samples(args.root, args.ptbxl_rate), {}
+        return ptbxl_samples(args.root, args.ptbxl_rate), {}, []
     from more_scale.data.manifest import manifest_samples
 
     if args.manifest is None or not args.manifest.is_file():
         parser.error(f"--source csv needs --manifest, a CSV file (got {args.manifest})")
     labels = tuple(c for c in args.label_columns.split(",") if c)
-    specs, ignored = manifest_samples(args.manifest, args.root, labels)
-    return specs, {f"manifest column ignored: {c}": 1 for c in ignored}
+    specs, ignored, bad = manifest_samples(args.manifest, args.root, labels)
+    if bad and not args.skip_bad_rows:
+        parser.exit(2, f"{len(bad)} bad rows in {args.manifest} (fix them, or pass --skip-bad-rows to build without "
+                       f"them; they are then listed in shards.json):\n" + "\n".join(bad) + "\n")
+    left_out = {f"manifest column ignored: {c}": 1 for c in ignored}
+    if bad:
+        left_out["manifest rows rejected"] = len(bad)
+    return specs, left_out, bad
 
 
 def build_shards_main(argv: list[str] | None = None) -> int:
@@ -86,6 +92,8 @@ def build_shards_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ecg-root", type=Path)
     parser.add_argument("--manifest", type=Path, help="csv: the manifest file")
     parser.add_argument("--label-columns", default="", help="csv: comma-separated columns copied into meta.json")
+    parser.add_argument("--skip-bad-rows", action="store_true",
+                        help="csv: build without the rows that fail the manifest check (listed in shards.json)")
     parser.add_argument("--ptbxl-rate", type=int, choices=[100, 500], default=100,
                         help="ptbxl: read records100 (filename_lr) or records500 (filename_hr)")
     parser.add_argument("--out", type=Path, required=True)
@@ -112,12 +120,13 @@ def build_shards_main(argv: list[str] | None = None) -> int:
     if args.merge_index:  # reads only the parts' indexes
         console.print(f"merged {args.out}: {merge_index(args.out, options, {'source': args.source})}")
         return 0
-    specs, left_out = _sample_specs(args, options, parser)
+    specs, left_out, rejected = _sample_specs(args, options, parser)
     kinds = {"X-ray + ECG": sum(bool(s.cxr and s.ecg) for s in specs),
              "X-ray only": sum(bool(s.cxr and not s.ecg) for s in specs),
              "ECG only": sum(bool(s.ecg and not s.cxr) for s in specs)}
     console.print(f"{len(specs)} samples {kinds}; left out: {left_out}")
-    summary = write_shards(specs, args.out, options, {"source": args.source}, args.num_parts, args.part)
+    source = {"source": args.source, **({"rejected_rows": rejected} if rejected else {})}
+    summary = write_shards(specs, args.out, options, source, args.num_parts, args.part)
     console.print(f"written to {args.out}: {summary}")
     return 0
 
@@ -137,11 +146,14 @@ def train_main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
     from more_scale import dist
     from more_scale.config import ConfigError, load_config
+    from more_scale.train.guard import RunLocked
+    from more_scale.train.health import EXIT_DIVERGED, Diverged
     from more_scale.train.loop import train
     from more_scale.train.preemption import EXIT_REQUEUE, Preempted
+    from more_scale.train.preflight import InputError
 
     parser = argparse.ArgumentParser(description=TRAIN_DOC, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="YAML experiment config (configs/*.yaml)")
+    parser.add_argument("--config", required=True, help="YAML config: a file, or a shipped one by name (tiny-cpu, base)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     parser.add_argument("overrides", nargs="*", help="dotted key=value, e.g. train.steps=20 data.batch_size=8")
     args = parser.parse_args(argv)
@@ -152,6 +164,12 @@ def train_main(argv: list[str] | None = None) -> int:
         return 2
     try:
         train(cfg)
+    except (InputError, RunLocked) as error:
+        print(f"input error: {error}", file=sys.stderr)
+        return 2
+    except Diverged as error:
+        print(f"diverged: {error}", file=sys.stderr)
+        return EXIT_DIVERGED
     except Preempted:
         return EXIT_REQUEUE  # checkpoint written; the SLURM script requeues on this code
     finally:

@@ -40,6 +40,7 @@ class DataConfig:
     max_text_tokens: int = 256  # reports are padded per batch to the longest, truncated here
     seed: int = 0  # stream seed; rank and worker are mixed in
     max_skip_rate: float = 0.05  # stop training when more than this share of read samples is corrupt
+    verify_shards: bool = False  # check every training shard's sha256 against shards.json before training
     augment: bool = False  # the paper's training augmentations below (never in evaluation)
     cxr_crop_scale: tuple[float, ...] = (0.2, 1.0)  # RandomResizedCrop area range
     cxr_jitter: float = 0.4  # ColorJitter brightness and contrast
@@ -138,6 +139,7 @@ class TrainConfig:
     seed: int = 0  # model init and dropout
     compile: bool = False  # torch.compile each tower in place (checkpoints unchanged); compiling takes minutes first
     collective_timeout_s: float = 600.0  # a collective waiting longer (dead or wedged rank) ends the job with an error
+    max_bad_steps: int = 5  # this many steps in a row with a non-finite loss or skipped (non-finite) gradients: diverged
 
 
 @dataclass(frozen=True)
@@ -318,6 +320,7 @@ def validate(cfg: Config) -> None:
         (t.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1, got {t.keep_checkpoints}"),
         (t.log_every >= 1, f"train.log_every must be >= 1, got {t.log_every}"),
         (t.collective_timeout_s > 0, f"train.collective_timeout_s must be > 0, got {t.collective_timeout_s}"),
+        (t.max_bad_steps >= 1, f"train.max_bad_steps must be >= 1, got {t.max_bad_steps}"),
     ]
     for vit_name, vit in (("cxr", m.cxr), ("ecg", m.ecg)):
         checks += [

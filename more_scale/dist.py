@@ -86,6 +86,11 @@ def sum_over_ranks(values: Sequence[int]) -> list[int]:
     return [int(v) for v in _reduce(values, torch.int64, tdist.ReduceOp.SUM).tolist()]
 
 
+def max_over_ranks(values: Sequence[int]) -> list[int]:
+    """Integer values, the largest over ranks (a host-device sync: call at log steps only)."""
+    return [int(v) for v in _reduce(values, torch.int64, tdist.ReduceOp.MAX).tolist()]
+
+
 def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
     """Average scalars over ranks (one all-reduce; a host-device sync: call at log steps only)."""
     if world_size() == 1 or not values:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -19,7 +20,11 @@ def test_installed_package_trains_outside_the_source_tree(shards, tmp_path):
     (site / "borrowed.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     python = str(venv / "bin" / "python")
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    subprocess.run([python, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", str(ROOT)],
+    source = tmp_path / "source"  # pip builds in the source folder: a copy keeps build/ out of the checkout
+    shutil.copytree(ROOT / "more_scale", source / "more_scale", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    subprocess.run([python, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", str(source)],
                    check=True, cwd=tmp_path, env=env, capture_output=True)
     where = subprocess.run([python, "-c", "import more_scale; print(more_scale.__file__)"], cwd=tmp_path, env=env,
                            capture_output=True, text=True, check=True).stdout.strip()

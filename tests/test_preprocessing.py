@@ -56,7 +56,8 @@ def test_model_input_min_max_and_flat_lead():
 def test_real_ptbxl_record_reads_in_standard_order():
     signal, fs = ecg.read_wfdb(REAL_DATA / "ecg/ptbxl_wfdb_ecg_image_kit/00001_lr")
     assert fs == 100 and signal.shape == (12, 1000)
-    out = ecg.preprocess_record(REAL_DATA / "ecg/ptbxl_wfdb_ecg_image_kit/00001_lr", 100)
+    out, filled = ecg.preprocess_record(REAL_DATA / "ecg/ptbxl_wfdb_ecg_image_kit/00001_lr", 100)
+    assert filled == 0
     assert out.dtype == np.float16 and np.isfinite(out).all()
     # Einthoven: III = II - I holds for the record in LEADS order
     np.testing.assert_allclose(signal[2], signal[1] - signal[0], atol=0.01)
@@ -183,3 +184,22 @@ def test_load_npy_equals_np_load_and_rejects_truncation():
     assert np.array_equal(ecg.load_npy(data), signal)  # twice: the second parse comes from the header cache
     with pytest.raises(ValueError):
         ecg.load_npy(data[:-10])
+
+
+def test_short_nan_gaps_are_filled_and_counted_broken_leads_rejected():
+    fs = 500.0
+    signal = np.sin(np.arange(5000) / 50.0)[None].repeat(12, 0)
+    gap = signal.copy()
+    gap[3, 1000:1200] = np.nan  # a 0.4 s dropout, as real MIMIC records have
+    gap[7, 10] = np.inf
+    filled, count = ecg.fill_short_gaps(gap, fs, "rec")
+    assert count == 201 and np.isfinite(filled).all() and (filled[3, 1000:1200] == 0).all()
+    assert np.array_equal(filled[0], signal[0])  # untouched leads unchanged
+    flat = signal.copy()
+    flat[4] = np.nan
+    with pytest.raises(ValueError, match="rec: lead aVL has no finite sample"):
+        ecg.fill_short_gaps(flat, fs, "rec")
+    long_gap = signal.copy()
+    long_gap[0, 1000:1600] = np.inf
+    with pytest.raises(ValueError, match=r"rec: lead I has a 1.20 s run of NaN/inf \(> 1 s\)"):
+        ecg.fill_short_gaps(long_gap, fs, "rec")

@@ -80,19 +80,24 @@ def test_ptbxl_labels_split_and_text(ptbxl_root, tmp_path):
     members = {k: v for split in summary["samples"] for k, v in _members(tmp_path / "out" / split).items()}
     assert len(members) == 10 and all("cxr.jpg" not in m and "ecg.txt" in m for m in members.values())
     stored = np.load(io.BytesIO(members["ptbxl_06001"]["ecg.npy"]))
-    reference = ecg.preprocess_record(REAL_DATA / "ecg" / "cinc2021_torch_ecg" / "HR06001", 100.0)
+    reference, _ = ecg.preprocess_record(REAL_DATA / "ecg" / "cinc2021_torch_ecg" / "HR06001", 100.0)
     assert stored.shape == (12, 1000) and np.abs(stored.astype(np.float32) - reference.astype(np.float32)).max() < 2e-3
 
 
-@needs_real
-def test_manifest_errors_name_row_and_column(tmp_path):
+def test_manifest_reports_every_bad_row_at_once_naming_row_and_column(tmp_path):
     manifest = tmp_path / "m.csv"
-    manifest.write_text("image,image_text,split\na.jpg,x,train\nb.jpg,y,holdout\n")
-    with pytest.raises(ValueError, match=r"m.csv row 3: split 'holdout', expected one of"):
-        manifest_samples(manifest)
-    manifest.write_text("ecg,ecg_text,ecg_rate\nr,x,fast\n")
-    with pytest.raises(ValueError, match=r"m.csv row 2: ecg_rate 'fast' is not a number"):
-        manifest_samples(manifest)
+    manifest.write_text("key,image,image_text,ecg,ecg_rate,split\n"
+                        "a,a.jpg,x,,,train\n"  # good (the first column names: image, image_text)
+                        "b,b.jpg,y,,,holdout\n"
+                        "a,c.jpg,z,,,train\n"
+                        "d,,w,,,train\n"
+                        "e,,,r.npy,fast,test\n")
+    specs, _, bad = manifest_samples(manifest)
+    assert [s.key for s in specs] == ["a"]
+    assert bad == [f"{manifest} row 3: split 'holdout', expected one of ('train', 'validate', 'test')",
+                   f"{manifest} row 4: key 'a' repeats row 2's",
+                   f"{manifest} row 5: neither cxr nor ecg is given",
+                   f"{manifest} row 6: neither cxr_text nor ecg_text is given; ecg_rate 'fast' is not a number"]
     manifest.write_text("image,notes\na.jpg,x\n")
     with pytest.raises(ValueError, match="needs a cxr or ecg column and a cxr_text or ecg_text column"):
         manifest_samples(manifest)

@@ -23,6 +23,7 @@ from rich.progress import Progress
 from more_scale.data import cxr, ecg, reports
 
 INDEX_NAME = "shards.json"
+MAX_REPORT_CHARS = 20_000  # ~5000 tokens; the model reads at most a few hundred
 
 
 @dataclass(frozen=True)
@@ -60,23 +61,31 @@ def build_sample(spec: SampleSpec, options: BuildOptions) -> dict:
         if not ok:
             raise ValueError(f"{spec.cxr}: JPEG encoding failed")
         sample["cxr.jpg"] = jpeg.tobytes()
+    meta = dict(spec.meta)
     if spec.ecg:
+        signal, filled = ecg.preprocess_record(spec.ecg, options.ecg_rate, spec.ecg_npy_rate)
+        if filled:
+            meta["ecg_gap_samples_filled"] = filled  # short NaN/inf dropouts set to 0, counted
         buffer = io.BytesIO()
-        np.save(buffer, ecg.preprocess_record(spec.ecg, options.ecg_rate, spec.ecg_npy_rate))
+        np.save(buffer, signal)
         sample["ecg.npy"] = buffer.getvalue()
     radiology = reports.clean(spec.cxr_text)
     if spec.report_file:
         try:
-            radiology = reports.radiology_text(Path(spec.report_file).read_text())
+            radiology = reports.radiology_text(Path(spec.report_file).read_text(encoding="utf-8"))
         except FileNotFoundError as error:
             raise ValueError(f"{spec.report_file}: report file missing") from error
-    if radiology:
-        sample["rad.txt"] = radiology.encode()
-    if spec.ecg_text:
-        sample["ecg.txt"] = reports.clean(spec.ecg_text).encode()
+        except UnicodeDecodeError as error:
+            raise ValueError(f"{spec.report_file}: not UTF-8 text ({error.reason} at byte {error.start})") from error
+    for member, text in (("rad.txt", radiology), ("ecg.txt", reports.clean(spec.ecg_text))):
+        if len(text) > MAX_REPORT_CHARS:  # a pasted log or a whole chart, not a report: cut, and say so
+            meta[f"{member}_chars_cut"] = len(text) - MAX_REPORT_CHARS
+            text = text[:MAX_REPORT_CHARS]
+        if text:
+            sample[member] = text.encode()
     if "rad.txt" not in sample and "ecg.txt" not in sample:
         raise ValueError(f"{spec.key}: no report text (neither a radiology report nor an ECG report)")
-    sample["meta.json"] = json.dumps(spec.meta, sort_keys=True).encode()
+    sample["meta.json"] = json.dumps(meta, sort_keys=True).encode()
     return sample
 
 
@@ -86,6 +95,8 @@ def _build_or_error(args) -> tuple[str, dict | None, str | None]:
         return spec.split, build_sample(spec, options), None
     except (ValueError, OSError) as error:
         return spec.split, None, f"{spec.key}: {error}"
+    except Exception as error:  # a reader's own surprise (a decoder bug, an odd format): this sample only
+        return spec.split, None, f"{spec.key}: {type(error).__name__}: {error}"
 
 
 def plan_shards(samples: list[SampleSpec], samples_per_shard: int) -> list[tuple[str, int, list[SampleSpec]]]:

@@ -70,20 +70,48 @@ def read_npy(path: str | Path, fs: float) -> tuple[np.ndarray, float]:
         raise ValueError(f"{path}: a .npy ECG needs its sampling rate (manifest column ecg_rate)")
     try:
         signal = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, EOFError) as error:  # EOFError: an empty file
         raise ValueError(f"{path}: unreadable .npy ({error})") from error
     if signal.ndim != 2 or len(LEADS) not in signal.shape:
         raise ValueError(f"{path}: ECG array of shape {signal.shape}, expected (T, 12) or (12, T)")
     return (signal.T if signal.shape[0] != len(LEADS) else signal).astype(np.float64), fs
 
 
-def preprocess_record(path: str | Path, fs_out: float = 100.0, npy_rate: float = 0.0) -> np.ndarray:
-    """What a shard stores: (12, T) float16 at fs_out, NaN -> 0, baseline removed. `path` is a WFDB
-    record, or a .npy array sampled at `npy_rate`."""
+MAX_GAP_S = 1.0  # a run of NaN/inf up to this long inside a lead is a dropout, filled; longer, the lead is broken
+MAX_GAP_SHARE = 0.1  # ... and at most this share of a lead in all
+MIN_SECONDS = 5.0  # shorter records cannot fill the model's 10 s window with half a record of signal
+
+
+def fill_short_gaps(signal: np.ndarray, fs: float, source: str | Path = "") -> tuple[np.ndarray, int]:
+    """(12, T) with short runs of NaN/inf set to 0 (the reference's NaN -> 0), and how many samples were
+    filled. A lead with no finite sample, a run longer than MAX_GAP_S or gaps over MAX_GAP_SHARE of the
+    lead raise ValueError naming the lead: such a record is broken, not a record with a dropout."""
+    bad = ~np.isfinite(signal)
+    if not bad.any():
+        return signal, 0
+    for lead, mask in zip(LEADS, bad):
+        if not mask.any():
+            continue
+        if mask.all():
+            raise ValueError(f"{source}: lead {lead} has no finite sample (all NaN/inf)")
+        edges = np.flatnonzero(np.diff(np.concatenate([[0], mask.astype(np.int8), [0]])))
+        longest = int((edges[1::2] - edges[::2]).max())
+        if longest > MAX_GAP_S * fs:
+            raise ValueError(f"{source}: lead {lead} has a {longest / fs:.2f} s run of NaN/inf (> {MAX_GAP_S:g} s)")
+        if mask.mean() > MAX_GAP_SHARE:
+            raise ValueError(f"{source}: lead {lead} is {mask.mean():.0%} NaN/inf (> {MAX_GAP_SHARE:.0%})")
+    return np.where(bad, 0.0, signal), int(bad.sum())
+
+
+def preprocess_record(path: str | Path, fs_out: float = 100.0, npy_rate: float = 0.0) -> tuple[np.ndarray, int]:
+    """What a shard stores: (12, T) float16 at fs_out, short NaN/inf gaps filled with 0, baseline removed,
+    and the number of samples filled. `path` is a WFDB record, or a .npy array sampled at `npy_rate`."""
     signal, fs = read_npy(path, npy_rate) if str(path).endswith(".npy") else read_wfdb(path)
-    signal = np.nan_to_num(signal, nan=0.0, posinf=0.0, neginf=0.0)
+    if signal.shape[1] < MIN_SECONDS * fs:
+        raise ValueError(f"{path}: {signal.shape[1] / fs:.2f} s of signal at {fs:g} Hz (< {MIN_SECONDS:g} s)")
+    signal, filled = fill_short_gaps(signal, fs, path)
     signal = remove_baseline(resample(signal, fs, fs_out), fs_out)
-    return signal.astype(np.float16)
+    return signal.astype(np.float16), filled
 
 
 def load_npy(data: bytes) -> np.ndarray:

@@ -12,7 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from more_scale import dist
 from more_scale.batch import Batch
 from more_scale.config import Config, config_to_dict, input_shape, save_config
-from more_scale.data.pipeline import build_loader, source_dirs
+from more_scale.data.pipeline import build_loader
 from more_scale.data.tokenizer import load_tokenizer
 from more_scale.hardware import matmul_peak
 from more_scale.loss import ContrastiveLoss
@@ -20,15 +20,14 @@ from more_scale.models.flops import step_flops
 from more_scale.models.more import build_model, trainable_summary
 from more_scale.train import checkpoint
 from more_scale.train.engine import build_engine
+from more_scale.train.guard import RunLock, RunLocked, launched, watch_parent
+from more_scale.train.health import Diverged, HealthWatch
 from more_scale.train.meter import StepMeter
 from more_scale.train.metrics import MetricsLogger
 from more_scale.train.preemption import EXIT_REQUEUE, Preempted, PreemptionWatch
 from more_scale.train.prefetch import DevicePrefetcher
+from more_scale.train.preflight import InputError, check_inputs, tokenizer_dir
 from more_scale.train.skips import SkipLedger
-
-
-def tokenizer_dir(cfg: Config) -> Path:
-    return Path(cfg.data.tokenizer) if cfg.data.tokenizer else Path(source_dirs(cfg.data.train)[0]).parent / "tokenizer"
 
 
 def train_step(engine, loss_fn: ContrastiveLoss, batch: Batch) -> dict[str, torch.Tensor]:
@@ -53,10 +52,33 @@ def _check_stream_resume(state: checkpoint.TrainState, now: dict, console: Conso
 
 
 def train(cfg: Config) -> checkpoint.TrainState:
+    _, world, _ = dist.discover()
+    check_inputs(cfg, world)  # before any process group, model or engine: bad inputs fail in a second
     rank, world, local_rank = dist.init_distributed(cfg.train.collective_timeout_s)
     print(f"rank {rank}/{world} on {socket.gethostname()} (local rank {local_rank})", flush=True)  # one line per rank
     console = Console(quiet=rank != 0)
     out = Path(cfg.output_dir)
+    lock = RunLock(out)
+    refused = None
+    if rank == 0:
+        try:
+            lock.acquire(warn=console.print)
+        except RunLocked as error:
+            refused = error
+        except OSError as error:  # read-only or missing parent: say so before anything is built
+            refused = InputError(f"output_dir {out} is not writable: {error}")
+    if dist.max_over_ranks([int(refused is not None)])[0]:  # every rank stops when rank 0 was refused
+        raise refused or RunLocked(f"{out} is in use by another run (rank 0 was refused the lock)")
+    if launched():
+        watch_parent(on_orphaned=lock.release if rank == 0 else None)
+    try:
+        return _train(cfg, rank, world, console, out)
+    finally:
+        if rank == 0:
+            lock.release()
+
+
+def _train(cfg: Config, rank: int, world: int, console: Console, out: Path) -> checkpoint.TrainState:
     torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
     tokenizer = load_tokenizer(tokenizer_dir(cfg))
     model = build_model(cfg.model, len(tokenizer), tokenizer.pad_token_id)
@@ -77,7 +99,7 @@ def train(cfg: Config) -> checkpoint.TrainState:
     engine, ds = build_engine(cfg.train, model, cfg.data.batch_size, world)
     device, dtype = engine.device, torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
     peak = matmul_peak(device, dtype)  # the MFU denominator, measured on this device now
-    state = checkpoint.resume(engine, out, cfg.train.resume)
+    state = checkpoint.resume(engine, out, cfg.train.resume, rank, warn=lambda m: console.print(f"[yellow]{m}"))
     console.print(f"[bold]more_scale[/] world {world} | global batch {ds['train_batch_size']} = micro "
                   f"{cfg.data.batch_size} x accum {cfg.train.grad_accum} x dp {world} | ZeRO "
                   f"{ds['zero_optimization']['stage']} {cfg.train.precision} | trainable {trainable:,} of "
@@ -96,6 +118,8 @@ def train(cfg: Config) -> checkpoint.TrainState:
     metrics = MetricsLogger(out, rank)
     skips = SkipLedger(cfg.data.max_skip_rate)
     meter = StepMeter(flops, peak, device)
+    health = HealthWatch(cfg.train.max_bad_steps, device)
+    checkpoint_bytes = checkpoint.estimate_bytes(model)
     columns = (TextColumn("step"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.fields[info]}"),
                TimeRemainingColumn())
     with Progress(*columns, console=console, disable=rank != 0) as progress:
@@ -110,13 +134,16 @@ def train(cfg: Config) -> checkpoint.TrainState:
             state.step += 1
             state.samples += ds["train_batch_size"]
             meter.add_step(ds["train_batch_size"])
+            health.after_step(values["loss"], engine.skipped_steps)
             if state.step % cfg.train.log_every == 0 or state.step == end:
                 logged = dist.mean_tensors_over_ranks(values)  # the one host-device sync of a log step
                 speed = meter.report(batches.wait_s)
                 batches.wait_s = 0.0
                 speed["text_tokens_per_s"] = world * dist.mean_over_ranks({"t": speed["text_tokens_per_s"]})["t"]
                 skipped, used = skips.global_totals()
-                logged.update(lr=engine.get_lr()[0], samples=state.samples, skipped=skipped, **speed)
+                status = health.check(state.step, logged)
+                logged.update(lr=engine.get_lr()[0], samples=state.samples, skipped=skipped,
+                              nonfinite_steps=status["nonfinite_steps"], skipped_steps=status["skipped_steps"], **speed)
                 metrics.log(state.step, logged)
                 progress.update(task, info=f"loss {logged['loss']:.4f}  {logged['samples_per_s']:.1f} samples/s  "
                                            f"MFU {logged['mfu']:.1%}  data wait {logged['data_wait_share']:.0%}")
@@ -124,15 +151,24 @@ def train(cfg: Config) -> checkpoint.TrainState:
             progress.update(task, completed=state.step)
             preempted = preemption.requested()
             if state.step % cfg.train.save_every == 0 or state.step == end or preempted:
-                state.stream = stream.state(state.samples)
-                path = checkpoint.save(engine, out, state, config_to_dict(cfg), cfg.train.keep_checkpoints, rank)
-                console.print(f"checkpoint {path}")
+                if health.healthy_now():
+                    state.stream = stream.state(state.samples)
+                    path = checkpoint.save(engine, out, state, config_to_dict(cfg), cfg.train.keep_checkpoints, rank,
+                                           checkpoint_bytes)
+                    console.print(f"checkpoint {path}")
+                else:
+                    health.check(state.step)  # diverged: raises
+                    console.print(f"[yellow]step {state.step}: non-finite loss or gradients, checkpoint not written")
                 meter.restart()  # keep save time out of the next window's speed
                 batches.wait_s = 0.0
             if preempted:
                 metrics.close()
                 console.print(f"[yellow]preempted: checkpoint at step {state.step}, exiting {EXIT_REQUEUE} to be requeued")
                 raise Preempted(state.step)
+    if not health.healthy_now():
+        metrics.close()
+        raise Diverged(f"training ended at step {state.step} with a non-finite loss or gradients "
+                       f"({health.status()}); the last checkpoint is from before it")
     if skips.reasons:
         console.print(f"[yellow]skipped samples (this rank): {dict(skips.reasons)}")
     metrics.close()

@@ -1,0 +1,71 @@
+"""Input checks before any process group, model or engine exists: a wrong path or an impossible batch
+fails in a second, naming what was given, instead of after minutes of start-up on a cluster."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from more_scale.config import Config
+from more_scale.data.build import INDEX_NAME, read_index
+from more_scale.data.pipeline import source_dirs
+from more_scale.data.tokenizer import load_tokenizer
+
+
+class InputError(ValueError):
+    """Training inputs (shards, tokenizer, batch) that cannot work; the message names the setting."""
+
+
+def tokenizer_dir(cfg: Config) -> Path:
+    """data.tokenizer, or the tokenizer the shard builder stored beside the first training split."""
+    return Path(cfg.data.tokenizer) if cfg.data.tokenizer else Path(source_dirs(cfg.data.train)[0]).parent / "tokenizer"
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_inputs(cfg: Config, world: int) -> dict[str, int]:
+    """Raise InputError naming the first setting that cannot work; returns samples per training source."""
+    if not cfg.data.train:
+        raise InputError("data.train is empty: name a shard folder made by build_shards.py (e.g. data.train=SHARDS/train)")
+    sizes = {}
+    for directory in source_dirs(cfg.data.train):
+        if not Path(directory).is_dir():
+            raise InputError(f"data.train: no such folder {directory}")
+        if not (Path(directory) / INDEX_NAME).is_file():
+            raise InputError(f"data.train: {directory} holds no {INDEX_NAME} (expected a split folder made by "
+                             "build_shards.py, such as SHARDS/train)")
+        try:
+            index = read_index(directory)
+        except (ValueError, OSError) as error:
+            raise InputError(f"data.train: {error}") from error
+        if index["samples"] == 0 or not index["shards"]:
+            raise InputError(f"data.train: {directory} holds no samples ({INDEX_NAME} lists {len(index['shards'])} shards)")
+        if cfg.data.verify_shards:
+            for entry in index["shards"]:
+                if entry.get("sha256") and sha256_of(Path(directory) / entry["name"]) != entry["sha256"]:
+                    raise InputError(f"data.verify_shards: {Path(directory) / entry['name']} does not match the sha256 "
+                                     f"in {INDEX_NAME} (corrupt or replaced): rebuild or restore it")
+        sizes[directory] = index["samples"]
+    where = tokenizer_dir(cfg)
+    first = source_dirs(cfg.data.train)[0]
+    how = "data.tokenizer" if cfg.data.tokenizer else f"data.tokenizer is empty, so the one beside {first}"
+    if not where.is_dir():
+        raise InputError(f"tokenizer: no folder {where} ({how})")
+    try:
+        load_tokenizer(where)
+    except (OSError, ValueError) as error:
+        raise InputError(f"tokenizer: {where} ({how}) cannot be loaded: {error}") from error
+    total, micro = sum(sizes.values()), cfg.data.batch_size
+    if micro > total:
+        raise InputError(f"data.batch_size ({micro}) is larger than the {total} training samples: every micro-batch "
+                         "would repeat samples (and in-batch negatives would include a sample's own copy)")
+    if cfg.data.mode == "epoch" and micro * world > total:
+        raise InputError(f"data.batch_size ({micro}) x {world} ranks = {micro * world} is larger than one epoch "
+                         f"({total} samples)")
+    return sizes
