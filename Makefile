@@ -9,7 +9,7 @@ export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 export HF_HUB_OFFLINE := 1
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: install demo test clean
+.PHONY: install demo test reliability clean
 
 # torch first, pinned to the CPU build: an unpinned torch pulled in by another package is a multi-GB CUDA build
 $(BIN)/.installed: pyproject.toml
@@ -30,6 +30,9 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q tests
+
+reliability: install  # the fault suite -> docs/RELIABILITY.md
+	$(BIN)/python tests/reliability_report.py
 
 clean:
 	rm -rf $(DEMO) .cache

@@ -4,6 +4,7 @@ more-evaluate; launch/*.py call the same functions)."""
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 import warnings
 from pathlib import Path
@@ -172,6 +173,11 @@ def train_main(argv: list[str] | None = None) -> int:
         return EXIT_DIVERGED
     except Preempted:
         return EXIT_REQUEUE  # checkpoint written; the SLURM script requeues on this code
+    except OSError as error:
+        if error.errno != errno.ENOSPC:
+            raise
+        print(f"error: {error.strerror}", file=sys.stderr)  # the checkpoint check's own words, no traceback
+        return 1
     finally:
         dist.close()
     return 0

@@ -63,6 +63,10 @@ def _write_atomic(path: Path, text: str) -> None:
     _fsync(path.parent)
 
 
+def human(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
 def folder_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
@@ -80,8 +84,8 @@ def check_free_space(root: Path, needed: int) -> None:
     want = int(needed * SPACE_MARGIN)
     short = dist.max_over_ranks([int(free < want)])[0]  # every rank decides alike (rank 0's view may differ)
     if short:
-        raise OSError(errno.ENOSPC, f"no space left on device for a checkpoint in {root}: need {want / 2**30:.2f} GiB "
-                                    f"(last checkpoint + {SPACE_MARGIN - 1:.0%}), have {free / 2**30:.2f} GiB free")
+        raise OSError(errno.ENOSPC, f"no space left on device for a checkpoint in {root}: need {human(want)} "
+                                    f"(last checkpoint + {SPACE_MARGIN - 1:.0%}), have {human(free)} free")
 
 
 def save(engine, output_dir: str | Path, state: TrainState, config: dict, keep: int, rank: int,

@@ -56,7 +56,7 @@ def train(cfg: Config) -> checkpoint.TrainState:
     check_inputs(cfg, world)  # before any process group, model or engine: bad inputs fail in a second
     rank, world, local_rank = dist.init_distributed(cfg.train.collective_timeout_s)
     print(f"rank {rank}/{world} on {socket.gethostname()} (local rank {local_rank})", flush=True)  # one line per rank
-    console = Console(quiet=rank != 0)
+    console = Console(quiet=rank != 0, soft_wrap=True)  # whole lines in logs: a message stays one grep-able line
     out = Path(cfg.output_dir)
     lock = RunLock(out)
     refused = None
@@ -170,7 +170,7 @@ def _train(cfg: Config, rank: int, world: int, console: Console, out: Path) -> c
         raise Diverged(f"training ended at step {state.step} with a non-finite loss or gradients "
                        f"({health.status()}); the last checkpoint is from before it")
     if skips.reasons:
-        console.print(f"[yellow]skipped samples (this rank): {dict(skips.reasons)}")
+        console.print(f"[yellow]skipped samples (this rank): {dict(skips.reasons)}; by shard: {dict(skips.shards)}")
     metrics.close()
     console.print(f"done: step {state.step}, {state.samples} samples")
     return state

@@ -1,0 +1,168 @@
+"""Soak: 2 CPU ranks train the tiny config for N minutes while faults are injected at random; after each
+the run is restarted with train.resume=auto, as SLURM's requeue would. Reports steps done, faults by kind,
+recoveries, checkpoint integrity after every fault, and samples lost: training-stream positions never
+trained on (a resume must continue at the checkpoint's position) and unreadable reads outside the shards
+corrupted on purpose. Writes benchmarks/results/soak_cpu.md|json.
+
+  python benchmarks/soak.py --minutes 10 [--seed 0]
+
+Faults: kill -9 of one rank; SIGTERM to both ranks (often mid-save: saves run every step or two);
+SIGUSR1 (preemption: checkpoint, exit 75); a few corrupt bytes in a random shard (deliberate: those
+samples are lost and counted); a full disk (a filler file leaves less room than a checkpoint needs;
+removed after the run fails). The output folder lives on its own tmpfs so the disk can be filled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import psutil
+from common import write
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from more_scale.train.checkpoint import problem_with  # noqa: E402
+
+FAULTS = ("kill_rank", "sigterm", "preempt", "corrupt_shard", "full_disk")
+GLOBAL_BATCH = 8  # 2 ranks x micro-batch 4
+
+
+def _port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def build_shards(work: Path) -> Path:
+    raw, shards = work / "raw", work / "shards"
+    python = sys.executable
+    subprocess.run([python, "launch/make_synthetic.py", "--out", str(raw), "--subjects", "120", "--image-size", "128",
+                    "--workers", "2"], cwd=ROOT, check=True, capture_output=True)
+    subprocess.run([python, "launch/build_shards.py", "--source", "mimic", "--root", str(raw), "--out", str(shards),
+                    "--short-side", "72", "--samples-per-shard", "16", "--workers", "2", "--tokenizer-vocab", "600"],
+                   cwd=ROOT, check=True, capture_output=True)
+    return shards
+
+
+def start(shards: Path, out: Path, log) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), DS_ACCELERATOR="cpu")
+    command = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master_port", _port(),
+               "launch/train.py", "--config", "tiny-cpu", f"data.train={shards / 'train'}", f"output_dir={out}",
+               "data.batch_size=4", "data.workers=1", "data.augment=true", "data.max_skip_rate=0.5",
+               "train.steps=1000000", "train.warmup_steps=10", "train.log_every=1", "train.save_every=2",
+               "train.keep_checkpoints=2", "train.resume=auto"]
+    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def metrics(out: Path) -> list[dict]:
+    path = out / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def inject(fault: str, proc: subprocess.Popen, shards: Path, out: Path, rng: random.Random, corrupted: set) -> None:
+    ranks = psutil.Process(proc.pid).children()
+    if fault == "kill_rank":
+        os.kill(rng.choice(ranks).pid, signal.SIGKILL)
+    elif fault == "sigterm":
+        for rank in ranks:
+            rank.send_signal(signal.SIGTERM)
+    elif fault == "preempt":
+        os.kill(rng.choice(ranks).pid, signal.SIGUSR1)
+    elif fault == "corrupt_shard":
+        shard = rng.choice(sorted((shards / "train").glob("*.tar")))
+        data = bytearray(shard.read_bytes())
+        at = rng.randrange(1024, len(data) - 64)
+        data[at:at + 16] = bytes(rng.randrange(256) for _ in range(16))
+        shard.write_bytes(bytes(data))
+        corrupted.add(shard.name)
+    elif fault == "full_disk":
+        free = shutil.disk_usage(out).free
+        with open(out / "filler", "wb") as f:  # leave ~1 MB: less than a checkpoint (~4.5 MB) needs
+            os.posix_fallocate(f.fileno(), 0, max(1, free - (1 << 20)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--minutes", type=float, default=10.0)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    rng = random.Random(args.seed)
+    work = Path(tempfile.mkdtemp(prefix="more_soak_"))
+    out = work / "out"
+    out.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(out)], capture_output=True).returncode:
+        sys.exit("soak needs root to mount a tmpfs for the output folder (the full-disk fault)")
+    shards = build_shards(work)
+    faults, outcomes, integrity, corrupted = Counter(), Counter(), [], set()
+    gaps = restarts = lost = deliberate = 0
+    deadline = time.monotonic() + 60 * args.minutes
+    log = open(work / "train.log", "w")
+    try:
+        while time.monotonic() < deadline:
+            latest = out / "checkpoints" / "latest"
+            expected_start = int(latest.read_text().strip().removeprefix("step_")) if latest.is_file() else 0
+            logged_before = len(metrics(out))
+            proc = start(shards, out, log)
+            restarts += 1
+            wait = rng.uniform(8, 25)
+            while proc.poll() is None and wait > 0 and time.monotonic() < deadline:
+                time.sleep(0.5)
+                wait -= 0.5
+            fault = None
+            if proc.poll() is None and time.monotonic() < deadline and len(metrics(out)) > logged_before:
+                fault = rng.choice(FAULTS)
+                faults[fault] += 1
+                inject(fault, proc, shards, out, rng, corrupted)
+            if proc.poll() is None:
+                try:
+                    proc.wait(timeout=90 if fault not in (None, "corrupt_shard") else 15)
+                except subprocess.TimeoutExpired:  # a corrupt shard does not stop the run: end this round
+                    os.killpg(proc.pid, signal.SIGTERM)
+                    proc.wait(timeout=60)
+            outcomes[f"{fault or 'end of round'}: exit {proc.returncode}"] += 1
+            (out / "filler").unlink(missing_ok=True)
+            new = metrics(out)[logged_before:]
+            if new:  # the resumed run's first step continues exactly after the checkpoint it loaded
+                gaps += int(new[0]["step"] != expected_start + 1 or new[0]["samples"] != (expected_start + 1) * GLOBAL_BATCH)
+                skipped = new[-1]["skipped"]  # unreadable reads in this run, all ranks
+                if corrupted:
+                    deliberate += skipped
+                else:
+                    lost += skipped
+            if latest.is_file():
+                problem = problem_with(out / "checkpoints" / latest.read_text().strip())
+                integrity.append(problem is None)
+    finally:
+        log.close()
+        final = metrics(out)
+        subprocess.run(["umount", str(out)], check=False)
+    rows = [{"what": "minutes", "value": args.minutes},
+            {"what": "optimizer steps reached", "value": final[-1]["step"] if final else 0},
+            {"what": "restarts (train.resume=auto)", "value": restarts - 1},
+            *({"what": f"fault: {k}", "value": v} for k, v in sorted(faults.items())),
+            *({"what": f"outcome: {k}", "value": v} for k, v in sorted(outcomes.items())),
+            {"what": "checkpoint checks after a run ended (latest whole)", "value": f"{sum(integrity)} of {len(integrity)}"},
+            {"what": "resumes that did not continue at the checkpoint's position", "value": gaps},
+            {"what": "unreadable reads once a shard was corrupted on purpose (deliberate)", "value": deliberate},
+            {"what": "samples lost (unreadable reads before any corruption + position gaps)", "value": lost + gaps}]
+    print(write("soak_cpu", rows, f"python benchmarks/soak.py --minutes {args.minutes:g} --seed {args.seed}",
+                "2 ranks (torchrun, gloo), tiny config, micro-batch 4, a checkpoint every 2 steps. The output folder is a "
+                "64 MB tmpfs. Steps after the last checkpoint are redone after a restart (not lost: the stream resumes at "
+                "the checkpoint's position)."))
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
