@@ -2,7 +2,8 @@
 # The one prepared GPU check, under 8 minutes on one H100/H200, nothing fetched at run time:
 #   wheels the image lacks (from .whl/, made by benchmarks/fetch_gpu_wheels.sh) -> synthetic 224 px shards ->
 #   `deepspeed --num_gpus 1 launch/train.py` on configs/base.yaml (~100 steps) -> evaluation of that run ->
-#   matmul peak, attention backends, the compute-only throughput sweep (plain and DeepSpeed engine steps),
+#   matmul peak, attention backends, the fused DropKey kernel against FlexAttention / SDPA, the compute-only
+#   throughput sweep (plain and DeepSpeed engine steps; DropKey on and off),
 #   the 7B-sized text tower -> one summary table (benchmarks/gpu_summary.py) -> RESULTS.md.
 # Every step runs under `timeout`; a failed step is reported and the rest go on. Results land in
 # benchmarks/results/*_cuda.*; the logs and results are bundled into $OUT/gpu_check.tgz when $OUT is set.
@@ -77,7 +78,8 @@ step train 180 $PY -m deepspeed.launcher.runner --num_gpus 1 launch/train.py "${
   data.train="$WORK/shards/train" output_dir="$WORK/run"
 step evaluate 45 $PY launch/evaluate.py --checkpoint "$WORK/run" --shards "$WORK/shards/test" --out "$WORK/eval"
 step peak 20 $PY benchmarks/peak.py
-step attention 30 $PY benchmarks/attention.py --batch $((DRY ? 2 : 64))
+step attention 20 $PY benchmarks/attention.py --batch $((DRY ? 2 : 64))
+step dropkey_kernel 60 $PY benchmarks/dropkey_attention.py
 step throughput 150 $PY benchmarks/throughput.py "${SWEEP[@]}"
 if ((!DRY)); then
   step tower_7b 60 $PY benchmarks/throughput.py --preset paper-7b --batch 8 --steps 2 --precision bf16 \

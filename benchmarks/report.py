@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ORDER = ("peak", "throughput", "drop_token", "attention", "data_pipeline")  # the denominator first
+ORDER = ("gpu_summary", "peak", "throughput", "drop_token", "attention", "dropkey_attention", "data_pipeline", "soak")
 
 
 def main() -> None:

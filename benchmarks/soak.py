@@ -87,10 +87,15 @@ def inject(fault: str, proc: subprocess.Popen, shards: Path, out: Path, rng: ran
         data[at:at + 16] = bytes(rng.randrange(256) for _ in range(16))
         shard.write_bytes(bytes(data))
         corrupted.add(shard.name)
-    elif fault == "full_disk":
-        free = shutil.disk_usage(out).free
-        with open(out / "filler", "wb") as f:  # leave ~1 MB: less than a checkpoint (~4.5 MB) needs
-            os.posix_fallocate(f.fileno(), 0, max(1, free - (1 << 20)))
+    elif fault == "full_disk":  # fill to the last byte, then give back 1 MB: less than a checkpoint (~4.5 MB) needs
+        with open(out / "filler", "wb") as f:
+            size = 0
+            try:
+                while True:
+                    os.posix_fallocate(f.fileno(), size, 1 << 20)
+                    size += 1 << 20
+            except OSError:
+                f.truncate(max(0, size - (1 << 20)))
 
 
 def main() -> None:
@@ -107,6 +112,7 @@ def main() -> None:
     shards = build_shards(work)
     faults, outcomes, integrity, corrupted = Counter(), Counter(), [], set()
     gaps = restarts = lost = deliberate = 0
+    proc = None
     deadline = time.monotonic() + 60 * args.minutes
     log = open(work / "train.log", "w")
     try:
@@ -147,6 +153,9 @@ def main() -> None:
     finally:
         log.close()
         final = metrics(out)
+        if proc is not None and proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
         subprocess.run(["umount", str(out)], check=False)
     rows = [{"what": "minutes", "value": args.minutes},
             {"what": "optimizer steps reached", "value": final[-1]["step"] if final else 0},

@@ -15,6 +15,8 @@ REAL_DATA = ROOT.parent / "shared" / "data" / "real"
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))  # shm op built once
+# Triton kernels run on CPU tensors only in Triton's interpreter, which is read when a kernel module is imported
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

@@ -191,7 +191,8 @@ def test_a_truncated_file_in_the_latest_checkpoint_falls_back(shards, three_chec
     record("checkpoint", "a checkpoint file truncated in the latest tag",
            "a warning names the file; training resumes from the previous tag (step 4)",
            f"a warning {'names the file' if 'optim_states.pt is not a complete checkpoint file' in log else 'is missing'}; "
-           f"training {'resumes from the previous tag (step 4)' if 'start step 4 of' in log and result.returncode == 0 else 'fails'}")
+           "training " + ("resumes from the previous tag (step 4)" if "start step 4 of" in log and not result.returncode
+                          else "fails"))
 
 
 def test_an_empty_latest_file_falls_back_to_the_newest_good_tag(shards, three_checkpoints, tmp_path):
@@ -233,7 +234,8 @@ def test_a_read_only_output_is_refused_before_training(shards, tmp_path):
     finally:
         subprocess.run(["umount", str(out)], check=False)
     record("inputs", "output_dir on a read-only filesystem", "exit 2: output_dir ... is not writable",
-           f"exit {result.returncode}: {'output_dir ... is not writable' if 'is not writable' in result.stderr else result.stderr[-200:]}")
+           f"exit {result.returncode}: "
+           + ("output_dir ... is not writable" if "is not writable" in result.stderr else result.stderr[-200:]))
 
 
 def test_a_shard_deleted_mid_run_is_counted_and_replaced(shards, tmp_path):

@@ -2,24 +2,13 @@
 
 import pytest
 import torch
+from attention_bounds import attention_error_bound
 
 from more_scale.batch import Batch
 from more_scale.config import CxrConfig, EcgConfig, ModelConfig, TextConfig
 from more_scale.models.attention import attention, drop_key_mask, math_attention
 from more_scale.models.more import build_model, trainable_summary
 from more_scale.models.vit import EcgConvStem, build_cxr_encoder, build_ecg_encoder, drop_tokens
-
-
-def attention_error_bound(dtype: torch.dtype, n: int, d: int, backward: bool) -> float:
-    """Largest error of a correct kernel against float64 on the same inputs, in units of the result's scale.
-
-    A result is rounded to `dtype` at a few points (logits, probabilities, output: 4 allowed forward, 8
-    backward), each worth eps/2 relative. bf16 kernels accumulate their sums in fp32, so sums add
-    nothing at bf16's eps; fp32 sums round at every term, so their length (N keys, D channels) adds up
-    to N + D eps. Measured over 1200 draws (AVX-512 BF16): bf16 <= 0.8 eps forward, 1.6 backward;
-    fp32 <= 2.2 and 13."""
-    roundings = 8 if backward else 4
-    return torch.finfo(dtype).eps * (roundings + (n + d if dtype == torch.float32 else 0))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -131,3 +120,18 @@ def test_compiled_tower_equals_eager_and_keeps_its_parameter_names():
     # fp32 kernels fused differently by inductor: a few ulps of the LayerNorm'd output
     torch.testing.assert_close(vit(x), eager, rtol=1e-5, atol=1e-5)
     assert list(vit.state_dict()) == names
+
+
+def test_drop_token_gathers_before_adding_positions_with_the_same_result():
+    """The kept patches and their position rows are gathered, then added: the same tokens as adding the
+    full table and then gathering, without the full-length sum."""
+    torch.manual_seed(0)
+    vit = build_cxr_encoder(CxrConfig(width=16, depth=1, heads=2, image_size=32, patch_size=8, drop_token_keep=0.5)).train()
+    x = torch.randn(3, 1, 32, 32)
+    torch.manual_seed(7)
+    fused = vit(x)
+    torch.manual_seed(7)
+    tokens = drop_tokens(vit.stem(x) + vit.pos[:, 1:], 0.5)  # the written-out order: add, then gather
+    cls = (vit.cls + vit.pos[:, :1]).expand(3, -1, -1)
+    expected = vit.norm(vit.blocks[0](torch.cat([cls, tokens], 1))[:, 0])
+    torch.testing.assert_close(fused, expected)

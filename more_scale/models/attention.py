@@ -8,6 +8,16 @@ masked to -inf with probability p before the softmax. Backends:
   sdpa        torch scaled_dot_product_attention (its flash / efficient / math kernels); DropKey as a
               boolean attn_mask.
   math        softmax(QK^T/sqrt(d) + M)V written out in fp32 softmax: the reference all are tested against.
+  triton_dropkey  more_scale.kernels.dropkey_attention: flash-attention-2 style Triton kernels that draw the
+              DropKey mask in the tile loop (Philox) and never store it (CUDA; the CPU only under
+              TRITON_INTERPRET=1, for tests). `auto` prefers it on CUDA whenever DropKey is on.
+  flex_dropkey  torch FlexAttention with a score_mod drawing the same Philox mask: the baseline the Triton
+              kernel must beat, and a fallback where Triton cannot run (training needs CUDA: FlexAttention
+              has no CPU backward).
+
+The two fused backends draw their mask from a seed taken from torch's CPU generator at each call, so
+masks differ per call (layer, step) and per rank (ranks seed differently), and replay when activation
+checkpointing recomputes a block or a resumed run restores the RNG states.
 
 `auto` picks, among the backends that are installed, run on the device and dtype, and can honour
 DropKey, the fastest for this call's shape, measured on the running device the first time a shape is
@@ -22,12 +32,14 @@ from __future__ import annotations
 import functools
 import importlib
 import logging
+import os
 import time
 
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("flash_attn", "xformers", "sdpa", "math")
+BACKENDS = ("flash_attn", "xformers", "sdpa", "math", "triton_dropkey", "flex_dropkey")
+FUSED_DROPKEY = ("triton_dropkey", "flex_dropkey")  # draw their own mask: no explicit keep_mask
 log = logging.getLogger(__name__)
 
 # Candidate order: the first wins a tie, and is the choice while torch.compile traces (no timing then)
@@ -36,17 +48,46 @@ CUDA_ORDER = ("flash_attn", "xformers", "sdpa", "math")
 TIMING_REPEATS = 3  # after one warm-up call per candidate
 
 
+MODULES = {"flash_attn": "flash_attn", "xformers": "xformers.ops",
+           "triton_dropkey": "more_scale.kernels.dropkey_attention",
+           "flex_dropkey": "torch.nn.attention.flex_attention"}
+
+
 @functools.cache
 def _module(name: str):
-    """flash_attn / xformers.ops if importable, else None (optional GPU extras, imported lazily)."""
+    """The backend's module if importable, else None (optional GPU extras and Triton, imported lazily)."""
     try:
-        return importlib.import_module({"flash_attn": "flash_attn", "xformers": "xformers.ops"}[name])
+        return importlib.import_module(MODULES[name])
     except Exception:  # ImportError, or a CUDA-less build failing at import
         return None
 
 
-def unsupported_reason(backend: str, q: torch.Tensor, drop_key_active: bool) -> str | None:
-    """Why `backend` cannot run this call (None when it can)."""
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _fused_reason(backend: str, q: torch.Tensor, explicit_mask: bool) -> str | None:
+    if explicit_mask:
+        return f"{backend} draws its DropKey mask in the kernel: it takes no explicit keep_mask"
+    if _module(backend) is None:
+        hint = " (pip install triton)" if backend == "triton_dropkey" else ""
+        return f"{backend}: {MODULES[backend]} is not importable{hint}"
+    if backend == "triton_dropkey":
+        if q.device.type != "cuda" and not (q.device.type == "cpu" and _interpreting()):
+            return f"triton_dropkey runs on CUDA (or the CPU under TRITON_INTERPRET=1), got a {q.device.type} tensor"
+        if q.shape[-1] not in (16, 32, 64, 128):
+            return f"triton_dropkey: head dim {q.shape[-1]} not supported (16, 32, 64 or 128)"
+        if q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            return f"triton_dropkey: dtype {q.dtype} not supported"
+    if backend == "flex_dropkey" and q.device.type != "cuda" and q.requires_grad and torch.is_grad_enabled():
+        return "flex_dropkey has no backward on CPU (FlexAttention): training needs CUDA"
+    return None
+
+
+def unsupported_reason(backend: str, q: torch.Tensor, drop_key_active: bool, explicit_mask: bool = False) -> str | None:
+    """Why `backend` cannot run this call (None when it can). `explicit_mask`: the caller passes keep_mask."""
+    if backend in FUSED_DROPKEY:
+        return _fused_reason(backend, q, explicit_mask)
     if backend in ("flash_attn", "xformers"):
         if _module(backend) is None:
             return f"{backend} is not installed (pip install 'more-scale[gpu]' on a CUDA machine)"
@@ -98,15 +139,18 @@ def _fastest(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, d
     return chosen
 
 
-def resolve(backend: str, q: torch.Tensor, drop_key_active: bool) -> str:
+def resolve(backend: str, q: torch.Tensor, drop_key_active: bool, explicit_mask: bool = False) -> str:
     if backend == "auto":
+        if (q.device.type == "cuda" and drop_key_active and not explicit_mask
+                and _fused_reason("triton_dropkey", q, False) is None):
+            return "triton_dropkey"  # the mask never touches memory: preferred whenever DropKey is on
         candidates = tuple(available(q, drop_key_active))
         if len(candidates) == 1 or torch.compiler.is_compiling():
             return candidates[0]
         return _fastest(tuple(q.shape), q.dtype, q.device, drop_key_active, candidates)
     if backend not in BACKENDS:
         raise ValueError(f"attention backend {backend!r}: expected auto or one of {BACKENDS}")
-    reason = unsupported_reason(backend, q, drop_key_active)
+    reason = unsupported_reason(backend, q, drop_key_active, explicit_mask)
     if reason:
         raise RuntimeError(f"attention backend {backend!r} cannot run this call: {reason}")
     return backend
@@ -122,9 +166,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, drop_key: fl
               backend: str = "auto", keep_mask: torch.Tensor | None = None) -> torch.Tensor:
     """q, k, v: (B, H, N, D) -> (B, H, N, D). DropKey applies only when training and drop_key > 0;
     `keep_mask` supplies the mask explicitly (tests compare backends under the same mask)."""
-    if keep_mask is None and training and drop_key > 0:
-        keep_mask = drop_key_mask((q.shape[0], q.shape[1], q.shape[2], k.shape[2]), drop_key, q.device)
-    name = resolve(backend, q, keep_mask is not None)
+    p = drop_key if training and keep_mask is None else 0.0
+    name = resolve(backend, q, keep_mask is not None or p > 0, explicit_mask=keep_mask is not None)
+    if name == "triton_dropkey":
+        kernels = _module("triton_dropkey")
+        return kernels.dropkey_attention(q, k, v, p, kernels.new_seed())
+    if name == "flex_dropkey":
+        return flex_dropkey_attention(q, k, v, p, _module("triton_dropkey").new_seed() if p > 0 else 0)
+    if keep_mask is None and p > 0:
+        keep_mask = drop_key_mask((q.shape[0], q.shape[1], q.shape[2], k.shape[2]), p, q.device)
     if name == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=keep_mask)
     if name == "flash_attn":  # (B, N, H, D) layout
@@ -137,6 +187,30 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, drop_key: fl
                                                              attn_bias=bias)
         return out.transpose(1, 2)
     return math_attention(q, k, v, keep_mask)
+
+
+@functools.cache
+def _compiled_flex():
+    """FlexAttention compiled once (on CUDA it is only fast compiled; eager runs a reference loop)."""
+    return torch.compile(_module("flex_dropkey").flex_attention, dynamic=False)
+
+
+def flex_dropkey_attention(q, k, v, p: float, seed: int, offset: int = 0) -> torch.Tensor:
+    """FlexAttention with a score_mod that draws the Triton kernel's Philox mask for (seed, offset). A row
+    that lost every key is not restored here (its output is 0): at p = 0.3 that is 0.3^N per row."""
+    flex = _compiled_flex() if q.device.type == "cuda" else _module("flex_dropkey").flex_attention
+    if p <= 0:
+        return flex(q, k, v)
+    philox = _module("triton_dropkey").philox_uniform
+    heads = q.shape[1]
+    seed_t = torch.tensor(seed, dtype=torch.int64, device=q.device)  # a tensor: a new seed does not recompile
+    offset_t = torch.tensor(offset, dtype=torch.int64, device=q.device)
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        keep = philox(seed_t, kv_idx, q_idx, b * heads + h, offset_t + 0 * kv_idx) >= p
+        return torch.where(keep, score, float("-inf"))
+
+    return flex(q, k, v, score_mod=score_mod)
 
 
 def math_attention(q, k, v, keep_mask: torch.Tensor | None = None) -> torch.Tensor:

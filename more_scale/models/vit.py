@@ -144,9 +144,14 @@ class VisionTransformer(nn.Module):
         self.width = cfg.width
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        tokens = self.stem(x) + self.pos[:, 1:]  # (B, N, W)
+        patches = self.stem(x)  # (B, N, W)
         if self.training and self.keep < 1.0:
-            tokens = drop_tokens(tokens, self.keep)  # (B, K, W): every later op runs on K tokens
+            # DropToken: gather the kept rows of the patches and of the position table and add those, so the
+            # full-length (B, N, W) sum is never written; every later op runs on K tokens
+            idx = kept_indices(patches.shape[0], patches.shape[1], self.keep, patches.device)  # (B, K)
+            tokens = gather_tokens(patches, idx) + self.pos[0, 1:][idx]
+        else:
+            tokens = patches + self.pos[:, 1:]
         cls = (self.cls + self.pos[:, :1]).expand(tokens.shape[0], -1, -1)
         x = torch.cat([cls, tokens], dim=1)
         for block in self.blocks:
@@ -154,13 +159,20 @@ class VisionTransformer(nn.Module):
         return self.norm(x[:, 0])
 
 
-def drop_tokens(tokens: torch.Tensor, keep: float) -> torch.Tensor:
-    """Keep a random subset of round(N * keep) tokens per sample, in their original order:
-    (B, N, W) -> (B, K, W). One gather of the kept rows; nothing else is copied."""
-    b, n, w = tokens.shape
+def kept_indices(batch: int, n: int, keep: float, device) -> torch.Tensor:
+    """(B, K) indices of round(N * keep) tokens per sample, a random subset in the original order."""
     k = max(1, round(n * keep))
-    idx = torch.rand(b, n, device=tokens.device).topk(k, dim=1).indices.sort(dim=1).values
-    return tokens.gather(1, idx.unsqueeze(-1).expand(b, k, w))
+    return torch.rand(batch, n, device=device).topk(k, dim=1).indices.sort(dim=1).values
+
+
+def gather_tokens(tokens: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """(B, N, W), (B, K) -> (B, K, W): one gather of the kept rows."""
+    return tokens.gather(1, idx.unsqueeze(-1).expand(*idx.shape, tokens.shape[-1]))
+
+
+def drop_tokens(tokens: torch.Tensor, keep: float) -> torch.Tensor:
+    """Keep a random subset of round(N * keep) tokens per sample, in their original order: (B, N, W) -> (B, K, W)."""
+    return gather_tokens(tokens, kept_indices(tokens.shape[0], tokens.shape[1], keep, tokens.device))
 
 
 def interpolate_pos(pos: torch.Tensor, old_grid: tuple[int, ...], new_grid: tuple[int, ...]) -> torch.Tensor:

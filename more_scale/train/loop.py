@@ -97,6 +97,7 @@ def _train(cfg: Config, rank: int, world: int, console: Console, out: Path) -> c
         save_config(cfg, out / "config.yaml")
         tokenizer.save_pretrained(str(out / "tokenizer"))  # the run folder is self-contained for evaluation
     engine, ds = build_engine(cfg.train, model, cfg.data.batch_size, world)
+    torch.manual_seed(cfg.train.seed + 1 + rank)  # same weights above; from here DropToken/DropKey/dropout differ per rank
     device, dtype = engine.device, torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
     peak = matmul_peak(device, dtype)  # the MFU denominator, measured on this device now
     state = checkpoint.resume(engine, out, cfg.train.resume, rank, warn=lambda m: console.print(f"[yellow]{m}"))
