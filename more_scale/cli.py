@@ -147,6 +147,7 @@ def train_main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
     from more_scale import dist
     from more_scale.config import ConfigError, load_config
+    from more_scale.train.checkpoint import CheckpointMismatch
     from more_scale.train.guard import RunLocked
     from more_scale.train.health import EXIT_DIVERGED, Diverged
     from more_scale.train.loop import train
@@ -165,7 +166,7 @@ def train_main(argv: list[str] | None = None) -> int:
         return 2
     try:
         train(cfg)
-    except (InputError, RunLocked) as error:
+    except (InputError, RunLocked, CheckpointMismatch) as error:
         print(f"input error: {error}", file=sys.stderr)
         return 2
     except Diverged as error:

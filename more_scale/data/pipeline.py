@@ -203,9 +203,11 @@ def build_loader(cfg: DataConfig, shape: InputShape, rank: int, world: int, toke
                  pin_memory: bool = False):
     """The infinite training DataLoader of this rank, from a global stream position. `pin_memory`: batches
     arrive page-locked, so their copies to a GPU can run asynchronously (train/prefetch.py)."""
+    # its own generator: creating the iterator draws a worker base seed, which must not move the global RNG
+    # that DropToken/DropKey/dropout draw from (a resumed run creates it after restoring that RNG)
     return torch.utils.data.DataLoader(TrainStream(cfg, shape, rank, world, tokenizer, start_position), batch_size=None,
                                        num_workers=cfg.workers, persistent_workers=cfg.workers > 0,
-                                       pin_memory=pin_memory)
+                                       pin_memory=pin_memory, generator=torch.Generator().manual_seed(cfg.seed))
 
 
 def iter_batches(directory: str | Path, cfg: DataConfig, shape: InputShape, tokenizer, batch_size: int | None = None):

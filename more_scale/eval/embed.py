@@ -14,7 +14,7 @@ from more_scale.config import Config, DataConfig, InputShape, load_config
 from more_scale.data.pipeline import iter_batches
 from more_scale.data.tokenizer import load_tokenizer
 from more_scale.models.more import MODALITIES, MoRE, build_model
-from more_scale.train.checkpoint import checkpoint_root, latest_tag
+from more_scale.train.checkpoint import checkpoint_root, frozen_base, latest_tag, model_states_file
 
 
 @dataclass
@@ -27,17 +27,31 @@ class Embeddings:
 
 def load_trained(run_dir: str | Path, tag: str | None = None) -> tuple[MoRE, Config, object]:
     """(model in eval mode, fp32; the run's config; its tokenizer) from a run folder's checkpoint.
-    Works for any ZeRO stage and world size: DeepSpeed's zero_to_fp32 merges the rank shards."""
+    Works for any ZeRO stage and world size: DeepSpeed's zero_to_fp32 merges the rank shards. The frozen
+    text base is not in the checkpoint: it is rebuilt as training built it (its local path, or the seeded
+    random init) and must match the fingerprint the checkpoint recorded."""
     run_dir = Path(run_dir)
     cfg = load_config(run_dir / "config.yaml")
     tokenizer = load_tokenizer(run_dir / "tokenizer")
+    torch.manual_seed(cfg.train.seed)  # as training did before building the model: the same random base
     model = build_model(cfg.model, len(tokenizer), tokenizer.pad_token_id)
-    state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_root(run_dir)), tag or latest_tag(run_dir))
+    tag = tag or latest_tag(run_dir)
+    state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_root(run_dir)), tag)
     missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    if unexpected or set(missing) - frozen - _buffers_of(model):
         raise ValueError(f"{run_dir}: checkpoint does not match the config's model "
-                         f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+                         f"(missing {sorted(set(missing) - frozen)[:5]}, unexpected {unexpected[:5]})")
+    client = torch.load(model_states_file(checkpoint_root(run_dir) / tag), map_location="cpu", weights_only=False)
+    saved = client.get("frozen_base")
+    if saved and saved["sha256"] != frozen_base(model, cfg.model.text.pretrained)["sha256"]:
+        raise ValueError(f"{run_dir}: the frozen text base rebuilt from {cfg.model.text.pretrained or 'its seeded random init'} "
+                         "is not the one the checkpoint was trained with (fingerprints differ)")
     return model.float().eval(), cfg, tokenizer
+
+
+def _buffers_of(model: torch.nn.Module) -> set[str]:
+    return {n for n, _ in model.named_buffers()}
 
 
 @torch.no_grad()

@@ -11,22 +11,40 @@ half one that resume would pick:
 Resume (`train.resume=auto`) removes stale `.partial` folders, then loads the newest tag that passes a
 check (model states present, every file a complete, CRC-clean zip archive), falling back to older
 tags with a warning. Several nodes must share the checkpoint folder (rank 0 renames what all wrote).
+
+What a checkpoint holds: the trainable parameters and their optimizer state (DeepSpeed's
+`exclude_frozen_parameters`: a frozen 7B base is not rewritten at every save), the LR schedule, our
+TrainState (step, stream position), the resolved config, provenance (git revision, package versions),
+a fingerprint of the frozen base (its local path and a hash of its weights: resume refuses another
+base), and per rank the RNG states (python, numpy, torch CPU and CUDA) that DropToken, DropKey and
+dropout draw from, so a run resumed at the same world size continues bit for bit.
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
+import random
 import shutil
+import subprocess
 import zipfile
 from dataclasses import asdict, dataclass, field
+from importlib import metadata
 from pathlib import Path
+
+import numpy as np
+import torch
 
 from more_scale import dist
 
 PARTIAL = ".partial"
-MODEL_STATES = "mp_rank_00_model_states.pt"
+MODEL_STATES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")  # ZeRO 1-2, ZeRO-3
 SPACE_MARGIN = 1.2  # free space wanted beyond the estimate (the filesystem's own overhead, other writers)
+
+
+class CheckpointMismatch(ValueError):
+    """The checkpoint cannot continue this run (another frozen base); the message says what differs."""
 
 
 @dataclass
@@ -34,6 +52,55 @@ class TrainState:
     step: int = 0  # optimizer steps done
     samples: int = 0  # global samples consumed: the training stream's position
     stream: dict = field(default_factory=dict)  # the stream's state at `samples` (TrainStream.state)
+    world: int = 0  # ranks that wrote it (per-rank RNG states restore only at the same world size)
+
+
+def frozen_base(model: torch.nn.Module, pretrained: str) -> dict:
+    """Identity of the frozen (never checkpointed) parameters: the local path they came from, their count,
+    and a sha256 over names, shapes and values. Computed once, before the engine partitions anything."""
+    digest, count = hashlib.sha256(), 0
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            continue
+        digest.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
+        digest.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        count += p.numel()
+    return {"path": pretrained, "parameters": count, "sha256": digest.hexdigest()}
+
+
+def provenance() -> dict:
+    """What produced a checkpoint: the git revision of the code (when it runs from a checkout) and versions."""
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        rev = ""
+    versions = {}
+    for package in ("more-scale", "torch", "deepspeed", "transformers", "peft"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    return {"git_revision": rev or None, "versions": versions}
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _rng_file(tag_dir: Path, rank: int) -> Path:
+    return tag_dir / f"rng_state_rank{rank:05d}.pt"
 
 
 def checkpoint_root(output_dir: str | Path) -> Path:
@@ -88,18 +155,21 @@ def check_free_space(root: Path, needed: int) -> None:
                                     f"(last checkpoint + {SPACE_MARGIN - 1:.0%}), have {human(free)} free")
 
 
-def save(engine, output_dir: str | Path, state: TrainState, config: dict, keep: int, rank: int,
+def save(engine, output_dir: str | Path, state: TrainState, client: dict, keep: int, rank: int,
          estimate_bytes: int) -> Path:
     """Write checkpoint `step_<state.step>` atomically (see the module docstring); returns its folder.
-    `estimate_bytes`: the size expected when no earlier checkpoint tells it."""
+    `client`: what else to store (config, frozen base, provenance); `estimate_bytes`: the size expected
+    when no earlier checkpoint tells it."""
     root = checkpoint_root(output_dir)
     root.mkdir(parents=True, exist_ok=True)
     tag = f"step_{state.step:08d}"
     done = tags(root)
     check_free_space(root, folder_bytes(root / done[-1]) if done else estimate_bytes)
     partial = root / f"{tag}{PARTIAL}"
-    engine.save_checkpoint(str(root), tag=partial.name, client_state={"train_state": asdict(state), "config": config},
-                           save_latest=False)
+    state.world = dist.world_size()
+    engine.save_checkpoint(str(root), tag=partial.name, client_state={"train_state": asdict(state), **client},
+                           save_latest=False, exclude_frozen_parameters=True)
+    torch.save(_rng_state(), _rng_file(partial, rank))
     for f in partial.rglob("*"):
         if f.is_file():
             _fsync(f)
@@ -117,10 +187,15 @@ def save(engine, output_dir: str | Path, state: TrainState, config: dict, keep: 
     return final
 
 
+def model_states_file(tag_dir: Path) -> Path | None:
+    """Rank 0's model-states file (the client state lives there), whichever ZeRO stage wrote it."""
+    return next((tag_dir / name for name in MODEL_STATES if (tag_dir / name).is_file()), None)
+
+
 def problem_with(tag_dir: Path) -> str | None:
     """Why the checkpoint in `tag_dir` cannot be loaded (None when it looks whole)."""
-    if not (tag_dir / MODEL_STATES).is_file():
-        return f"{MODEL_STATES} missing"
+    if model_states_file(tag_dir) is None:
+        return f"model states missing (neither of {', '.join(MODEL_STATES)})"
     for f in sorted(tag_dir.glob("*.pt")):
         try:
             with zipfile.ZipFile(f) as archive:  # torch.save writes a zip: truncation or flipped bytes show here
@@ -140,15 +215,29 @@ def remove_partials(root: Path) -> list[str]:
     return stale
 
 
-def _load(engine, root: Path, tag: str) -> TrainState:
-    loaded, client = engine.load_checkpoint(str(root), tag=tag)
+def _load(engine, root: Path, tag: str, base: dict, rank: int, warn) -> TrainState:
+    loaded, client = engine.load_checkpoint(str(root), tag=tag, load_module_strict=False)  # frozen base not in it
     if loaded is None:
         raise RuntimeError(f"DeepSpeed could not load {root / tag}")
-    return TrainState(**client["train_state"])
+    saved = client.get("frozen_base")
+    if saved and (saved["sha256"], saved["parameters"]) != (base["sha256"], base["parameters"]):
+        def describe(b: dict) -> str:
+            return f"{b['path'] or 'random init'} ({b['parameters']:,} parameters, sha256 {b['sha256'][:12]})"
+
+        raise CheckpointMismatch(f"{root / tag} was trained on another frozen text base: checkpoint {describe(saved)}, now "
+                         f"{describe(base)}. Resume with the same model.text.pretrained (and train.seed for a random one)")
+    state = TrainState(**client["train_state"])
+    if state.world == dist.world_size() and _rng_file(root / tag, rank).is_file():
+        _set_rng_state(torch.load(_rng_file(root / tag, rank), weights_only=False))
+    else:
+        warn(f"resuming a {state.world or '?'}-rank checkpoint on {dist.world_size()} ranks: the model, optimizer and "
+             "data position continue exactly, the DropToken/DropKey/dropout draws start from fresh per-rank seeds")
+    return state
 
 
-def resume(engine, output_dir: str | Path, how: str, rank: int, warn=print) -> TrainState:
-    """how: "none" | "auto" (the newest good checkpoint in output_dir, if any) | a checkpoint tag directory."""
+def resume(engine, output_dir: str | Path, how: str, rank: int, base: dict, warn=print) -> TrainState:
+    """how: "none" | "auto" (the newest good checkpoint in output_dir, if any) | a checkpoint tag directory.
+    `base`: this run's frozen_base(), checked against the checkpoint's."""
     if how == "none":
         return TrainState()
     if how != "auto":
@@ -158,7 +247,7 @@ def resume(engine, output_dir: str | Path, how: str, rank: int, warn=print) -> T
         problem = problem_with(path)
         if problem:
             raise ValueError(f"train.resume={how}: {problem}")
-        return _load(engine, path.parent, path.name)
+        return _load(engine, path.parent, path.name, base, rank, warn)
     root = checkpoint_root(output_dir)
     if not root.is_dir():
         return TrainState()
@@ -179,7 +268,7 @@ def resume(engine, output_dir: str | Path, how: str, rank: int, warn=print) -> T
         if agreed:
             warn(f"skipping checkpoint {root / tag}: {problem or 'unreadable on another rank'}; trying an older one")
             continue
-        return _load(engine, root, tag)
+        return _load(engine, root, tag, base, rank, warn)
     if candidates:
         raise RuntimeError(f"{root}: no loadable checkpoint among {candidates} (see the warnings above)")
     return TrainState()

@@ -88,6 +88,7 @@ def _train(cfg: Config, rank: int, world: int, console: Console, out: Path) -> c
         else:
             console.print("[yellow]model.head=batchnorm on CPU: SyncBatchNorm needs GPUs, statistics stay per rank")
     flops = step_flops(model, cfg.model)
+    base = checkpoint.frozen_base(model, cfg.model.text.pretrained)  # before anything partitions it
     if cfg.train.compile:
         for encoder in model.encoders.values():
             encoder.compile()  # in place: parameter names, and so checkpoints, stay as they are
@@ -100,7 +101,8 @@ def _train(cfg: Config, rank: int, world: int, console: Console, out: Path) -> c
     torch.manual_seed(cfg.train.seed + 1 + rank)  # same weights above; from here DropToken/DropKey/dropout differ per rank
     device, dtype = engine.device, torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
     peak = matmul_peak(device, dtype)  # the MFU denominator, measured on this device now
-    state = checkpoint.resume(engine, out, cfg.train.resume, rank, warn=lambda m: console.print(f"[yellow]{m}"))
+    state = checkpoint.resume(engine, out, cfg.train.resume, rank, base, warn=lambda m: console.print(f"[yellow]{m}"))
+    client = {"config": config_to_dict(cfg), "frozen_base": base, "provenance": checkpoint.provenance()}
     console.print(f"[bold]more_scale[/] world {world} | global batch {ds['train_batch_size']} = micro "
                   f"{cfg.data.batch_size} x accum {cfg.train.grad_accum} x dp {world} | ZeRO "
                   f"{ds['zero_optimization']['stage']} {cfg.train.precision} | trainable {trainable:,} of "
@@ -154,8 +156,7 @@ def _train(cfg: Config, rank: int, world: int, console: Console, out: Path) -> c
             if state.step % cfg.train.save_every == 0 or state.step == end or preempted:
                 if health.healthy_now():
                     state.stream = stream.state(state.samples)
-                    path = checkpoint.save(engine, out, state, config_to_dict(cfg), cfg.train.keep_checkpoints, rank,
-                                           checkpoint_bytes)
+                    path = checkpoint.save(engine, out, state, client, cfg.train.keep_checkpoints, rank, checkpoint_bytes)
                     console.print(f"checkpoint {path}")
                 else:
                     health.check(state.step)  # diverged: raises

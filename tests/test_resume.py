@@ -1,0 +1,83 @@
+"""Exact resume: a run stopped (or killed) and resumed continues bit for bit as if never interrupted, on CPU
+fp32 at the same world size, with DropToken, DropKey, dropout and augmentation all drawing at random."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import psutil
+import pytest
+from conftest import ROOT, launcher
+from test_faults_train import ENV, _port
+
+RANDOM_EVERYWHERE = ["model.cxr.drop_token_keep=0.5", "model.ecg.drop_token_keep=0.5", "model.cxr.drop_key=0.3",
+                     "model.ecg.drop_key=0.3", "model.cxr.attention=sdpa", "model.ecg.attention=sdpa",
+                     "data.augment=true", "train.precision=fp32", "train.steps=12", "train.warmup_steps=2",
+                     "train.log_every=1"]
+
+
+def _train(shards, out, *overrides) -> subprocess.CompletedProcess:
+    command = [launcher("torchrun"), "--nproc_per_node", "2", "--master_port", _port(), "launch/train.py",
+               "--config", "tiny-cpu", f"data.train={shards / 'train'}", f"output_dir={out}", "data.batch_size=4",
+               "data.workers=1", *RANDOM_EVERYWHERE, *overrides]
+    result = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return result
+
+
+def _losses(out) -> dict[int, float]:
+    return {m["step"]: m["loss"] for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+
+
+@pytest.mark.parametrize("zero", [2, 3])
+def test_stop_and_resume_equals_the_uninterrupted_run_step_for_step(shards, tmp_path, zero):
+    stage = f"train.deepspeed_config=zero{zero}"
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    _train(shards, whole, stage)
+    _train(shards, parts, stage, "train.stop_at_step=6")
+    resumed = _train(shards, parts, stage, "train.resume=auto")
+    assert "start step 6 of 12" in resumed.stdout
+    expected, got = _losses(whole), _losses(parts)
+    assert len(set(expected.values())) > 6  # it trains, and every step differs
+    assert [got[s] for s in range(7, 13)] == [expected[s] for s in range(7, 13)]  # bit for bit
+
+
+def test_kill_one_rank_then_rerun_reaches_the_uninterrupted_final_loss(shards, tmp_path):
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    _train(shards, whole)
+    command = [launcher("torchrun"), "--nproc_per_node", "2", "--master_port", _port(), "launch/train.py",
+               "--config", "tiny-cpu", f"data.train={shards / 'train'}", f"output_dir={killed}", "data.batch_size=4",
+               "data.workers=1", *RANDOM_EVERYWHERE, "train.steps=12", "train.save_every=3", "train.keep_checkpoints=5"]
+    proc = subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline, latest = time.monotonic() + 180, killed / "checkpoints" / "latest"
+        while not latest.is_file() or latest.read_text() < "step_00000006":
+            assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint at step 6"
+            time.sleep(0.05)
+        os.kill(psutil.Process(proc.pid).children()[1].pid, signal.SIGKILL)
+        assert proc.wait(timeout=60) != 0
+    finally:
+        proc.kill()
+        proc.communicate()
+    rerun = subprocess.run(command + ["train.resume=auto"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert _losses(killed)[12] == _losses(whole)[12]
+
+
+def test_checkpoints_leave_the_frozen_base_out_and_resume_refuses_another(shards, tmp_path):
+    import torch
+
+    out = tmp_path / "run"
+    _train(shards, out, "train.steps=4", "train.stop_at_step=2")
+    states = torch.load(out / "checkpoints" / "step_00000002" / "mp_rank_00_model_states.pt", weights_only=False)
+    saved = set(states["module"])
+    assert not any(k.startswith("encoders.text.lm.") and "lora_" not in k for k in saved)  # no frozen LM weight
+    assert any("lora_" in k for k in saved) and any(k.startswith("encoders.cxr.") for k in saved)
+    assert states["frozen_base"]["parameters"] > 0 and states["provenance"]["versions"]["torch"]
+    command = [launcher("torchrun"), "--nproc_per_node", "2", "--master_port", _port(), "launch/train.py",
+               "--config", "tiny-cpu", f"data.train={shards / 'train'}", f"output_dir={out}", "data.batch_size=4",
+               *RANDOM_EVERYWHERE, "train.steps=4", "train.resume=auto", "train.seed=1"]  # another random base
+    result = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "was trained on another frozen text base" in result.stderr
