@@ -71,7 +71,7 @@ class Variant:
 def model_config(preset: dict, v: Variant) -> ModelConfig:
     vit = {"width": preset["width"], "depth": preset["depth"], "heads": preset["heads"],
            "drop_token_keep": v.drop_token_keep, "drop_key": v.drop_key, "attention": v.attention}
-    text = TextConfig(hidden=preset["text_hidden"], layers=preset["text_layers"], heads=preset["text_heads"],
+    text = TextConfig(random_init=True, hidden=preset["text_hidden"], layers=preset["text_layers"], heads=preset["text_heads"],
                       intermediate=preset["intermediate"], dropout=0.0)
     return ModelConfig(cxr=CxrConfig(**vit), ecg=EcgConfig(**vit), text=text, head=v.head, head_hidden=preset["width"])
 

@@ -222,3 +222,28 @@ def export_main(argv: list[str] | None = None) -> int:
     model, cfg, tokenizer = load_trained(args.checkpoint)
     print(f"exported to {save_pretrained(model, cfg.model, tokenizer, args.out, args.merge_lora)}")
     return 0
+
+
+PLAN_DOC = """Memory per rank of a training config before running it, whether it fits, and the largest micro-batch.
+
+  python launch/plan.py configs/llm7b.yaml --world 8 --gpu-mem 80GiB [dotted overrides]
+"""
+
+
+def plan_main(argv: list[str] | None = None) -> int:
+    from more_scale.config import ConfigError, load_config
+    from more_scale.plan import parse_bytes, plan, report
+
+    parser = argparse.ArgumentParser(description=PLAN_DOC, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", help="YAML config: a file, or a shipped one by name")
+    parser.add_argument("--world", type=int, required=True, help="data-parallel ranks (GPUs)")
+    parser.add_argument("--gpu-mem", default="80GiB", help="memory of one device, e.g. 80GiB, 141GB")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value, e.g. data.batch_size=16")
+    args = parser.parse_intermixed_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except (ConfigError, FileNotFoundError) as error:
+        print(f"config error: {error}", file=sys.stderr)
+        return 2
+    print(report(plan(cfg, args.world, parse_bytes(args.gpu_mem)), args.world, args.config))
+    return 0

@@ -84,10 +84,14 @@ class EcgConfig(VitConfig):
 
 @dataclass(frozen=True)
 class TextConfig:
-    pretrained: str = ""  # local HF model dir; "" = random weights from the sizes below (tests, demo)
+    pretrained: str = ""  # local HF model dir (the frozen base); "" needs random_init: true
+    random_init: bool = False  # no pretrained LM: random weights of the sizes below (tests, demo, sizing runs only)
+    init_seed: int = 0  # the random LM's weights are a function of this and each parameter's name
+    arch: str = "roberta"  # random init: roberta (encoder) | llama (decoder); a pretrained LM brings its own
     hidden: int = 768
     layers: int = 12
     heads: int = 12
+    kv_heads: int = 0  # llama: key/value heads (grouped-query attention); 0 = heads
     intermediate: int = 3072
     max_positions: int = 514  # RoBERTa counts padding_idx + 1 extra positions
     dropout: float = 0.1  # hidden and attention dropout of a randomly initialised LM
@@ -97,6 +101,7 @@ class TextConfig:
     lora_targets: tuple[str, ...] = ()  # () = per architecture: BERT/RoBERTa query,value; Llama/Mistral q_proj,v_proj
     pooling: str = "mean"  # mean over real tokens (encoders) | last: the last real token (decoder LLMs)
     lora_bias: str = "none"  # peft bias: none | all | lora_only (the reference trains all)
+    grad_checkpoint: bool = False  # recompute each LM layer in backward (a 7B tower's activations otherwise dominate)
 
 
 @dataclass(frozen=True)
@@ -128,6 +133,11 @@ class TrainConfig:
     weight_decay: float = 0.05
     betas: tuple[float, ...] = (0.9, 0.98)
     grad_accum: int = 1  # micro-batches per optimizer step
+    # negatives under accumulation. micro: each micro-batch is scored against its own rows from every rank
+    # (micro x world negatives). cached: open_clip's accum_freq: a no-grad forward of every micro-batch first,
+    # then each is scored against all of them (micro x accum x world negatives: the large-batch loss), at the
+    # cost of one extra forward per micro-batch
+    accum_negatives: str = "micro"
     grad_clip: float = 1.0  # global norm; 0 = off
     deepspeed_config: str = "zero2"  # a file, or a shipped one by name: zero1 zero2 zero3 zero3_offload
     precision: str = "bf16"  # bf16 | fp32 (fp16 has no fast path on CPU and is not offered)
@@ -300,6 +310,11 @@ def validate(cfg: Config) -> None:
          f"model.ecg.samples ({m.ecg.samples}) is not a multiple of model.ecg.patch_samples ({m.ecg.patch_samples})"),
         (m.head in ("layernorm", "batchnorm"), f"model.head must be layernorm or batchnorm, got {m.head!r}"),
         (m.text.pooling in ("mean", "last"), f"model.text.pooling must be mean or last, got {m.text.pooling!r}"),
+        (m.text.arch in ("roberta", "llama"), f"model.text.arch must be roberta or llama, got {m.text.arch!r}"),
+        (bool(m.text.pretrained) != m.text.random_init,
+         "model.text.pretrained is empty: name a local LM directory (its frozen weights are the text tower), or set "
+         "model.text.random_init=true for a random, frozen LM (tests and sizing runs: it learns nothing about language)"
+         if not m.text.pretrained else "model.text.random_init=true and model.text.pretrained are both set: pick one"),
         (m.text.lora_bias in ("none", "all", "lora_only"),
          f"model.text.lora_bias must be none|all|lora_only, got {m.text.lora_bias!r}"),
         (m.temperature > 0, f"model.temperature must be > 0, got {m.temperature}"),
@@ -313,6 +328,7 @@ def validate(cfg: Config) -> None:
         (0 <= t.min_lr_ratio <= 1, f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}"),
         (len(t.betas) == 2, f"train.betas needs two values, got {list(t.betas)}"),
         (t.grad_accum >= 1, f"train.grad_accum must be >= 1, got {t.grad_accum}"),
+        (t.accum_negatives in ("micro", "cached"), f"train.accum_negatives must be micro or cached, got {t.accum_negatives!r}"),
         (t.grad_clip >= 0, f"train.grad_clip must be >= 0, got {t.grad_clip}"),
         (t.precision in ("bf16", "fp32"), f"train.precision must be bf16 or fp32, got {t.precision!r}"),
         (0 <= t.stop_at_step <= t.steps, f"train.stop_at_step ({t.stop_at_step}) must be in [0, train.steps={t.steps}]"),

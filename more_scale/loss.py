@@ -18,8 +18,10 @@ PAIRS = (("text", "cxr"), ("text", "ecg"), ("cxr", "ecg"))
 
 def negatives_for_microbatch(local: torch.Tensor) -> torch.Tensor:
     """The columns a micro-batch is scored against: this micro-batch's rows from every rank,
-    (B_local, D) -> (B_global, D) in rank order, with gradients. Earlier accumulation steps'
-    rows are not reused (no memory bank), so the negatives per step are micro x world."""
+    (B_local, D) -> (B_global, D) in rank order, with gradients. With gradient accumulation the
+    negatives per step are micro x world (train.accum_negatives=micro), or, with cached features
+    (train.accum_negatives=cached, train/loop.py), the rows of all accumulated micro-batches:
+    `local` is then K x B rows, K - 1 of them cached without gradients."""
     return dist.gather_with_grad(local)
 
 

@@ -15,7 +15,8 @@ from more_scale.models.more import MODALITIES, build_model
 
 SMALL = ModelConfig(cxr=CxrConfig(width=96, depth=2, heads=4, image_size=64, patch_size=8, attention="math"),
                     ecg=EcgConfig(width=96, depth=2, heads=4, stem_channels=32, attention="math"),
-                    text=TextConfig(hidden=96, layers=3, heads=4, intermediate=192, max_positions=130, dropout=0.0),
+                    text=TextConfig(random_init=True, hidden=96, layers=3, heads=4, intermediate=192, max_positions=130,
+                                    dropout=0.0),
                     head_hidden=64, embed_dim=32)
 
 

@@ -79,7 +79,8 @@ def test_ecg_stem_gives_196_tokens():
 def _tiny_model(**text):
     cfg = ModelConfig(cxr=CxrConfig(width=32, depth=1, heads=2, image_size=32, patch_size=8),
                       ecg=EcgConfig(width=32, depth=1, heads=2, stem_channels=16),
-                      text=TextConfig(hidden=32, layers=1, heads=2, intermediate=64, max_positions=40, lora_r=4, **text),
+                      text=TextConfig(random_init=True, hidden=32, layers=1, heads=2, intermediate=64, max_positions=40, lora_r=4,
+                                      **text),
                       head_hidden=32, embed_dim=16, temperature=0.07)
     return build_model(cfg, vocab_size=100, pad_token_id=1)
 

@@ -78,6 +78,6 @@ def test_checkpoints_leave_the_frozen_base_out_and_resume_refuses_another(shards
     assert states["frozen_base"]["parameters"] > 0 and states["provenance"]["versions"]["torch"]
     command = [launcher("torchrun"), "--nproc_per_node", "2", "--master_port", _port(), "launch/train.py",
                "--config", "tiny-cpu", f"data.train={shards / 'train'}", f"output_dir={out}", "data.batch_size=4",
-               *RANDOM_EVERYWHERE, "train.steps=4", "train.resume=auto", "train.seed=1"]  # another random base
+               *RANDOM_EVERYWHERE, "train.steps=4", "train.resume=auto", "model.text.init_seed=1"]  # another random base
     result = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0 and "was trained on another frozen text base" in result.stderr

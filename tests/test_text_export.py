@@ -46,8 +46,8 @@ def test_last_token_pooling_takes_the_last_real_token():
 def _model_cfg():
     return ModelConfig(cxr=CxrConfig(width=32, depth=1, heads=2, image_size=32, patch_size=8),
                        ecg=EcgConfig(width=32, depth=1, heads=2, stem_channels=8),
-                       text=TextConfig(hidden=32, layers=1, heads=2, intermediate=64, max_positions=130, lora_r=4,
-                                       dropout=0.0, lora_dropout=0.0),
+                       text=TextConfig(random_init=True, hidden=32, layers=1, heads=2, intermediate=64, max_positions=130,
+                                       lora_r=4, dropout=0.0, lora_dropout=0.0),
                        head_hidden=32, embed_dim=16, head="batchnorm")
 
 

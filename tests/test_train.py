@@ -170,3 +170,23 @@ def test_sigusr1_on_one_rank_checkpoints_all_and_exits_for_requeue(shards, tmp_p
                             "launch/train.py", *args[6:], "train.resume=auto", f"train.stop_at_step={stopped + 2}"])
     log = resumed.stdout + resumed.stderr
     assert f"start step {stopped} of 500" in log and f"done: step {stopped + 2}" in log
+
+
+def test_cached_negatives_under_accumulation_equal_the_large_batch(shards, tmp_path):
+    """train.accum_negatives=cached with 2 micro-batches of 4 per rank trains as 1 micro-batch of 8 per rank
+    (same negatives, same gradient); the default (micro) scores each micro-batch against its own rows only."""
+    worker = str(ROOT / "tests" / "accum_worker.py")
+    runs = {"large": ["--accum", "1"], "cached": ["--accum", "2", "--negatives", "cached"],
+            "micro": ["--accum", "2", "--negatives", "micro"]}
+    for name, extra in runs.items():
+        run_launcher([launcher("torchrun"), "--standalone", "--nproc_per_node", "2", worker, "--shards", str(shards),
+                      "--out", str(tmp_path / f"{name}.pt"), *extra])
+    large, cached, micro = (torch.load(tmp_path / f"{n}.pt") for n in runs)
+    # step 1 (before any update): the same sums in another grouping, fp32 round-off only
+    assert len(cached["losses"]) == 3 and cached["losses"][0] == pytest.approx(large["losses"][0], rel=1e-6)
+    # steps 2 and 3 come after updates, so they check the gradient too. Adam divides each gradient element by
+    # its own size: a round-off sign flip of a near-zero element becomes a full +-lr step, which moves the loss
+    # ~1e-5 relative (seen 1.1e-5); a wrong gradient (the micro-negatives run below) moves it by > 1e-2
+    assert cached["losses"][1:] == pytest.approx(large["losses"][1:], rel=1e-4)
+    assert all(abs(m - c) > 1e-2 for m, c in zip(micro["losses"], cached["losses"]))
+    assert micro["losses"][0] < large["losses"][0] - 0.1  # 8 negatives per row instead of 16: a lower loss

@@ -143,6 +143,7 @@ def test_missing_weights_path_is_a_clear_error(tmp_path):
 
     cfg = ModelConfig(cxr=dataclasses.replace(TINY, pretrained=str(tmp_path / "nope.pth")),
                       ecg=EcgConfig(width=32, depth=1, heads=2, stem_channels=8),
-                      text=TextConfig(hidden=32, layers=1, heads=2, intermediate=64), head_hidden=32, embed_dim=16)
+                      text=TextConfig(random_init=True, hidden=32, layers=1, heads=2, intermediate=64), head_hidden=32,
+                      embed_dim=16)
     with pytest.raises(FileNotFoundError, match="no such ViT weights"):
         build_model(cfg, 100, 1)  # the model config's pretrained path is read when the model is built

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -26,13 +27,13 @@ def projection_head(width: int, hidden: int, out: int, kind: str = "layernorm") 
 
 
 class MoRE(nn.Module):
-    def __init__(self, cfg: ModelConfig, vocab_size: int, pad_token_id: int):
+    def __init__(self, cfg: ModelConfig, vocab_size: int, pad_token_id: int, base_context=contextlib.nullcontext):
         super().__init__()
         self.cxr_channels = cfg.cxr.channels
         self.encoders = nn.ModuleDict({
             "cxr": build_cxr_encoder(cfg.cxr),
             "ecg": build_ecg_encoder(cfg.ecg),
-            "text": build_text_encoder(cfg.text, vocab_size, pad_token_id),
+            "text": build_text_encoder(cfg.text, vocab_size, pad_token_id, base_context),
         })
         for name, vit_cfg in (("cxr", cfg.cxr), ("ecg", cfg.ecg)):
             if vit_cfg.pretrained:  # the paper starts both towers (the ECG body too) from ViT-B weights
@@ -69,11 +70,16 @@ class MoRE(nn.Module):
         return out
 
 
-def build_model(cfg: ModelConfig, vocab_size: int, pad_token_id: int) -> MoRE:
-    return MoRE(cfg, vocab_size, pad_token_id)
+def build_model(cfg: ModelConfig, vocab_size: int, pad_token_id: int, base_context=contextlib.nullcontext) -> MoRE:
+    """`base_context`: where the frozen text LM is built (training passes ZeRO-3's partitioned construction, so
+    no rank holds a whole 7B base); the towers, heads and LoRA adapters are built whole and partitioned by the
+    engine."""
+    return MoRE(cfg, vocab_size, pad_token_id, base_context)
 
 
 def trainable_summary(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts."""
-    total = sum(p.numel() for p in model.parameters())
-    return sum(p.numel() for p in model.parameters() if p.requires_grad), total
+    """(trainable, total) parameter counts (whole counts of ZeRO-3-partitioned parameters)."""
+    def count(p: nn.Parameter) -> int:
+        return getattr(p, "ds_numel", p.numel())
+    total = sum(count(p) for p in model.parameters())
+    return sum(count(p) for p in model.parameters() if p.requires_grad), total

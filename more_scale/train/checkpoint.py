@@ -22,6 +22,7 @@ dropout draw from, so a run resumed at the same world size continues bit for bit
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -57,15 +58,26 @@ class TrainState:
 
 def frozen_base(model: torch.nn.Module, pretrained: str) -> dict:
     """Identity of the frozen (never checkpointed) parameters: the local path they came from, their count,
-    and a sha256 over names, shapes and values. Computed once, before the engine partitions anything."""
+    and a sha256 over names, shapes and values (in bf16, whatever dtype holds them). Computed once, before
+    the engine partitions anything."""
     digest, count = hashlib.sha256(), 0
     for name, p in model.named_parameters():
         if p.requires_grad:
             continue
-        digest.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
-        digest.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-        count += p.numel()
+        with _whole(p):  # a ZeRO-3-partitioned parameter is gathered for the hash (a collective: every rank runs this)
+            digest.update(f"{name}:{tuple(p.shape)}".encode())
+            # hashed in bf16: a base held in bf16 for training and rebuilt in fp32 for evaluation is the same base
+            digest.update(p.detach().to("cpu", torch.bfloat16).contiguous().view(torch.uint8).numpy().tobytes())
+            count += p.numel()
     return {"path": pretrained, "parameters": count, "sha256": digest.hexdigest()}
+
+
+def _whole(p: torch.nn.Parameter):
+    if hasattr(p, "ds_id"):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters([p])
+    return contextlib.nullcontext()
 
 
 def provenance() -> dict:

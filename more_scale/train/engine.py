@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -45,6 +46,23 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+@contextlib.contextmanager
+def model_init_context(ds: dict):
+    """Where the model is built. Under ZeRO-3 its parameters are partitioned as they are created
+    (deepspeed.zero.Init) and a pretrained LM is loaded partitioned (transformers' HfDeepSpeedConfig,
+    which must stay alive while from_pretrained runs): no rank ever holds the whole model."""
+    if ds.get("zero_optimization", {}).get("stage") != 3:
+        yield
+        return
+    from transformers.integrations import HfDeepSpeedConfig
+
+    hf_deepspeed = HfDeepSpeedConfig(ds)  # noqa: F841 - transformers reads it through a weak reference
+    # the dtype comes from the config's bf16 switch: DeepSpeed 0.19 turns an explicit dtype=fp32 into bf16 on
+    # accelerators without fp16 (operator precedence in Init._set_dtype)
+    with deepspeed.zero.Init(config_dict_or_path=ds):
+        yield
+
+
 def engine_device() -> torch.device:
     """This rank's accelerator (dist.init_distributed set the CUDA device), else the CPU."""
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
@@ -58,6 +76,12 @@ def build_engine(cfg: TrainConfig, model: nn.Module, micro_batch: int, world: in
     offload = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") != "none"
     if not offload:
         model.to(device)
+    if cfg.precision == "bf16" and any(hasattr(p, "ds_id") for p in model.parameters()):
+        # part of the model (the LM base) was built partitioned: DeepSpeed then leaves the dtype of the rest
+        # (towers, heads, LoRA) to us, and bf16 inputs meet fp32 weights at the first layer
+        for p in model.parameters():
+            if not hasattr(p, "ds_id"):
+                p.data = p.data.to(torch.bfloat16)
     fused = device.type == "cuda" and not offload  # one kernel for all parameters instead of a loop of many
     optimizer = torch.optim.AdamW(parameter_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas),
                                   fused=fused)

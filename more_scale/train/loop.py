@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import socket
 from pathlib import Path
 
@@ -17,9 +18,9 @@ from more_scale.data.tokenizer import load_tokenizer
 from more_scale.hardware import matmul_peak
 from more_scale.loss import ContrastiveLoss
 from more_scale.models.flops import step_flops
-from more_scale.models.more import build_model, trainable_summary
+from more_scale.models.more import MODALITIES, build_model, trainable_summary
 from more_scale.train import checkpoint
-from more_scale.train.engine import build_engine
+from more_scale.train.engine import build_engine, deepspeed_config, model_init_context
 from more_scale.train.guard import RunLock, RunLocked, launched, watch_parent
 from more_scale.train.health import Diverged, HealthWatch
 from more_scale.train.meter import StepMeter
@@ -39,6 +40,27 @@ def train_step(engine, loss_fn: ContrastiveLoss, batch: Batch) -> dict[str, torc
     engine.backward(losses["loss"])
     engine.step()
     return {**{k: v.detach() for k, v in losses.items()}, "logit_scale": embeddings["logit_scale"].detach()}
+
+
+def train_step_cached(engine, loss_fn: ContrastiveLoss, micro_batches: list[Batch]) -> dict[str, torch.Tensor]:
+    """One optimizer step over K micro-batches with the negatives of all of them (train.accum_negatives=cached,
+    open_clip's accum_freq): embed every micro-batch without gradients, then for each micro-batch embed it
+    again with gradients, put it in its place among the cached rows, and back-propagate the loss over all
+    K x B local rows (gathered over ranks as usual). Summed over the K backward passes, the gradient is the
+    large batch's; DeepSpeed divides each backward by K, so the loss is scaled by K to undo that."""
+    k = len(micro_batches)
+    with torch.no_grad():
+        cached = [engine(b) for b in micro_batches]
+    cxr_mask = torch.cat([b.cxr_mask for b in micro_batches])
+    ecg_mask = torch.cat([b.ecg_mask for b in micro_batches])
+    for i, batch in enumerate(micro_batches):
+        fresh = engine(batch)
+        embeddings = {m: torch.cat([fresh[m] if j == i else cached[j][m] for j in range(k)]) for m in MODALITIES}
+        embeddings["logit_scale"] = fresh["logit_scale"]
+        losses = loss_fn(embeddings, cxr_mask, ecg_mask)
+        engine.backward(losses["loss"] * k)
+        engine.step()
+    return {**{n: v.detach() for n, v in losses.items()}, "logit_scale": fresh["logit_scale"].detach()}
 
 
 def _check_stream_resume(state: checkpoint.TrainState, now: dict, console: Console) -> None:
@@ -81,7 +103,9 @@ def train(cfg: Config) -> checkpoint.TrainState:
 def _train(cfg: Config, rank: int, world: int, console: Console, out: Path) -> checkpoint.TrainState:
     torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
     tokenizer = load_tokenizer(tokenizer_dir(cfg))
-    model = build_model(cfg.model, len(tokenizer), tokenizer.pad_token_id)
+    ds_plan = deepspeed_config(cfg.train, cfg.data.batch_size, world)
+    model = build_model(cfg.model, len(tokenizer), tokenizer.pad_token_id,  # ZeRO-3: the LM built partitioned
+                        base_context=functools.partial(model_init_context, ds_plan))
     if cfg.model.head == "batchnorm" and world > 1:
         if torch.cuda.is_available():
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # statistics over the global batch
@@ -107,6 +131,8 @@ def _train(cfg: Config, rank: int, world: int, console: Console, out: Path) -> c
                   f"{cfg.data.batch_size} x accum {cfg.train.grad_accum} x dp {world} | ZeRO "
                   f"{ds['zero_optimization']['stage']} {cfg.train.precision} | trainable {trainable:,} of "
                   f"{total:,} params ({100 * trainable / total:.2f}%) | start step {state.step} of {cfg.train.steps}")
+    held = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in engine.module.parameters())
+    console.print(f"this rank holds {held:,} of the {total:,} parameters")
     console.print(f"device {device} ({peak.device}) | measured {peak.dtype} matmul peak {peak.tflops:.3g} TFLOP/s "
                   f"({peak.size}^3){f', datasheet {peak.datasheet_tflops:g}' if peak.datasheet_tflops else ''} | "
                   f"{flops.per_sample(cfg.data.max_text_tokens) / 1e9:.3g} GFLOP per training sample at "
@@ -129,11 +155,17 @@ def _train(cfg: Config, rank: int, world: int, console: Console, out: Path) -> c
         task = progress.add_task("train", total=cfg.train.steps, completed=state.step, info="")
         end = cfg.train.stop_at_step or cfg.train.steps
         while state.step < end:
+            micro_batches = []
             for _ in range(cfg.train.grad_accum):
                 batch = next(batches)
                 skips.add(batch.info)
                 meter.add_micro_batch(len(batch), batch.info.text_tokens, batch.input_ids.shape[1])
-                values = train_step(engine, loss_fn, batch)
+                if cfg.train.accum_negatives == "cached":
+                    micro_batches.append(batch)
+                else:
+                    values = train_step(engine, loss_fn, batch)
+            if micro_batches:
+                values = train_step_cached(engine, loss_fn, micro_batches)
             state.step += 1
             state.samples += ds["train_batch_size"]
             meter.add_step(ds["train_batch_size"])
