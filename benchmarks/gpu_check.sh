@@ -39,7 +39,7 @@ if ((DRY)); then  # toy sizes on the CPU; their tables go to $WORK, never over m
   PRESET=small PRECISION=fp32
 else
   DEVICE=cuda SUBJECTS=1500 WORKERS=16 BUILD=()
-  TRAIN=(--config configs/base.yaml data.workers=12 train.steps=100 train.warmup_steps=10 train.log_every=20
+  TRAIN=(--config configs/base.yaml model.text.random_init=true data.workers=12 train.steps=100 train.warmup_steps=10 train.log_every=20
          train.save_every=1000)
   SWEEP=(--preset paper --batch 64 --steps 3 --precision bf16 --engine-zero 1,2)
   PRESET=paper PRECISION=bf16

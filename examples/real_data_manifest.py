@@ -4,7 +4,7 @@ their diagnosis names, PTB-XL ECGs (raw WFDB and 500 Hz .npy) with their free-te
 
   python examples/real_data_manifest.py ../shared/data/real real_manifest.csv
   python launch/build_shards.py --source csv --manifest real_manifest.csv --root ../shared/data/real \\
-      --label-columns source,finding,view --out real_shards
+      --label-columns source,finding,view,superclass --out real_shards
 
 An example of turning a folder of your own into a manifest. Every X-ray and ECG file it finds is either
 a manifest row or listed with the reason it is not; the build then reports unreadable ones.
@@ -40,7 +40,7 @@ def manifest_rows(real: Path) -> tuple[list[dict], dict[str, str]]:
         rows.append({"key": f"ptbxl_{r.ecg_id:05d}_{'npy' if npy else 'wfdb'}",
                      "split": PTBXL_SPLITS.get(int(r.strat_fold), "train"), "ecg": r.signal_path,
                      "ecg_rate": "500" if npy else "", "ecg_text": r.report, "source": "ptb-xl",
-                     "finding": r.diagnostic_superclass})
+                     "finding": r.diagnostic_superclass, "superclass": r.diagnostic_superclass})
     in_pairs = {Path(p).as_posix() for p in pairs["signal_path"]}
     not_rows = {}
     for r in pd.read_csv(real / CINC / "labels.csv", dtype=str, keep_default_na=False).to_dict("records"):

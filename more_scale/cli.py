@@ -185,9 +185,10 @@ def train_main(argv: list[str] | None = None) -> int:
 
 
 
-EVALUATE_DOC = """Evaluate a trained run on a shard set: zero-shot AUROC and retrieval recall@K vs chance.
+EVALUATE_DOC = """Evaluate a trained run on a shard set: zero-shot (AUROC, AUPRC), retrieval (recall@K, median
+rank), linear probes, each beside chance; figures and an HTML report.
 
-  python launch/evaluate.py --checkpoint OUT --shards SHARDS/test --out EVAL
+  python launch/evaluate.py --checkpoint OUT --shards SHARDS/test --out EVAL [--train-shards SHARDS/train]
 """
 
 
@@ -197,10 +198,14 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=EVALUATE_DOC, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="run folder (output_dir of training)")
     parser.add_argument("--shards", required=True, help="shard directory with shards.json")
-    parser.add_argument("--out", required=True, help="where results.json goes")
+    parser.add_argument("--out", required=True, help="where results.json, figures/ and report.html go")
+    parser.add_argument("--tasks", help="a tasks YAML (default: the shipped more_scale/eval/tasks.yaml)")
+    parser.add_argument("--train-shards", help="training split for linear probes at 1/10/100%% of its labels")
+    parser.add_argument("--no-figures", action="store_true", help="metrics only")
     args = parser.parse_args(argv)
-    print_results(evaluate(args.checkpoint, args.shards, args.out))
-    print(f"wrote {args.out}/results.json")
+    results = evaluate(args.checkpoint, args.shards, args.out, args.tasks, args.train_shards, not args.no_figures)
+    print_results(results)
+    print(f"wrote {args.out}/results.json" + ("" if args.no_figures else f" and {args.out}/report.html"))
     return 0
 
 

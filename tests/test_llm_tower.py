@@ -17,7 +17,8 @@ def _train(shards, out, *extra):
     """fp32 unless `extra` says bf16 (llm7b.yaml's precision; a slow path on CPUs without AVX-512 BF16)."""
     precision = [] if any(e.startswith("train.precision=") for e in extra) else ["train.precision=fp32"]
     return run_launcher([launcher("torchrun"), "--nproc_per_node", "2", "--master_port", _port(), "launch/train.py",
-                         "--config", "tiny-cpu", f"data.train={shards / 'train'}", f"output_dir={out}", *LLAMA, *precision, *extra])
+                         "--config", "tiny-cpu", f"data.train={shards / 'train'}", f"output_dir={out}", *LLAMA,
+                         *precision, *extra])
 
 
 def test_llama_lora_tower_under_zero3_trains_resumes_and_exports(shards, tmp_path):

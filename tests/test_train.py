@@ -123,20 +123,28 @@ def test_resume_continues_optimizer_and_schedule(stopped_and_resumed):
     assert (out / "tensorboard").is_dir() and any((out / "tensorboard").iterdir())
 
 
-def test_evaluate_writes_results_beside_chance(stopped_and_resumed, shards, tmp_path):
+def test_evaluate_writes_the_full_report_beside_chance(stopped_and_resumed, shards, tmp_path):
     from launch_helpers import evaluate_main
 
     out, _, _ = stopped_and_resumed
-    assert evaluate_main(["--checkpoint", str(out), "--shards", str(shards / "test"), "--out", str(tmp_path)]) == 0
+    assert evaluate_main(["--checkpoint", str(out), "--shards", str(shards / "test"), "--out", str(tmp_path),
+                          "--train-shards", str(shards / "train")]) == 0
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["samples"] > 0
     cardio = results["zero_shot"]["Cardiomegaly"]
-    assert 0 <= cardio["auroc"] <= 1 and abs(cardio["chance_auroc"] - 0.5) < 0.1
-    for pair in ("text->cxr", "text->ecg", "cxr->ecg"):
+    assert 0 <= cardio["auroc"] <= 1 and abs(cardio["chance_auroc"] - 0.5) < 0.1 and 0 < cardio["chance_auprc"] < 1
+    for pair in ("text->cxr", "text->ecg", "cxr->ecg", "ecg->cxr"):
         r = results["retrieval"][pair]
         assert r["n"] == results["samples"]
         assert r["chance_R@5"] == pytest.approx(5 / r["n"], abs=0.05)
-        assert 0 <= r["R@1"] <= r["R@5"] <= r["R@10"] <= 1
+        assert 0 <= r["R@1"] <= r["R@5"] <= r["R@10"] <= 1 and 1 <= r["median_rank"] <= r["n"]
+    assert all(0 <= v <= 1 for r in results["linear_probe"].values() for k, v in r.items() if k.startswith("auroc@"))
+    figures = results["figures"]
+    assert {"ROC curves", "Embeddings (t-SNE)", "Retrieval", "Training"} <= set(figures)
+    assert any(name.startswith("Relevance: X-ray") for name in figures) and any(n.startswith("Relevance: ECG") for n in figures)
+    page = (tmp_path / "report.html").read_text()
+    for path in figures.values():
+        assert (tmp_path / path).stat().st_size > 10_000 and f"src='{path}'" in page  # drawn, and on the page
 
 
 def test_sigusr1_on_one_rank_checkpoints_all_and_exits_for_requeue(shards, tmp_path):

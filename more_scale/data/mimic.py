@@ -27,6 +27,24 @@ def find_table(root: Path, name: str) -> Path:
     raise FileNotFoundError(f"{root}: expected {name}.csv or {name}.csv.gz")
 
 
+EDEMA_SEVERITY_FILES = ("regex_report_edema_severity", "expert_report_edema_severity",
+                        "consensus_image_edema_severity")  # weakest first: a later file overrides
+
+
+def edema_severity(root: Path) -> dict:
+    """MIMIC-CXR pulmonary edema severity (PhysioNet mimic-cxr-pe-severity, 0-3) by study id, and by dicom id
+    for the image-level consensus set, from whichever of its CSVs lie under `root` (none: {})."""
+    grades = {}
+    for name in EDEMA_SEVERITY_FILES:
+        try:
+            table = pd.read_csv(find_table(root, name), dtype={"dicom_id": str})
+        except FileNotFoundError:
+            continue
+        key = "dicom_id" if "dicom_id" in table else "study_id"
+        grades.update({k: int(v) for k, v in zip(table[key], table["edema_severity"]) if pd.notna(v)})
+    return grades
+
+
 def study_datetime(date: int, time: float) -> dt.datetime:
     """MIMIC-CXR StudyDate (YYYYMMDD) + StudyTime (HHMMSS.fff float that lost its leading zero)."""
     whole = int(time)
@@ -51,11 +69,15 @@ class _Tables:
         self.frontal = self.frontal.assign(view_rank=self.frontal["ViewPosition"].map({"PA": 0, "AP": 1}))
         self.frontal = self.frontal.sort_values(["study_id", "view_rank", "dicom_id"]).drop_duplicates("study_id")
         self.subject_split = dict(zip(split["subject_id"], split["split"])) if "subject_id" in split else {}
+        self.edema = edema_severity(cxr_root)
 
     def ecg_statements(self, ecg_id: int) -> list[str]:
         if ecg_id not in self.statements.index:
             return []
         return [s for s in self.statements.loc[ecg_id] if isinstance(s, str)]
+
+    def edema_grade(self, study_id: int, dicom_id: str) -> int | None:
+        return self.edema.get(dicom_id, self.edema.get(study_id))
 
     def chexpert(self, study_id: int) -> dict:
         if study_id not in self.labels.index:
@@ -110,6 +132,8 @@ def _spec(key: str, tables: _Tables, cxr_root: Path, report_root: Path, ecg_root
         meta.update(subject_id=int(row.subject_id), study_id=int(row.study_id), dicom_id=row.dicom_id,
                     view=row.ViewPosition, split=row.split, cxr_time=when.isoformat(),
                     chexpert=tables.chexpert(row.study_id))
+        if (grade := tables.edema_grade(row.study_id, row.dicom_id)) is not None:
+            meta["edema_severity"] = grade
         split = row.split
     if record is not None:
         statements = tables.ecg_statements(record.study_id)

@@ -56,7 +56,8 @@ SPLIT_FRACTIONS = (("train", 0.75), ("validate", 0.05), ("test", 0.2))  # by sub
 class CxrFindings:
     heart_grade: int  # 0 normal, 1 mild, 2 moderate, 3 marked cardiomegaly
     effusion_side: str  # "" none | left | right | bilateral (the patient's side)
-    edema_grade: int  # 0 none, 1 mild, 2 moderate
+    edema_grade: int  # MIMIC's edema severity: 0 none, 1 vascular congestion, 2 interstitial, 3 alveolar
+    atelectasis_side: str = ""  # "" none | left | right: a plate-like basal opacity
 
     @property
     def cardiomegaly(self) -> bool:
@@ -69,6 +70,10 @@ class CxrFindings:
     @property
     def edema(self) -> bool:
         return self.edema_grade > 0
+
+    @property
+    def atelectasis(self) -> bool:
+        return bool(self.atelectasis_side)
 
 
 @dataclass
@@ -92,7 +97,7 @@ def make_synthetic(out: str | Path, subjects: int = 200, seed: int = 0, image_si
     jobs = [(out, seed, i, int(subject_ids[i]), [int(v) for v in cxr_ids[i]], [int(v) for v in ecg_ids[i]], image_size)
             for i in range(subjects)]
     pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None
-    rows = {"metadata": [], "splits": [], "chexpert": [], "record_list": [], "measurements": []}
+    rows = {"metadata": [], "splits": [], "chexpert": [], "edema": [], "record_list": [], "measurements": []}
     results = pool.imap(_make_subject, jobs, chunksize=4) if pool else map(_make_subject, jobs)
     for subject_rows in track(results, total=subjects, description="synthetic subjects"):
         for name, values in subject_rows.items():
@@ -105,6 +110,8 @@ def make_synthetic(out: str | Path, subjects: int = 200, seed: int = 0, image_si
     _write_csv(cxr_root / "mimic-cxr-2.0.0-split.csv", ("dicom_id", "study_id", "subject_id", "split"), rows["splits"])
     _write_csv(cxr_root / "mimic-cxr-2.0.0-chexpert.csv", ("subject_id", "study_id") + CHEXPERT_LABELS,
                rows["chexpert"])
+    # as PhysioNet's mimic-cxr-pe-severity ships it (report-regex grades of the studies that mention edema)
+    _write_csv(cxr_root / "regex_report_edema_severity.csv", ("subject_id", "study_id", "edema_severity"), rows["edema"])
     (cxr_root / "IMAGE_FILENAMES").write_text("".join(
         f"files/p{str(r[1])[:2]}/p{r[1]}/s{r[2]}/{r[0]}.jpg\n" for r in rows["metadata"]))
     _write_csv(ecg_root / "record_list.csv", ("subject_id", "study_id", "file_name", "ecg_time", "path"),
@@ -118,7 +125,7 @@ def _make_subject(job) -> dict[str, list]:
     """All files of one subject; returns its CSV rows."""
     out, seed, index, subject, cxr_ids, ecg_ids, image_size = job
     cxr_root, report_root, ecg_root = out / "mimic-cxr-jpg", out / "mimic-cxr-reports", out / "mimic-iv-ecg"
-    rows = {"metadata": [], "splits": [], "chexpert": [], "record_list": [], "measurements": []}
+    rows = {"metadata": [], "splits": [], "chexpert": [], "edema": [], "record_list": [], "measurements": []}
     srng = np.random.default_rng([seed, index])  # per subject: adding subjects keeps earlier bytes
     split = _split_for(srng.random())
     heart_disease = srng.random() < 0.4  # shared cause: makes X-ray and ECG findings co-occur
@@ -132,7 +139,8 @@ def _make_subject(job) -> dict[str, list]:
             heart_grade=int(srng.integers(1, 4)) if srng.random() < (0.65 if heart_disease else 0.12) else 0,
             effusion_side=str(srng.choice(["left", "right", "bilateral"]))
             if srng.random() < (0.45 if heart_disease else 0.15) else "",
-            edema_grade=int(srng.integers(1, 3)) if srng.random() < (0.4 if heart_disease else 0.08) else 0,
+            edema_grade=int(srng.integers(1, 4)) if srng.random() < (0.4 if heart_disease else 0.08) else 0,
+            atelectasis_side=str(srng.choice(["left", "right"])) if srng.random() < 0.2 else "",
         )
         study_dir = cxr_root / "files" / f"p{str(subject)[:2]}" / f"p{subject}" / f"s{study}"
         views = [srng.choice(["PA", "AP"], p=[0.6, 0.4])] + (["LATERAL"] if srng.random() < 0.5 else [])
@@ -147,6 +155,8 @@ def _make_subject(job) -> dict[str, list]:
         report_path.parent.mkdir(parents=True, exist_ok=True)
         report_path.write_text(_radiology_report(srng, findings, views[0]))
         rows["chexpert"].append(_chexpert_row(srng, subject, study, findings))
+        if findings.edema or srng.random() < 0.3:  # the severity set holds the studies whose report speaks of edema
+            rows["edema"].append((subject, study, findings.edema_grade))
     for study in ecg_ids[: int(srng.integers(1, MAX_STUDIES + 1))]:
         anchor = study_times[int(srng.integers(0, len(study_times)))]
         when = anchor + dt.timedelta(days=int(srng.integers(-80, 81)), seconds=int(srng.integers(0, 86400)))
@@ -204,6 +214,11 @@ def _render_cxr(rng: np.random.Generator, f: CxrFindings, view: str, size: int) 
             for side in (-1, 1):
                 cv2.ellipse(img, (int(cx + side * s * 0.05), int(y)), (int(s * 0.32), int(s * 0.06)), 0,
                             200 if side < 0 else -20, 340 if side < 0 else 160, 95, max(1, s // 90))
+        if f.atelectasis:  # a plate-like band above the dome of the diaphragm, on the patient's side
+            side = 1 if f.atelectasis_side == "left" else -1
+            y = int(cy + s * rng.uniform(0.12, 0.2))
+            cv2.line(img, (int(cx + side * s * 0.1), y), (int(cx + side * s * 0.3), y - int(s * 0.03)), 140,
+                     max(2, s // 60))
         if f.edema:  # perihilar haze: raises lung density centrally
             yy, xx = np.mgrid[0:s, 0:s].astype(np.float32)
             haze = np.exp(-(((xx - cx) / (s * 0.2)) ** 2 + ((yy - cy) / (s * 0.25)) ** 2))
@@ -234,20 +249,34 @@ def _metadata_row(dicom_id, subject, study, view, shape, when: dt.datetime) -> t
             study_time, "CHEST (PA AND LAT)", orientation, "Erect")
 
 
+# Several wordings per finding, none of them a prompt of eval/tasks.yaml (tests/test_evaluation.py checks):
+# zero-shot scores must come from what the model learned, not from reading its own training sentences back.
+HEART = {0: ("Heart size is normal.", "The cardiac silhouette is within normal limits.",
+             "Cardiomediastinal contours are unremarkable."),
+         1: ("The heart is mildly enlarged.", "Heart size is at the upper limit of normal to mildly enlarged."),
+         2: ("The heart is moderately enlarged.", "Moderate enlargement of the heart."),
+         3: ("Marked enlargement of the cardiac silhouette.", "The heart is severely enlarged.")}
+FLUID = {"": ("No pleural effusion.", "There is no pleural effusion or pneumothorax.", "No pleural fluid is seen."),
+         "left": ("There is a small left pleural effusion.", "Blunting of the left costophrenic angle from fluid."),
+         "right": ("Right pleural effusion with blunting of the costophrenic angle.", "Small right-sided effusion."),
+         "bilateral": ("Moderate bilateral pleural effusions.", "Effusions layer on both sides.")}
+LUNGS = {0: ("No pulmonary edema.", "The lungs are clear without edema.", "No signs of fluid overload."),
+         1: ("Mild pulmonary vascular engorgement.", "Cephalization of the pulmonary vessels."),
+         2: ("Mild pulmonary edema.", "Interstitial markings are prominent, consistent with edema."),
+         3: ("Moderate pulmonary edema with vascular congestion.", "Diffuse airspace opacities from pulmonary edema.")}
+COLLAPSE = {"left": ("Streaky left basilar opacity, likely atelectasis.", "Left lower lobe volume loss."),
+            "right": ("Right basilar linear opacity consistent with atelectasis.", "Discoid atelectasis on the right.")}
+
+
 def _radiology_report(rng: np.random.Generator, f: CxrFindings, view: str) -> str:
-    heart = {1: "The heart is mildly enlarged.", 2: "The heart is moderately enlarged.",
-             3: "Marked enlargement of the cardiac silhouette."}.get(f.heart_grade) or \
-        rng.choice(["Heart size is normal.", "The cardiac silhouette is within normal limits."])
-    fluid = {"left": "There is a small left pleural effusion.", "right": "Right pleural effusion with blunting of the "
-             "costophrenic angle.", "bilateral": "Moderate bilateral pleural effusions."}.get(f.effusion_side) or \
-        rng.choice(["No pleural effusion.", "There is no pleural effusion or pneumothorax."])
-    lungs = {1: "Mild pulmonary edema.", 2: "Moderate pulmonary edema with vascular congestion."}.get(f.edema_grade) or \
-        rng.choice(["No pulmonary edema.", "The lungs are clear without edema."])
+    heart, fluid, lungs = (str(rng.choice(t)) for t in (HEART[f.heart_grade], FLUID[f.effusion_side],
+                                                         LUNGS[f.edema_grade]))
+    collapse = str(rng.choice(COLLAPSE[f.atelectasis_side])) + "  " if f.atelectasis else ""
     positives = [name for name, on in (("cardiomegaly", f.cardiomegaly), ("pleural effusion", f.effusion),
-                                       ("pulmonary edema", f.edema)) if on]
+                                       ("pulmonary edema", f.edema), ("atelectasis", f.atelectasis)) if on]
     impression = ("Findings of " + " and ".join(positives) + ".") if positives else \
         str(rng.choice(["No acute cardiopulmonary process.", "No acute intrathoracic abnormality."]))
-    findings = f"{heart}  {lungs}  {fluid}  No pneumothorax."
+    findings = f"{heart}  {lungs}  {collapse}{fluid}  No pneumothorax."
     lines = [" " * 33 + "FINAL REPORT",
              f" EXAMINATION:  CHEST ({'PORTABLE AP' if view == 'AP' else 'PA AND LAT'})", " ",
              " INDICATION:  ___ year old with dyspnea  // eval for fluid", " ", " COMPARISON:  ___", " "]
@@ -266,9 +295,8 @@ def _chexpert_row(rng: np.random.Generator, subject, study, f: CxrFindings) -> t
     labels = dict.fromkeys(CHEXPERT_LABELS, "")
     for name, on in (("Cardiomegaly", f.cardiomegaly), ("Pleural Effusion", f.effusion), ("Edema", f.edema)):
         labels[name] = 1.0 if on else 0.0
-    if rng.random() < 0.05:
-        labels["Atelectasis"] = -1.0  # uncertain mentions exist in the real labels
-    if not (f.cardiomegaly or f.effusion or f.edema):
+    labels["Atelectasis"] = 1.0 if f.atelectasis else (-1.0 if rng.random() < 0.05 else 0.0 if rng.random() < 0.5 else "")
+    if not (f.cardiomegaly or f.effusion or f.edema or f.atelectasis):
         labels["No Finding"] = 1.0
     return (subject, study) + tuple(labels.values())
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +16,8 @@ from more_scale.data.tokenizer import load_tokenizer
 from more_scale.models.more import MODALITIES, MoRE, build_model
 from more_scale.train.checkpoint import checkpoint_root, frozen_base, latest_tag, model_states_file
 
+THUMBNAIL = 64  # px: X-ray thumbnails kept for retrieval grids
+
 
 @dataclass
 class Embeddings:
@@ -23,6 +25,8 @@ class Embeddings:
     masks: dict[str, np.ndarray]  # modality -> (N,) bool: present in the sample
     keys: list[str]
     meta: list[dict]
+    texts: list[str] = field(default_factory=list)  # the joined report of each sample (as tokenised, decoded)
+    thumbnails: np.ndarray | None = None  # (N, THUMBNAIL, THUMBNAIL) uint8 X-ray thumbnails (zeros: none)
 
 
 def load_trained(run_dir: str | Path, tag: str | None = None) -> tuple[MoRE, Config, object]:
@@ -61,7 +65,7 @@ def embed(model: MoRE, shards: str | Path, data_cfg: DataConfig, shape: InputSha
     device = next(model.parameters()).device
     vectors = {m: [] for m in MODALITIES}
     masks = {m: [] for m in MODALITIES}
-    keys, meta = [], []
+    keys, meta, texts, thumbnails = [], [], [], []
     for batch in track(iter_batches(shards, data_cfg, shape, tokenizer, batch_size), description=f"embedding {shards}"):
         out = model(batch.to(device, non_blocking=True))
         for m in MODALITIES:
@@ -71,10 +75,14 @@ def embed(model: MoRE, shards: str | Path, data_cfg: DataConfig, shape: InputSha
         masks["text"].append(np.ones(len(batch), bool))
         keys += batch.info.keys
         meta += batch.info.meta
+        texts += tokenizer.batch_decode(batch.input_ids, skip_special_tokens=True)
+        small = torch.nn.functional.interpolate(batch.cxr, size=(THUMBNAIL, THUMBNAIL), mode="area")[:, 0]
+        lo, hi = small.amin((1, 2), keepdim=True), small.amax((1, 2), keepdim=True)
+        thumbnails.append(((small - lo) / (hi - lo).clamp(min=1e-6) * 255).to(torch.uint8).numpy())
     if not keys:
         raise ValueError(f"{shards}: no samples to embed")
     return Embeddings({m: np.concatenate(v) for m, v in vectors.items()},
-                      {m: np.concatenate(v) for m, v in masks.items()}, keys, meta)
+                      {m: np.concatenate(v) for m, v in masks.items()}, keys, meta, texts, np.concatenate(thumbnails))
 
 
 @torch.no_grad()

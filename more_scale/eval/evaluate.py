@@ -1,7 +1,11 @@
-"""evaluate(run, shards) -> results dict: zero-shot AUROC per task and retrieval recall@K."""
+"""evaluate(run, shards) -> results.json, figures/*.png and report.html: zero-shot (binary, multi-label,
+ordinal) with AUROC/AUPRC, retrieval in four directions with recall@K and median rank, linear probes at
+1/10/100% of the labels, ROC curves, t-SNE, a retrieval grid, training curves and relevance maps. Every
+metric sits beside its chance baseline."""
 
 from __future__ import annotations
 
+import html
 import json
 import os
 from pathlib import Path
@@ -11,50 +15,169 @@ from rich.console import Console
 from rich.table import Table
 
 from more_scale.config import input_shape
+from more_scale.data.pipeline import iter_batches
+from more_scale.eval import figures
 from more_scale.eval.embed import embed, embed_texts, load_trained
-from more_scale.eval.metrics import retrieval, zero_shot
-from more_scale.eval.tasks import DEFAULT_TASKS
+from more_scale.eval.explain import cxr_map, ecg_map
+from more_scale.eval.metrics import linear_probe, retrieval, zero_shot
+from more_scale.eval.tasks import Task, load_tasks
 
-RETRIEVAL_PAIRS = (("text", "cxr"), ("text", "ecg"), ("cxr", "ecg"))
+RETRIEVAL_PAIRS = (("text", "cxr"), ("text", "ecg"), ("cxr", "ecg"), ("ecg", "cxr"))
+EXPLAINED = 4  # X-rays (and one ECG) with relevance maps in the report
 
 
-def evaluate(run_dir: str | Path, shards: str | Path, out_dir: str | Path, tasks=DEFAULT_TASKS) -> dict:
+def evaluate(run_dir: str | Path, shards: str | Path, out_dir: str | Path, tasks_file: str | Path | None = None,
+             train_shards: str | Path | None = None, pictures: bool = True) -> dict:
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
     model, cfg, tokenizer = load_trained(run_dir)
     model.to("cuda" if torch.cuda.is_available() else "cpu")
-    emb = embed(model, shards, cfg.data, input_shape(cfg.model), tokenizer)
-    results = {"run": str(run_dir), "shards": str(shards), "samples": len(emb.keys), "zero_shot": {}, "retrieval": {}}
+    shape = input_shape(cfg.model)
+    emb = embed(model, shards, cfg.data, shape, tokenizer)
+    tasks = load_tasks(tasks_file)
+    scale = float(model.scale().detach())
+    results = {"run": str(run_dir), "shards": str(shards), "samples": len(emb.keys),
+               "tasks_file": str(tasks_file or "shipped eval/tasks.yaml"), "zero_shot": {}, "retrieval": {}}
+    prompt_embeddings = {}
     for task in tasks:
-        pos = embed_texts(model, tokenizer, task.prompts(task.positive), cfg.data.max_text_tokens)
-        neg = embed_texts(model, tokenizer, task.prompts(task.negative), cfg.data.max_text_tokens)
-        results["zero_shot"][task.name] = {"modality": task.modality, **zero_shot(emb, task, pos, neg)}
+        prompt_embeddings[task.name] = {a: embed_texts(model, tokenizer, task.prompts(a), cfg.data.max_text_tokens)
+                                        for a in task.answers}
+        results["zero_shot"][task.name] = zero_shot(emb, task, prompt_embeddings[task.name], scale)
     for query, gallery in RETRIEVAL_PAIRS:
         results["retrieval"][f"{query}->{gallery}"] = retrieval(emb, query, gallery)
-    out_dir = Path(out_dir)
+    if train_shards:
+        train_emb = embed(model, train_shards, cfg.data, shape, tokenizer)
+        results["linear_probe"] = {t.name: linear_probe(train_emb, emb, t) for t in tasks if t.kind == "binary"}
     out_dir.mkdir(parents=True, exist_ok=True)
+    if pictures:
+        results["figures"] = _pictures(model, cfg, tokenizer, emb, tasks, prompt_embeddings, results, run_dir,
+                                       Path(shards), out_dir)
     tmp = out_dir / "results.json.tmp"
     tmp.write_text(json.dumps(results, indent=1))
     os.replace(tmp, out_dir / "results.json")
+    if pictures:
+        (out_dir / "report.html").write_text(html_report(results))
     return results
 
 
-def print_results(results: dict, console: Console | None = None) -> None:
-    console = console or Console()
-    table = Table(title=f"zero-shot AUROC ({results['samples']} samples of {results['shards']})")
-    for column in ("task", "modality", "n (pos)", "AUROC", "chance"):
-        table.add_column(column, justify="right" if column != "task" else "left")
+def _pictures(model, cfg, tokenizer, emb, tasks: list[Task], prompt_embeddings, results, run_dir: Path,
+              shards: Path, out_dir: Path) -> dict[str, str]:
+    folder = out_dir / "figures"
+    folder.mkdir(exist_ok=True)
+    made = {
+        "ROC curves": figures.roc_curves(results, folder / "roc.png"),
+        "Embeddings (t-SNE)": figures.tsne(emb, tasks, folder / "tsne.png"),
+        "Retrieval": figures.retrieval_grid(emb, folder / "retrieval.png"),
+        "Training": figures.training_curves(run_dir, folder / "training.png"),
+    }
+    batch = next(iter(iter_batches(shards, cfg.data, input_shape(cfg.model), tokenizer, 32)))
+    device = next(model.parameters()).device
+    for modality in ("cxr", "ecg"):
+        # the binary task with the most positives in this batch, explained on its positive samples first
+        candidates = [t for t in tasks if t.modality == modality and t.kind == "binary"]
+        present = batch.cxr_mask if modality == "cxr" else batch.ecg_mask
+        labels = {t.name: [t.label(m) if present[i] else None for i, m in enumerate(batch.info.meta)] for t in candidates}
+        task = max(candidates, key=lambda t: sum(v == 1.0 for v in labels[t.name]), default=None)
+        if task is None or not present.any():
+            continue
+        order = sorted((i for i in range(len(batch)) if present[i]), key=lambda i: labels[task.name][i] != 1.0)
+        chosen = order[:EXPLAINED if modality == "cxr" else 1]
+        query = torch.from_numpy(prompt_embeddings[task.name]["positive"].mean(0)).float().to(device)
+        query = query / query.norm()
+        sentence = task.answers["positive"][0]
+        picked = batch.rows(torch.tensor(chosen)).to(device)
+        answer = {1.0: "yes", 0.0: "no"}
+        captions = [f"{task.name}: {answer.get(labels[task.name][i], '?')}" for i in chosen]
+        if modality == "cxr":
+            maps = cxr_map(model, picked.cxr, query)
+            made[f"Relevance: X-ray, {task.name}"] = figures.relevance_cxr(picked.cxr.cpu(), maps, sentence,
+                                                                           folder / "relevance_cxr.png", captions)
+        else:
+            maps = ecg_map(model, picked.ecg, query)
+            made[f"Relevance: ECG, {task.name}"] = figures.relevance_ecg(
+                picked.ecg[0].cpu(), maps[0], sentence, folder / "relevance_ecg.png", captions[0])
+    return {name: str(path.relative_to(out_dir)) for name, path in made.items() if path is not None}
+
+
+def _fmt(value, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def _zero_shot_rows(results: dict) -> list[list[str]]:
+    rows = []
     for name, r in results["zero_shot"].items():
-        table.add_row(name, r["modality"], f"{r['n']} ({r['n_positive']})", _fmt(r["auroc"]), _fmt(r["chance_auroc"]))
-    console.print(table)
-    table = Table(title="retrieval recall@K (own pair among all test pairs)")
-    table.add_column("query->gallery")
-    table.add_column("n", justify="right")
-    for k in (1, 5, 10):
-        table.add_column(f"R@{k}", justify="right")
-        table.add_column(f"chance R@{k}", justify="right")
-    for name, r in results["retrieval"].items():
-        table.add_row(name, str(r["n"]), *[_fmt(r.get(f"{p}R@{k}")) for k in (1, 5, 10) for p in ("", "chance_")])
-    console.print(table)
+        if r["kind"] == "binary":
+            rows.append([name, r["modality"], f"{r['n']} ({r.get('n_positive', 0)})", _fmt(r.get("auroc")),
+                         _fmt(r.get("chance_auroc")), _fmt(r.get("auprc")), _fmt(r.get("chance_auprc"))])
+        elif r["kind"] == "multilabel":
+            rows.append([f"{name} (macro)", r["modality"], str(r["n"]), _fmt(r.get("macro_auroc")),
+                         _fmt(r.get("chance_macro_auroc")), "", ""])
+            for cls, c in r.get("classes", {}).items():
+                rows.append([f"  {cls}", "", f"({c.get('n_positive', '-')})" if "auroc" not in c else "",
+                             _fmt(c.get("auroc")), _fmt(c.get("chance_auroc")), _fmt(c.get("auprc")),
+                             _fmt(c.get("chance_auprc"))])
+            if "single_label" in r:
+                s = r["single_label"]
+                rows.append(["  single label by priority: accuracy", "", str(s["n"]), _fmt(s["accuracy"]),
+                             _fmt(s["chance_accuracy"]), "", ""])
+        else:
+            rows.append([f"{name} (Spearman / accuracy)", r["modality"], str(r["n"]),
+                         f"{_fmt(r.get('spearman'))} / {_fmt(r.get('accuracy'))}",
+                         f"{_fmt(r.get('chance_spearman'))} / {_fmt(r.get('chance_accuracy'))}", "", ""])
+    return rows
 
 
-def _fmt(value) -> str:
-    return "-" if value is None else f"{value:.3f}"
+ZERO_SHOT_COLUMNS = ("task", "modality", "n (pos)", "AUROC", "chance", "AUPRC", "chance")
+RETRIEVAL_COLUMNS = ("query -> gallery", "n", "R@1", "chance", "R@5", "chance", "R@10", "chance", "median rank", "chance")
+
+
+def _retrieval_rows(results: dict) -> list[list[str]]:
+    return [[name, str(r["n"]), *[_fmt(r.get(f"{p}R@{k}")) for k in (1, 5, 10) for p in ("", "chance_")],
+             _fmt(r.get("median_rank"), 1), _fmt(r.get("chance_median_rank"), 1)] for name, r in results["retrieval"].items()]
+
+
+def print_results(results: dict, console: Console | None = None) -> None:
+    console = console or Console(width=None if Console().is_terminal else 140)  # logs: wide enough for the tables
+    for title, columns, rows in (
+            (f"zero-shot ({results['samples']} samples of {results['shards']})", ZERO_SHOT_COLUMNS, _zero_shot_rows(results)),
+            ("retrieval (own pair among all test pairs)", RETRIEVAL_COLUMNS, _retrieval_rows(results))):
+        table = Table(title=title)
+        for i, column in enumerate(columns):
+            table.add_column(column, justify="left" if i == 0 else "right")
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
+    if "linear_probe" in results:
+        table = Table(title="linear probe (test AUROC; logistic regression on frozen embeddings)")
+        for column in ("task", "n train", "1%", "10%", "100%"):
+            table.add_column(column, justify="right")
+        for name, r in results["linear_probe"].items():
+            table.add_row(name, str(r["n_train"]), *[_fmt(r.get(f"auroc@{f}")) for f in ("0.01", "0.1", "1")])
+        console.print(table)
+
+
+def _html_table(columns, rows) -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def html_report(results: dict) -> str:
+    """One page: the tables, then every figure; figures are files beside it (figures/*.png)."""
+    parts = [f"<h1>MoRE evaluation</h1><p class='meta'>run <code>{html.escape(results['run'])}</code> on "
+             f"<code>{html.escape(results['shards'])}</code>: {results['samples']} samples; tasks from "
+             f"<code>{html.escape(results['tasks_file'])}</code>. Every figure beside its chance baseline.</p>",
+             "<h2>Zero-shot</h2>", _html_table(ZERO_SHOT_COLUMNS, _zero_shot_rows(results)),
+             "<h2>Retrieval</h2>", _html_table(RETRIEVAL_COLUMNS, _retrieval_rows(results))]
+    if "linear_probe" in results:
+        rows = [[n, str(r["n_train"]), *[_fmt(r.get(f"auroc@{f}")) for f in ("0.01", "0.1", "1")]]
+                for n, r in results["linear_probe"].items()]
+        parts += ["<h2>Linear probe (test AUROC)</h2>", _html_table(("task", "n train", "1%", "10%", "100%"), rows)]
+    for name, path in results.get("figures", {}).items():
+        parts.append(f"<h2>{html.escape(name)}</h2><img src='{html.escape(path)}' alt='{html.escape(name)}'>")
+    style = ("body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;color:#222;padding:0 1em}"
+             "table{border-collapse:collapse;margin:0.5em 0 1.5em;font-size:14px}"
+             "th,td{border-bottom:1px solid #ddd;padding:4px 10px;text-align:right}"
+             "th:first-child,td:first-child{text-align:left}th{background:#f4f6f8}"
+             "img{max-width:100%;border:1px solid #eee;margin-bottom:1em}.meta{color:#555}")
+    return f"<!doctype html><html><head><meta charset='utf-8'><title>MoRE evaluation</title><style>{style}</style>" \
+           f"</head><body>{''.join(parts)}</body></html>"

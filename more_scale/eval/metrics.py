@@ -1,33 +1,105 @@
-"""Zero-shot AUROC and cross-modal recall@K, each beside a shuffled (chance) baseline."""
+"""The evaluation protocols on embeddings: zero-shot (binary, multi-label, ordinal), retrieval, linear probe.
+Every figure comes with the chance baseline it must beat, computed on the same samples."""
 
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import roc_auc_score
+from scipy.stats import spearmanr
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
 from more_scale.eval.embed import Embeddings
-from more_scale.eval.tasks import ZeroShotTask
+from more_scale.eval.tasks import Task
 
 CHANCE_DRAWS = 100  # permutations averaged for each chance figure
+PROBE_FRACTIONS = (0.01, 0.1, 1.0)  # of the training labels, as the paper's linear-probe table
+PROBE_DRAWS = 5  # label subsets averaged at the small fractions
 
 
-def zero_shot(emb: Embeddings, task: ZeroShotTask, pos: np.ndarray, neg: np.ndarray, seed: int = 0) -> dict:
-    """Score = cos(x, mean positive prompt) - cos(x, mean negative prompt); AUROC over labelled samples.
-    pos, neg: (P, D) prompt embeddings."""
+def unit(v: np.ndarray) -> np.ndarray:
+    return v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), 1e-12)
+
+
+def answer_centroids(prompt_embeddings: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Each answer's prompt ensemble -> one unit vector (the mean of its prompts' embeddings)."""
+    return {a: unit(e.mean(0)) for a, e in prompt_embeddings.items()}
+
+
+def _labelled(emb: Embeddings, task: Task) -> tuple[np.ndarray, list]:
     rows = [i for i, m in enumerate(emb.meta) if emb.masks[task.modality][i] and task.label(m) is not None]
-    labels = np.array([task.label(emb.meta[i]) for i in rows])
-    result = {"n": len(rows), "n_positive": int(labels.sum()) if len(rows) else 0}
-    if len(rows) == 0 or labels.min() == labels.max():
-        return {**result, "auroc": None, "chance_auroc": None, "note": "needs positives and negatives"}
-    x = emb.vectors[task.modality][rows]
-    scores = x @ _unit(pos.mean(0)) - x @ _unit(neg.mean(0))
+    return np.array(rows, dtype=int), [task.label(emb.meta[i]) for i in rows]
+
+
+def binary_metrics(labels: np.ndarray, scores: np.ndarray, seed: int = 0) -> dict:
+    """AUROC and AUPRC beside chance (AUROC over shuffled labels; AUPRC's chance is the prevalence)."""
     rng = np.random.default_rng(seed)
     chance = np.mean([roc_auc_score(rng.permutation(labels), scores) for _ in range(CHANCE_DRAWS)])
-    return {**result, "auroc": float(roc_auc_score(labels, scores)), "chance_auroc": float(chance)}
+    fpr, tpr, _ = roc_curve(labels, scores)
+    return {"auroc": float(roc_auc_score(labels, scores)), "chance_auroc": float(chance),
+            "auprc": float(average_precision_score(labels, scores)), "chance_auprc": float(labels.mean()),
+            "roc": {"fpr": fpr.round(4).tolist(), "tpr": tpr.round(4).tolist()}}
+
+
+def zero_shot(emb: Embeddings, task: Task, prompts: dict[str, np.ndarray], scale: float = 1.0, seed: int = 0) -> dict:
+    """prompts: answer -> (P, D) prompt embeddings. `scale`: the model's logit scale (ordinal softmax)."""
+    rows, labels = _labelled(emb, task)
+    centroids = answer_centroids(prompts)
+    x = emb.vectors[task.modality][rows]
+    out = {"kind": task.kind, "modality": task.modality, "n": int(len(rows))}
+    if task.kind == "binary":
+        y = np.array(labels, dtype=float)
+        out["n_positive"] = int(y.sum())
+        if len(rows) == 0 or y.min() == y.max():
+            return {**out, "note": "needs positives and negatives"}
+        return {**out, **binary_metrics(y, x @ centroids["positive"] - x @ centroids["negative"], seed)}
+    names = list(centroids)
+    sims = x @ np.stack([centroids[a] for a in names]).T  # (N, answers)
+    if task.kind == "multilabel":
+        if len(rows) == 0:
+            return {**out, "note": "no sample carries these labels"}
+        return {**out, **multilabel_metrics(labels, sims, names, task.priority, seed)}
+    levels = np.array([int(a) for a in names])
+    truth = np.array(labels)
+    if len(rows) < 3 or len(set(labels)) < 2:
+        return {**out, "note": "needs samples of at least two levels"}
+    probs = np.exp(scale * (sims - sims.max(1, keepdims=True)))
+    probs /= probs.sum(1, keepdims=True)
+    expected = probs @ levels
+    rng = np.random.default_rng(seed)
+    chance = np.mean([spearmanr(rng.permutation(truth), expected).statistic for _ in range(CHANCE_DRAWS)])
+    return {**out, "spearman": float(spearmanr(truth, expected).statistic), "chance_spearman": float(chance),
+            "accuracy": float(np.mean(levels[sims.argmax(1)] == truth)),
+            "chance_accuracy": float(max(np.mean(truth == v) for v in levels))}
+
+
+def multilabel_metrics(labels: list[set], sims: np.ndarray, names: list[str], priority: tuple[str, ...],
+                       seed: int = 0) -> dict:
+    """Per-class AUROC (score: the class's similarity minus the mean of the others) and their macro mean;
+    the single-label variant: each sample's label is the first of `priority` it has, prediction the
+    highest-scoring class (accuracy and macro one-vs-rest AUROC)."""
+    per_class = {}
+    contrast = sims - (sims.sum(1, keepdims=True) - sims) / max(len(names) - 1, 1)
+    for j, name in enumerate(names):
+        y = np.array([name in s for s in labels], dtype=float)
+        per_class[name] = binary_metrics(y, contrast[:, j], seed) if 0 < y.sum() < len(y) else \
+            {"note": "needs positives and negatives", "n_positive": int(y.sum())}
+    scored = [r["auroc"] for r in per_class.values() if "auroc" in r]
+    out = {"classes": per_class, "macro_auroc": float(np.mean(scored)) if scored else None,
+           "chance_macro_auroc": float(np.mean([r["chance_auroc"] for r in per_class.values() if "auroc" in r]))
+           if scored else None}
+    if priority:
+        single = np.array([next((c for c in priority if c in s), None) for s in labels], dtype=object)
+        keep = single != None  # noqa: E711 - elementwise on an object array
+        predicted = np.array(names, dtype=object)[sims.argmax(1)]
+        if keep.any():
+            truth = single[keep]
+            out["single_label"] = {"n": int(keep.sum()), "accuracy": float(np.mean(predicted[keep] == truth)),
+                                   "chance_accuracy": float(max(np.mean(truth == c) for c in set(truth)))}
+    return out
 
 
 def retrieval(emb: Embeddings, query: str, gallery: str, ks=(1, 5, 10), seed: int = 0) -> dict:
-    """Recall@K of each query's own sample among all gallery samples that have both modalities."""
+    """Recall@K and median rank of each query's own sample among all gallery samples with both modalities."""
     rows = np.flatnonzero(emb.masks[query] & emb.masks[gallery])
     if len(rows) == 0:
         return {"n": 0}
@@ -39,7 +111,17 @@ def retrieval(emb: Embeddings, query: str, gallery: str, ks=(1, 5, 10), seed: in
         # same similarities, gallery order shuffled: the true pair is lost
         out[f"chance_R@{k}"] = float(np.mean([recall_at(sims[:, rng.permutation(len(rows))], k)
                                               for _ in range(CHANCE_DRAWS)]))
+    out["median_rank"] = float(np.median(expected_ranks(sims)))
+    out["chance_median_rank"] = (len(rows) + 1) / 2
     return out
+
+
+def expected_ranks(sims: np.ndarray) -> np.ndarray:
+    """1-based rank of each diagonal item, ties counted at their expected (middle) rank."""
+    target = np.diag(sims)[:, None]
+    above = (sims > target).sum(1)
+    tied = (sims == target).sum(1) - 1
+    return above + 1 + tied / 2
 
 
 def recall_at(sims: np.ndarray, k: int) -> float:
@@ -52,5 +134,28 @@ def recall_at(sims: np.ndarray, k: int) -> float:
     return float(np.clip((k - above) / (tied + 1), 0, 1).mean())
 
 
-def _unit(v: np.ndarray) -> np.ndarray:
-    return v / max(np.linalg.norm(v), 1e-12)
+def linear_probe(train: Embeddings, test: Embeddings, task: Task, seed: int = 0) -> dict:
+    """Logistic regression on frozen embeddings with 1%, 10% and 100% of the training labels (binary tasks);
+    test AUROC, averaged over PROBE_DRAWS label subsets below 100%. A subset keeps at least one sample of
+    each class."""
+    train_rows, train_y = _labelled(train, task)
+    test_rows, test_y = _labelled(test, task)
+    train_y, test_y = np.array(train_y, dtype=float), np.array(test_y, dtype=float)
+    out = {"n_train": int(len(train_rows)), "n_test": int(len(test_rows))}
+    if len(train_rows) < 2 or train_y.min() == train_y.max() or len(test_rows) == 0 or test_y.min() == test_y.max():
+        return {**out, "note": "needs positives and negatives in both splits"}
+    x_train, x_test = train.vectors[task.modality][train_rows], test.vectors[task.modality][test_rows]
+    rng = np.random.default_rng(seed)
+    positives, negatives = np.flatnonzero(train_y == 1), np.flatnonzero(train_y == 0)
+    for fraction in PROBE_FRACTIONS:
+        draws = 1 if fraction >= 1.0 else PROBE_DRAWS
+        aurocs = []
+        for _ in range(draws):
+            n = max(2, round(fraction * len(train_y)))
+            chosen = np.concatenate([rng.choice(positives, 1), rng.choice(negatives, 1)])
+            rest = np.setdiff1d(np.arange(len(train_y)), chosen)
+            chosen = np.concatenate([chosen, rng.choice(rest, min(n - 2, len(rest)), replace=False)])
+            probe = LogisticRegression(max_iter=2000, class_weight="balanced").fit(x_train[chosen], train_y[chosen])
+            aurocs.append(roc_auc_score(test_y, probe.decision_function(x_test)))
+        out[f"auroc@{fraction:g}"] = float(np.mean(aurocs))
+    return out

@@ -19,11 +19,18 @@ class Attention(nn.Module):
         self.heads, self.drop_key, self.backend = heads, drop_key, backend
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
+        self.recorder: list | None = None  # eval/explain.py: keep each call's attention probabilities and their gradient
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, N, W)
         b, n, w = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)  # (B, H, N, D) each
-        out = attention(q, k, v, drop_key=self.drop_key, training=self.training, backend=self.backend)
+        if self.recorder is not None:  # relevance maps need the probabilities themselves: the written-out path
+            probs = torch.softmax((q @ k.transpose(-2, -1)).float() * q.shape[-1] ** -0.5, dim=-1)
+            probs.retain_grad()
+            self.recorder.append(probs)
+            out = probs.to(v.dtype) @ v
+        else:
+            out = attention(q, k, v, drop_key=self.drop_key, training=self.training, backend=self.backend)
         return self.proj(out.transpose(1, 2).reshape(b, n, w))
 
 

@@ -1,0 +1,205 @@
+"""Pictures of an evaluation: ROC curves, t-SNE of the embeddings by label, a retrieval grid, training
+curves, relevance maps. Each function writes one PNG and returns its path (None when there is nothing
+to draw), so the HTML report lists only what exists."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on clusters or CI
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from more_scale.data.ecg import LEADS  # noqa: E402
+from more_scale.eval.embed import Embeddings  # noqa: E402
+from more_scale.eval.tasks import Task  # noqa: E402
+
+DPI = 110
+STYLE = {"axes.spines.top": False, "axes.spines.right": False, "font.size": 9, "axes.titlesize": 10}
+
+
+def _save(fig, path: Path) -> Path:
+    fig.savefig(path, dpi=DPI, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def roc_curves(results: dict, path: Path) -> Path | None:
+    """One panel per binary task or multi-label class that has a ROC curve, chance diagonal dashed."""
+    curves = []
+    for name, r in results["zero_shot"].items():
+        where = "X-ray" if r["modality"] == "cxr" else "ECG"
+        if "roc" in r:
+            curves.append((f"{name} ({where}; {r['n_positive']} of {r['n']} positive)", r))
+        for cls, c in r.get("classes", {}).items():
+            if "roc" in c:
+                curves.append((f"{name}: {cls} ({where})", c))
+    if not curves:
+        return None
+    cols = min(4, len(curves))
+    rows = -(-len(curves) // cols)
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(rows, cols, figsize=(3.1 * cols, 3.0 * rows), squeeze=False)
+        for ax, (title, r) in zip(axes.flat, curves):
+            ax.plot(r["roc"]["fpr"], r["roc"]["tpr"], color="#1f5fa8", lw=2, label=f"AUROC {r['auroc']:.2f}")
+            ax.plot([0, 1], [0, 1], ls="--", color="#999999", lw=1, label=f"chance {r['chance_auroc']:.2f}")
+            ax.set(title=textwrap.fill(title, 32), xlabel="false positive rate", ylabel="true positive rate",
+                   xlim=(0, 1), ylim=(0, 1.02), aspect="equal")
+            ax.legend(loc="lower right", frameon=False)
+        for ax in list(axes.flat)[len(curves):]:
+            ax.axis("off")
+        fig.suptitle("Zero-shot ROC curves", fontweight="bold")
+        fig.tight_layout()
+        return _save(fig, path)
+
+
+def _binary_colouring(emb: Embeddings, tasks: list[Task], modality: str):
+    """(name, labels for the rows with this modality) of the first binary task with both classes present."""
+    rows = np.flatnonzero(emb.masks[modality])
+    for task in tasks:
+        if task.modality != modality or task.kind != "binary":
+            continue
+        labels = np.array([task.label(emb.meta[i]) for i in rows], dtype=object)
+        known = labels != None  # noqa: E711 - elementwise on an object array
+        if known.any() and len(set(labels[known])) == 2:
+            return task.name, rows, labels
+    return None, rows, None
+
+
+def tsne(emb: Embeddings, tasks: list[Task], path: Path, seed: int = 0) -> Path | None:
+    """X-ray and ECG embeddings in 2-D (t-SNE), coloured by a label each modality has."""
+    from sklearn.manifold import TSNE
+
+    panels = [m for m in ("cxr", "ecg") if emb.masks[m].sum() >= 5]
+    if not panels:
+        return None
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.6), squeeze=False)
+        for ax, modality in zip(axes.flat, panels):
+            name, rows, labels = _binary_colouring(emb, tasks, modality)
+            points = TSNE(perplexity=min(30, len(rows) - 1), random_state=seed, init="pca").fit_transform(
+                emb.vectors[modality][rows])
+            if labels is None:
+                ax.scatter(points[:, 0], points[:, 1], s=10, color="#1f5fa8", alpha=0.7)
+            else:
+                for value, colour, label in ((None, "#cccccc", "unlabelled"), (0.0, "#1f5fa8", "negative"),
+                                             (1.0, "#d9541a", "positive")):
+                    chosen = np.array([v == value if value is not None else v is None for v in labels])
+                    if chosen.any():
+                        ax.scatter(points[chosen, 0], points[chosen, 1], s=12, color=colour, alpha=0.75,
+                                   label=f"{label} ({chosen.sum()})")
+                ax.legend(frameon=False, title=name, loc="best")
+            ax.set(title=f"{'X-ray' if modality == 'cxr' else 'ECG'} embeddings (t-SNE, {len(rows)} samples)",
+                   xticks=[], yticks=[])
+        fig.tight_layout()
+        return _save(fig, path)
+
+
+def retrieval_grid(emb: Embeddings, path: Path, queries: int = 4, top: int = 5, seed: int = 0) -> Path | None:
+    """For a few reports: the X-rays ranked first for them, the true one framed in green."""
+    rows = np.flatnonzero(emb.masks["cxr"])
+    if len(rows) < top or emb.thumbnails is None:
+        return None
+    chosen = np.random.default_rng(seed).choice(rows, min(queries, len(rows)), replace=False)
+    sims = emb.vectors["text"][chosen] @ emb.vectors["cxr"][rows].T
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(len(chosen), top + 1, figsize=(1.7 * (top + 1) + 2.2, 1.9 * len(chosen)),
+                                 gridspec_kw={"width_ratios": [2.6] + [1] * top}, squeeze=False)
+        for r, (query, scores) in enumerate(zip(chosen, sims)):
+            text = emb.texts[query] if emb.texts else emb.keys[query]
+            text = text.replace("The report from Xray is:", "X-ray report:").replace("The report from ECG is:", "\nECG report:")
+            axes[r, 0].text(0, 0.5, "\n".join(textwrap.fill(part, 44) for part in text[:300].split("\n")), va="center",
+                            fontsize=7.5)
+            axes[r, 0].axis("off")
+            for c, j in enumerate(np.argsort(-scores)[:top]):
+                ax = axes[r, c + 1]
+                ax.imshow(emb.thumbnails[rows[j]], cmap="gray")
+                hit = rows[j] == query
+                ax.set_title(f"#{c + 1}  {scores[j]:.2f}", fontsize=8, color="#1a7f37" if hit else "black")
+                ax.set(xticks=[], yticks=[])
+                for spine in ax.spines.values():
+                    spine.set_visible(True)
+                    spine.set(color="#1a7f37" if hit else "#bbbbbb", linewidth=3 if hit else 0.8)
+        fig.suptitle("Text -> X-ray retrieval: the top 5 X-rays for each report (its own X-ray framed in green)",
+                     fontweight="bold")
+        fig.tight_layout()
+        return _save(fig, path)
+
+
+def training_curves(run_dir: Path, path: Path) -> Path | None:
+    """Loss terms, learning rate and speed over the steps of the run's metrics.jsonl."""
+    log = run_dir / "metrics.jsonl"
+    if not log.is_file():
+        return None
+    rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    if len(rows) < 2:
+        return None
+    steps = [r["step"] for r in rows]
+    panels = [("loss", [k for k in rows[-1] if k.startswith("loss")]), ("learning rate", ["lr"]),
+              ("samples / s", ["samples_per_s"]), ("MFU", ["mfu"])]
+    panels = [(t, [k for k in keys if k in rows[-1]]) for t, keys in panels]
+    panels = [(t, keys) for t, keys in panels if keys]
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels), 2.9), squeeze=False)
+        for ax, (title, keys) in zip(axes.flat, panels):
+            for k in keys:
+                label = k.removeprefix("loss/") if k != "loss" else "total"
+                ax.plot(steps, [r.get(k, np.nan) for r in rows], lw=1.6, label=label)
+            ax.set(title=title, xlabel="step")
+            if title in ("samples / s", "MFU", "learning rate"):
+                ax.set_ylim(bottom=0)  # speeds from zero: a 5% wobble should look like one
+            if len(keys) > 1:
+                ax.legend(frameon=False)
+        fig.suptitle(f"Training ({run_dir.name})", fontweight="bold")
+        fig.tight_layout()
+        return _save(fig, path)
+
+
+def relevance_cxr(images: torch.Tensor, maps: np.ndarray, query: str, path: Path,
+                  captions: list[str] | None = None) -> Path | None:
+    """X-rays beside their relevance map for a text query (overlay, bright = drove the match)."""
+    if len(images) == 0:
+        return None
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(2, len(images), figsize=(2.6 * len(images), 5.4), squeeze=False)
+        for c, (image, heat) in enumerate(zip(images, maps)):
+            gray = image[0].numpy()
+            axes[0, c].imshow(gray, cmap="gray")
+            axes[1, c].imshow(gray, cmap="gray")
+            # only the most relevant fifth of the film is coloured: a wash over all of it hides the anatomy
+            overlay = axes[1, c].imshow(np.ma.masked_less(heat, np.quantile(heat, 0.8)), cmap="autumn_r", alpha=0.65,
+                                        vmin=0, vmax=1)
+            for ax in axes[:, c]:
+                ax.set(xticks=[], yticks=[])
+            if captions:
+                axes[0, c].set_title(captions[c], fontsize=9)
+        axes[0, 0].set_ylabel("X-ray")
+        axes[1, 0].set_ylabel("relevance")
+        fig.colorbar(overlay, ax=list(axes[1]), fraction=0.02, pad=0.01, label="relevance (top fifth shown)")
+        fig.suptitle(textwrap.fill(f"Where the X-ray matches \"{query}\"", 90), fontweight="bold")
+        return _save(fig, path)
+
+
+def relevance_ecg(signal: torch.Tensor, heat: np.ndarray, query: str, path: Path, caption: str = "",
+                  rate: float = 100.0) -> Path:
+    """One 12-lead ECG, each lead drawn over its relevance (darker red = drove the match)."""
+    t = np.arange(signal.shape[-1]) / rate
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(6, 2, figsize=(11, 7.5), sharex=True)
+        for i, ax in enumerate(axes.T.flat):
+            ax.imshow(heat[i][None], aspect="auto", cmap="Reds", vmin=0, vmax=1,
+                      extent=(t[0], t[-1], float(signal[i].min()) - 0.1, float(signal[i].max()) + 0.1))
+            ax.plot(t, signal[i].numpy(), color="black", lw=0.7)
+            ax.set_ylabel(LEADS[i], rotation=0, ha="right", va="center")
+            ax.set_yticks([])
+        for ax in axes[-1]:
+            ax.set_xlabel("seconds")
+        fig.suptitle(textwrap.fill(f"Which leads and moments match \"{query}\"" + (f" ({caption})" if caption else ""), 100),
+                     fontweight="bold")
+        fig.tight_layout()
+        return _save(fig, path)

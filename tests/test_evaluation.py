@@ -1,0 +1,145 @@
+"""The evaluation protocols: each metric against scikit-learn / scipy or a hand-computed value on fixed toy
+embeddings; the tasks YAML; prompts that are not the synthetic generator's sentences; relevance maps."""
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import spearmanr
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+from more_scale.data import synthetic
+from more_scale.eval.embed import Embeddings
+from more_scale.eval.metrics import expected_ranks, linear_probe, retrieval, unit, zero_shot
+from more_scale.eval.tasks import Task, expand, load_tasks
+
+
+def _embeddings(n: int, meta: list[dict], seed: int = 0, d: int = 8) -> Embeddings:
+    rng = np.random.default_rng(seed)
+    vectors = {m: unit(rng.normal(size=(n, d))) for m in ("cxr", "ecg", "text")}
+    masks = {m: np.ones(n, bool) for m in ("cxr", "ecg", "text")}
+    return Embeddings(vectors, masks, [f"k{i}" for i in range(n)], meta)
+
+
+def _prompts(answers, seed=1, d=8):
+    rng = np.random.default_rng(seed)
+    return {a: unit(rng.normal(size=(3, d))) for a in answers}
+
+
+def test_binary_zero_shot_equals_sklearn():
+    labels = [1.0, 0.0, 1.0, None, 0.0, 0.0, 1.0, -1.0, 0.0, 1.0]
+    meta = [{"chexpert": {"Edema": v}} if v is not None else {} for v in labels]
+    task = Task("Edema", "cxr", "binary", {"field": "chexpert.Edema", "positive": [1.0], "negative": [0.0]},
+                {"positive": ("a",), "negative": ("b",)})
+    emb, prompts = _embeddings(10, meta), _prompts(("positive", "negative"))
+    r = zero_shot(emb, task, prompts)
+    rows = [i for i, v in enumerate(labels) if v in (0.0, 1.0)]  # blank (ignored here) and uncertain -1 left out
+    x = emb.vectors["cxr"][rows]
+    score = x @ unit(prompts["positive"].mean(0)) - x @ unit(prompts["negative"].mean(0))
+    y = np.array([labels[i] for i in rows])
+    assert r["n"] == 8 and r["n_positive"] == 4
+    assert r["auroc"] == pytest.approx(roc_auc_score(y, score)) and r["auprc"] == pytest.approx(average_precision_score(y, score))
+    assert r["chance_auprc"] == pytest.approx(0.5) and abs(r["chance_auroc"] - 0.5) < 0.1
+
+
+def test_multilabel_macro_and_single_label_by_priority():
+    classes = {"NORM": ("n",), "MI": ("m",), "STTC": ("s",)}
+    sets = [{"NORM"}, {"MI", "STTC"}, {"STTC"}, {"NORM"}, {"MI"}, {"STTC", "NORM"}]
+    meta = [{"superclass": sorted(s)} for s in sets]
+    task = Task("PTB-XL", "ecg", "multilabel", {"field": "superclass"}, classes, ("MI", "STTC", "NORM"))
+    emb, prompts = _embeddings(6, meta), _prompts(classes)
+    r = zero_shot(emb, task, prompts)
+    sims = emb.vectors["ecg"] @ np.stack([unit(prompts[c].mean(0)) for c in classes]).T
+    expected = []
+    for j, c in enumerate(classes):
+        y = [c in s for s in sets]
+        others = (sims.sum(1) - sims[:, j]) / 2
+        expected.append(roc_auc_score(y, sims[:, j] - others))
+        assert r["classes"][c]["auroc"] == pytest.approx(expected[-1])
+    assert r["macro_auroc"] == pytest.approx(np.mean(expected))
+    truth = ["NORM", "MI", "STTC", "NORM", "MI", "STTC"]  # MI first, then STTC, then NORM
+    predicted = [list(classes)[k] for k in sims.argmax(1)]
+    assert r["single_label"]["accuracy"] == pytest.approx(np.mean([a == b for a, b in zip(predicted, truth)]))
+
+
+def test_ordinal_spearman_of_the_expected_level():
+    grades = [0, 1, 2, 3, 0, 2, 3, 1]
+    task = Task("Edema severity", "cxr", "ordinal", {"field": "edema_severity"}, {str(g): ("x",) for g in range(4)})
+    emb, prompts = _embeddings(8, [{"edema_severity": g} for g in grades]), _prompts([str(g) for g in range(4)])
+    r = zero_shot(emb, task, prompts, scale=10.0)
+    sims = emb.vectors["cxr"] @ np.stack([unit(prompts[str(g)].mean(0)) for g in range(4)]).T
+    probs = np.exp(10 * (sims - sims.max(1, keepdims=True)))
+    probs /= probs.sum(1, keepdims=True)
+    assert r["spearman"] == pytest.approx(spearmanr(grades, probs @ np.arange(4)).statistic)
+    assert r["accuracy"] == pytest.approx(np.mean(sims.argmax(1) == np.array(grades)))
+
+
+def test_median_rank_by_hand():
+    sims = np.array([[0.9, 0.1, 0.2], [0.8, 0.5, 0.1], [0.3, 0.3, 0.3]])  # ranks 1, 2, and 2 (all three tied)
+    assert expected_ranks(sims).tolist() == [1.0, 2.0, 2.0]
+    emb = Embeddings({"text": unit(np.eye(3)), "cxr": unit(np.eye(3))}, {"text": np.ones(3, bool), "cxr": np.ones(3, bool)},
+                     ["a", "b", "c"], [{}] * 3)
+    r = retrieval(emb, "text", "cxr")
+    assert r["median_rank"] == 1.0 and r["R@1"] == 1.0 and r["chance_median_rank"] == 2.0
+
+
+def test_linear_probe_at_full_labels_equals_sklearn():
+    rng = np.random.default_rng(0)
+    y_train, y_test = rng.integers(0, 2, 40).astype(float), rng.integers(0, 2, 20).astype(float)
+    train = _embeddings(40, [{"chexpert": {"Edema": v}} for v in y_train], seed=2)
+    test = _embeddings(20, [{"chexpert": {"Edema": v}} for v in y_test], seed=3)
+    train.vectors["cxr"] += 0.3 * y_train[:, None]  # something to learn
+    task = Task("Edema", "cxr", "binary", {"field": "chexpert.Edema"}, {"positive": ("a",), "negative": ("b",)})
+    r = linear_probe(train, test, task)
+    model = LogisticRegression(max_iter=2000, class_weight="balanced").fit(train.vectors["cxr"], y_train)
+    assert r["auroc@1"] == pytest.approx(roc_auc_score(y_test, model.decision_function(test.vectors["cxr"])))
+    assert {"auroc@0.01", "auroc@0.1"} <= set(r) and r["n_train"] == 40
+
+
+def test_tasks_yaml_labels_and_templates():
+    tasks = {t.name: t for t in load_tasks()}
+    assert {"Atelectasis", "Cardiomegaly", "Edema", "Pleural Effusion"} <= set(tasks)
+    assert expand({"template": "{a} {b}.", "a": ["", "Mild"], "b": ["edema"]}) == ("Edema.", "Mild edema.")
+    cardio = tasks["Cardiomegaly"]
+    assert cardio.label({"chexpert": {"Cardiomegaly": 1.0}}) == 1.0 and cardio.label({"chexpert": {}}) == 0.0
+    assert cardio.label({"chexpert": {"Cardiomegaly": -1.0}}) is None  # uncertain: never a target
+    assert cardio.label({"finding": "COVID-19"}) is None  # no CheXpert table at all: unknown, not negative
+    assert tasks["Atrial fibrillation"].label({"ecg_statements": ["Atrial fibrillation with RVR"]}) == 1.0
+    ptbxl = tasks["PTB-XL superclass"]
+    assert ptbxl.label({"superclass": ["MI", "STTC"]}) == {"MI", "STTC"} and ptbxl.label({"finding": "x"}) is None
+    assert tasks["Edema severity"].label({"edema_severity": 3}) == 3
+    assert cardio.prompts("positive")[0].startswith("The report from Xray is: ")
+
+
+def test_prompts_are_not_the_synthetic_generators_sentences():
+    written = {s for table in (synthetic.HEART, synthetic.FLUID, synthetic.LUNGS, synthetic.COLLAPSE)
+               for options in table.values() for s in options}
+    written |= {line for rhythm in ("sinus", "brady", "tachy", "afib") for lvh in (False, True)
+                for line in synthetic.ecg_statements(np.random.default_rng(0), synthetic.EcgFindings(rhythm, lvh))}
+    prompts = {p.rstrip(".").lower() for t in load_tasks() for a in t.answers.values() for p in a}
+    assert not prompts & {w.rstrip(".").lower() for w in written}
+
+
+def test_relevance_peaks_on_the_patch_the_answer_depends_on():
+    """A tiny ViT trained to read one patch's brightness: its relevance map points at that patch."""
+    from more_scale.config import CxrConfig
+    from more_scale.eval.explain import token_relevance
+    from more_scale.models.vit import build_cxr_encoder
+
+    torch.manual_seed(0)
+    vit = build_cxr_encoder(CxrConfig(width=32, depth=2, heads=2, image_size=32, patch_size=8, attention="math"))
+    readout = torch.nn.Linear(32, 1)
+    target = 6  # row 1, column 2 of the 4 x 4 patch grid
+    optimiser = torch.optim.Adam([*vit.parameters(), *readout.parameters()], lr=3e-3)
+    for _ in range(400):
+        x = torch.randn(32, 1, 32, 32)
+        y = 8 * x[:, 0, 8:16, 16:24].mean((1, 2))  # the target patch's mean, scaled to unit variance
+        loss = ((readout(vit(x))[:, 0] - y) ** 2).mean()
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    assert loss.item() < 0.1  # it learned to read that patch (the target's variance is 1)
+    x = torch.randn(8, 1, 32, 32)
+    x[:, 0, 8:16, 16:24] += 2.0  # a bright patch: a large answer to explain
+    relevance, _ = token_relevance(vit, x, lambda f: readout(f)[:, 0])
+    assert (relevance.argmax(1) == target).float().mean() >= 0.75
