@@ -38,6 +38,9 @@ class DataConfig:
     workers: int = 2  # loader processes per rank
     shuffle_block: int = 4096  # epoch mode: samples shuffled within blocks this long (after shuffling the shards)
     max_text_tokens: int = 256  # reports are padded per batch to the longest, truncated here
+    # joined: one string "The report from Xray is: ... The report from ECG is: ...", right-truncated | pair: the two
+    # reports as a tokenizer pair truncated longest-first (the reference), so a long X-ray report cannot push the ECG out
+    text_pairing: str = "joined"
     seed: int = 0  # stream seed; rank and worker are mixed in
     max_skip_rate: float = 0.05  # stop training when more than this share of read samples is corrupt
     verify_shards: bool = False  # check every training shard's sha256 against shards.json before training
@@ -114,7 +117,7 @@ class ModelConfig:
     temperature: float = 0.02  # reference tau; learned through logit_scale when learn_temperature
     learn_temperature: bool = True
     max_logit_scale: float = 100.0  # clamp, as CLIP
-    head: str = "layernorm"  # layernorm: batch-independent MLP | batchnorm: the reference's (SyncBatchNorm on GPUs)
+    head: str = "layernorm"  # layernorm: batch-independent MLP | batchnorm | reference: no biases, ends in BatchNorm
 
 
 @dataclass(frozen=True)
@@ -129,6 +132,8 @@ class TrainConfig:
     steps: int = 1000  # optimizer steps
     lr: float = 1e-4
     min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr
+    schedule: str = "cosine"  # cosine: one decay over train.steps | cosine_restarts: restart every restart_steps (SGDR)
+    restart_steps: int = 0  # cosine_restarts: the period of the restarts, in steps after warmup
     warmup_steps: int = 100
     weight_decay: float = 0.05
     betas: tuple[float, ...] = (0.9, 0.98)
@@ -308,7 +313,12 @@ def validate(cfg: Config) -> None:
         (m.ecg.stem in ("conv", "patch"), f"model.ecg.stem must be conv or patch, got {m.ecg.stem!r}"),
         (m.ecg.stem != "patch" or m.ecg.samples % m.ecg.patch_samples == 0,
          f"model.ecg.samples ({m.ecg.samples}) is not a multiple of model.ecg.patch_samples ({m.ecg.patch_samples})"),
-        (m.head in ("layernorm", "batchnorm"), f"model.head must be layernorm or batchnorm, got {m.head!r}"),
+        (m.head in ("layernorm", "batchnorm", "reference"),
+         f"model.head must be layernorm, batchnorm or reference, got {m.head!r}"),
+        (d.text_pairing in ("joined", "pair"), f"data.text_pairing must be joined or pair, got {d.text_pairing!r}"),
+        (t.schedule in ("cosine", "cosine_restarts"), f"train.schedule must be cosine or cosine_restarts, got {t.schedule!r}"),
+        (t.schedule != "cosine_restarts" or t.restart_steps >= 1,
+         f"train.schedule=cosine_restarts needs train.restart_steps >= 1, got {t.restart_steps}"),
         (m.text.pooling in ("mean", "last"), f"model.text.pooling must be mean or last, got {m.text.pooling!r}"),
         (m.text.arch in ("roberta", "llama"), f"model.text.arch must be roberta or llama, got {m.text.arch!r}"),
         (bool(m.text.pretrained) != m.text.random_init,

@@ -143,3 +143,41 @@ def test_relevance_peaks_on_the_patch_the_answer_depends_on():
     x[:, 0, 8:16, 16:24] += 2.0  # a bright patch: a large answer to explain
     relevance, _ = token_relevance(vit, x, lambda f: readout(f)[:, 0])
     assert (relevance.argmax(1) == target).float().mean() >= 0.75
+
+
+def test_reference_recipe_pieces(tokenizer, tmp_path):
+    """The MoRE reference's choices, each a switch: its head, its pair tokenisation, its squash-then-CLAHE
+    preprocessing and its warm restarts."""
+    import cv2
+
+    from more_scale.config import DataConfig, InputShape, TrainConfig
+    from more_scale.data import cxr
+    from more_scale.data.pipeline import SkipCounter, collate
+    from more_scale.models.more import projection_head
+    from more_scale.train.engine import warmup_cosine
+
+    head = projection_head(16, 16, 8, "reference")
+    assert all(m.bias is None for m in head if isinstance(m, torch.nn.Linear))
+    assert isinstance(head[-1], torch.nn.BatchNorm1d) and head.eval()(torch.randn(4, 16)).shape == (4, 8)
+
+    long_report = "The report from Xray is: " + "The lungs are clear. " * 40
+    sample = {"key": "k", "cxr": None, "ecg": np.zeros((12, 100), np.float32), "meta": {},
+              "text": long_report + " The report from ECG is: Atrial fibrillation.",
+              "text_pair": (long_report, "The report from ECG is: Atrial fibrillation.")}
+    decoded = {}
+    for pairing in ("joined", "pair"):
+        cfg = DataConfig(max_text_tokens=48, text_pairing=pairing)
+        batch = collate([sample], tokenizer, cfg, InputShape(32, 100), SkipCounter())
+        assert batch.input_ids.shape[1] <= 48
+        decoded[pairing] = tokenizer.decode(batch.input_ids[0], skip_special_tokens=True)
+    assert "fibrillation" not in decoded["joined"] and "fibrillation" in decoded["pair"]
+
+    image = np.random.default_rng(0).integers(0, 255, (90, 60), dtype=np.uint8)
+    cv2.imwrite(str(tmp_path / "x.png"), image)
+    squashed = cxr.preprocess_file(tmp_path / "x.png", squash=32)
+    assert squashed.shape == (32, 32)
+    assert np.array_equal(squashed, cxr.clahe(cv2.resize(image, (32, 32), interpolation=cv2.INTER_AREA)))
+
+    restarts = TrainConfig(steps=100, warmup_steps=10, schedule="cosine_restarts", restart_steps=30)
+    assert [warmup_cosine(s, restarts) for s in (10, 40, 70)] == [1.0, 1.0, 1.0]
+    assert warmup_cosine(25, restarts) == pytest.approx(0.5)  # half way through a period

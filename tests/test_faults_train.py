@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -65,11 +66,11 @@ def _latest(out: Path) -> str:
 
 def test_a_diverged_run_exits_non_zero_and_saves_nothing_after_it(shards, tmp_path):
     out = tmp_path / "run"
-    result = _run(_command(shards, out, "train.lr=1e6", "train.steps=20", "train.log_every=2", "train.save_every=2"))
+    result = _run(_command(shards, out, "train.lr=1e6", "train.steps=20", "train.log_every=1", "train.save_every=1"))
     log = result.stdout + result.stderr
     finite = [m["step"] for m in _metrics(out) if math.isfinite(m["loss"])]
-    says = "training diverged at step" in log and "loss/text_cxr nan" in log
-    record("train", "train.lr=1e6: the loss turns NaN at step 3",
+    says = re.search(r"training diverged at step \d+: .* last logged loss terms: loss \S+, loss/text_cxr \S+", log) is not None
+    record("train", "train.lr=1e6: the loss turns NaN within a few steps",
            "non-zero exit; the message names the step and the loss terms; latest is the last finite step",
            f"{'non-zero' if result.returncode else 'zero'} exit; the message "
            f"{'names' if says else 'does not name'} the step and the loss terms; latest is "

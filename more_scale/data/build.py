@@ -32,6 +32,7 @@ class BuildOptions:
     pairing: str = "nearest"  # mimic: nearest: one ECG per X-ray study | all: every ECG in the window
     keep_unpaired: bool = False  # mimic: also X-ray-only studies and ECG-only records (masks, not drops)
     short_side: int = 256  # stored X-ray size (the loader crops the model's size from it)
+    squash: int = 0  # > 0: the reference's preprocessing instead: resize to squash x squash (aspect lost), then CLAHE
     ecg_rate: float = 100.0  # stored ECG sampling rate, Hz
     samples_per_shard: int = 1000
     workers: int = 1
@@ -56,7 +57,7 @@ def build_sample(spec: SampleSpec, options: BuildOptions) -> dict:
     """Read and preprocess one sample into shard members (bytes); raises ValueError naming the file."""
     sample = {"__key__": spec.key}
     if spec.cxr:
-        ok, jpeg = cv2.imencode(".jpg", cxr.preprocess_file(spec.cxr, options.short_side),
+        ok, jpeg = cv2.imencode(".jpg", cxr.preprocess_file(spec.cxr, options.short_side, options.squash),
                                 [cv2.IMWRITE_JPEG_QUALITY, 95])
         if not ok:
             raise ValueError(f"{spec.cxr}: JPEG encoding failed")

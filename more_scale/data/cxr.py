@@ -40,8 +40,11 @@ def resize_short_side(image: np.ndarray, size: int, shrink=cv2.INTER_AREA) -> np
     return cv2.resize(image, new, interpolation=shrink if scale < 1 else cv2.INTER_CUBIC)
 
 
-def preprocess_file(path: str | Path, short_side: int = 256) -> np.ndarray:
-    """What a shard stores: grayscale, CLAHE, short side resized."""
+def preprocess_file(path: str | Path, short_side: int = 256, squash: int = 0) -> np.ndarray:
+    """What a shard stores: grayscale, CLAHE, short side resized (aspect kept); or, with `squash`, the MoRE
+    reference's order: resized to squash x squash (aspect lost), then CLAHE."""
+    if squash:
+        return clahe(cv2.resize(read_gray(path), (squash, squash), interpolation=cv2.INTER_AREA))
     return resize_short_side(clahe(read_gray(path)), short_side)
 
 

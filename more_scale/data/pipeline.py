@@ -99,8 +99,9 @@ def decode_sample(sample: dict, inputs: ModelInputs, seed: int = 0) -> dict:
             if not (np.isfinite(signal.min()) and np.isfinite(signal.max())):  # NaN and inf both reach min/max
                 raise ValueError("ecg.npy has NaN/inf")
             out["ecg"] = inputs.signal(signal, draws)
-        out["text"] = reports.joined_report(sample.get("rad.txt", b"").decode().strip(),
-                                            sample.get("ecg.txt", b"").decode().strip())
+        radiology, cardiology = (sample.get(m, b"").decode().strip() for m in ("rad.txt", "ecg.txt"))
+        out["text"] = reports.joined_report(radiology, cardiology)
+        out["text_pair"] = (reports.joined_report(radiology, ""), reports.joined_report("", cardiology))
         if not out["text"]:
             raise ValueError("both report texts are empty")
         out["meta"] = json.loads(sample["meta.json"]) if "meta.json" in sample else {}
@@ -120,8 +121,12 @@ def collate(samples: list[dict], tokenizer, cfg: DataConfig, shape: InputShape, 
     for i, s in enumerate(samples):
         images[i] = 0 if s["cxr"] is None else s["cxr"]
         signals[i] = 0 if s["ecg"] is None else s["ecg"]
-    tokens = tokenizer([s["text"] for s in samples], padding="longest", truncation=True,
-                       max_length=cfg.max_text_tokens, return_tensors="pt")
+    if cfg.text_pairing == "pair":  # the two reports as a pair, the longer one cut first
+        tokens = tokenizer([s["text_pair"][0] for s in samples], [s["text_pair"][1] for s in samples], padding="longest",
+                           truncation="longest_first", max_length=cfg.max_text_tokens, return_tensors="pt")
+    else:
+        tokens = tokenizer([s["text"] for s in samples], padding="longest", truncation=True,
+                           max_length=cfg.max_text_tokens, return_tensors="pt")
     skipped, skipped_shards = skips.drain()
     info = Bookkeeping(keys=[s["key"] for s in samples], meta=[s["meta"] for s in samples],
                        positions=[s["position"] for s in samples if "position" in s],

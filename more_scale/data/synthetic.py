@@ -251,21 +251,25 @@ def _metadata_row(dicom_id, subject, study, view, shape, when: dt.datetime) -> t
 
 # Several wordings per finding, none of them a prompt of eval/tasks.yaml (tests/test_evaluation.py checks):
 # zero-shot scores must come from what the model learned, not from reading its own training sentences back.
-HEART = {0: ("Heart size is normal.", "The cardiac silhouette is within normal limits.",
-             "Cardiomediastinal contours are unremarkable."),
-         1: ("The heart is mildly enlarged.", "Heart size is at the upper limit of normal to mildly enlarged."),
-         2: ("The heart is moderately enlarged.", "Moderate enlargement of the heart."),
-         3: ("Marked enlargement of the cardiac silhouette.", "The heart is severely enlarged.")}
-FLUID = {"": ("No pleural effusion.", "There is no pleural effusion or pneumothorax.", "No pleural fluid is seen."),
-         "left": ("There is a small left pleural effusion.", "Blunting of the left costophrenic angle from fluid."),
-         "right": ("Right pleural effusion with blunting of the costophrenic angle.", "Small right-sided effusion."),
-         "bilateral": ("Moderate bilateral pleural effusions.", "Effusions layer on both sides.")}
-LUNGS = {0: ("No pulmonary edema.", "The lungs are clear without edema.", "No signs of fluid overload."),
-         1: ("Mild pulmonary vascular engorgement.", "Cephalization of the pulmonary vessels."),
-         2: ("Mild pulmonary edema.", "Interstitial markings are prominent, consistent with edema."),
-         3: ("Moderate pulmonary edema with vascular congestion.", "Diffuse airspace opacities from pulmonary edema.")}
-COLLAPSE = {"left": ("Streaky left basilar opacity, likely atelectasis.", "Left lower lobe volume loss."),
-            "right": ("Right basilar linear opacity consistent with atelectasis.", "Discoid atelectasis on the right.")}
+HEART = MappingProxyType({
+    0: ("Heart size is normal.", "The cardiac silhouette is within normal limits.",
+        "Cardiomediastinal contours are unremarkable."),
+    1: ("The heart is mildly enlarged.", "Heart size is at the upper limit of normal to mildly enlarged."),
+    2: ("The heart is moderately enlarged.", "Moderate enlargement of the heart."),
+    3: ("Marked enlargement of the cardiac silhouette.", "The heart is severely enlarged.")})
+FLUID = MappingProxyType({
+    "": ("No pleural effusion.", "There is no pleural effusion or pneumothorax.", "No pleural fluid is seen."),
+    "left": ("There is a small left pleural effusion.", "Blunting of the left costophrenic angle from fluid."),
+    "right": ("Right pleural effusion with blunting of the costophrenic angle.", "Small right-sided effusion."),
+    "bilateral": ("Moderate bilateral pleural effusions.", "Effusions layer on both sides.")})
+LUNGS = MappingProxyType({
+    0: ("No pulmonary edema.", "The lungs are clear without edema.", "No signs of fluid overload."),
+    1: ("Mild pulmonary vascular engorgement.", "Cephalization of the pulmonary vessels."),
+    2: ("Mild pulmonary edema.", "Interstitial markings are prominent, consistent with edema."),
+    3: ("Moderate pulmonary edema with vascular congestion.", "Diffuse airspace opacities from pulmonary edema.")})
+COLLAPSE = MappingProxyType({
+    "left": ("Streaky left basilar opacity, likely atelectasis.", "Left lower lobe volume loss."),
+    "right": ("Right basilar linear opacity consistent with atelectasis.", "Discoid atelectasis on the right.")})
 
 
 def _radiology_report(rng: np.random.Generator, f: CxrFindings, view: str) -> str:

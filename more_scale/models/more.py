@@ -19,8 +19,12 @@ MODALITIES = ("cxr", "ecg", "text")
 
 
 def projection_head(width: int, hidden: int, out: int, kind: str = "layernorm") -> nn.Module:
-    """layernorm: batch-independent MLP (default) | batchnorm: the reference's Linear-BN-ReLU-Linear
-    (BN in fp32; converted to SyncBatchNorm on GPUs when distributed, see train/loop.py)."""
+    """layernorm: batch-independent MLP (default) | batchnorm: Linear-BN-ReLU-Linear | reference: the MoRE
+    reference's head, without biases and ending in BatchNorm over the output (BN in fp32; converted to
+    SyncBatchNorm on GPUs when distributed, see train/loop.py)."""
+    if kind == "reference":
+        return nn.Sequential(nn.Linear(width, hidden, bias=False), Fp32BatchNorm1d(hidden), nn.ReLU(),
+                             nn.Linear(hidden, out, bias=False), Fp32BatchNorm1d(out))
     if kind == "batchnorm":
         return nn.Sequential(nn.Linear(width, hidden), Fp32BatchNorm1d(hidden), nn.ReLU(), nn.Linear(hidden, out))
     return nn.Sequential(nn.Linear(width, hidden), nn.LayerNorm(hidden), nn.GELU(), nn.Linear(hidden, out))

@@ -29,10 +29,14 @@ def deepspeed_config(cfg: TrainConfig, micro_batch: int, world: int) -> dict:
 
 
 def warmup_cosine(step: int, cfg: TrainConfig) -> float:
-    """LR multiplier: linear warmup to 1, cosine decay to min_lr_ratio at cfg.steps."""
+    """LR multiplier: linear warmup to 1, then cosine decay to min_lr_ratio at cfg.steps, or (cosine_restarts)
+    over every restart_steps, starting again from 1 (SGDR, the MoRE reference's warm restarts)."""
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+    if cfg.schedule == "cosine_restarts":
+        progress = ((step - cfg.warmup_steps) % cfg.restart_steps) / cfg.restart_steps
+    else:
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 

@@ -106,11 +106,11 @@ def _train(cfg: Config, rank: int, world: int, console: Console, out: Path) -> c
     ds_plan = deepspeed_config(cfg.train, cfg.data.batch_size, world)
     model = build_model(cfg.model, len(tokenizer), tokenizer.pad_token_id,  # ZeRO-3: the LM built partitioned
                         base_context=functools.partial(model_init_context, ds_plan))
-    if cfg.model.head == "batchnorm" and world > 1:
+    if cfg.model.head in ("batchnorm", "reference") and world > 1:
         if torch.cuda.is_available():
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # statistics over the global batch
         else:
-            console.print("[yellow]model.head=batchnorm on CPU: SyncBatchNorm needs GPUs, statistics stay per rank")
+            console.print(f"[yellow]model.head={cfg.model.head} on CPU: SyncBatchNorm needs GPUs, statistics stay per rank")
     flops = step_flops(model, cfg.model)
     base = checkpoint.frozen_base(model, cfg.model.text.pretrained)  # before anything partitions it
     if cfg.train.compile:
