@@ -25,7 +25,7 @@ def _row(rows: list[dict], variant: str, step: str) -> dict | None:
 
 
 def summarise(run: Path, eval_dir: Path, throughput: Path, throughput_7b: Path | None) -> list[dict]:
-    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    logged = [m for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "samples_per_s" in m]
     steady = logged[1:] or logged  # the first window holds start-up: worker spawn, kernel choices, allocator growth
     e2e = statistics.median(m["samples_per_s"] for m in steady)
     rows = json.loads(throughput.read_text())["rows"]

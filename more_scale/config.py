@@ -44,6 +44,7 @@ class DataConfig:
     seed: int = 0  # stream seed; rank and worker are mixed in
     max_skip_rate: float = 0.05  # stop training when more than this share of read samples is corrupt
     verify_shards: bool = False  # check every training shard's sha256 against shards.json before training
+    validate: str = ""  # validation shard dir for train.eval_every; "" = the `validate` split beside data.train's first
     augment: bool = False  # the paper's training augmentations below (never in evaluation)
     cxr_crop_scale: tuple[float, ...] = (0.2, 1.0)  # RandomResizedCrop area range
     cxr_jitter: float = 0.4  # ColorJitter brightness and contrast
@@ -149,6 +150,7 @@ class TrainConfig:
     save_every: int = 500  # checkpoint every N steps (and always at the end)
     keep_checkpoints: int = 2  # newest N kept on disk
     log_every: int = 10
+    eval_every: int = 0  # validation loss + retrieval/zero-shot probe on data.validate every N steps; 0 = off
     stop_at_step: int = 0  # end this run early, with a checkpoint, at this step (schedule still spans `steps`); 0 = off
     resume: str = "none"  # none | auto (latest checkpoint in output_dir) | path to a checkpoint dir
     seed: int = 0  # model init and dropout
@@ -347,6 +349,7 @@ def validate(cfg: Config) -> None:
         (t.log_every >= 1, f"train.log_every must be >= 1, got {t.log_every}"),
         (t.collective_timeout_s > 0, f"train.collective_timeout_s must be > 0, got {t.collective_timeout_s}"),
         (t.max_bad_steps >= 1, f"train.max_bad_steps must be >= 1, got {t.max_bad_steps}"),
+        (t.eval_every >= 0, f"train.eval_every must be >= 0, got {t.eval_every}"),
     ]
     for vit_name, vit in (("cxr", m.cxr), ("ecg", m.ecg)):
         checks += [

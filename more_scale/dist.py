@@ -110,6 +110,28 @@ def mean_tensors_over_ranks(values: dict[str, torch.Tensor]) -> dict[str, float]
     return {n: v / world_size() for n, v in zip(names, t.tolist())}
 
 
+def gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """(n_r, ...) per rank, n_r may differ -> (sum n_r, ...) in rank order, no gradient: each rank's rows padded
+    to the longest, all-gathered, trimmed."""
+    if world_size() == 1:
+        return x
+    sizes = _reduce([x.shape[0] if r == tdist.get_rank() else 0 for r in range(world_size())], torch.int64,
+                    tdist.ReduceOp.SUM).tolist()
+    padded = torch.zeros((max(sizes), *x.shape[1:]), dtype=x.dtype, device=x.device)
+    padded[: x.shape[0]] = x
+    full = gather(padded)
+    return torch.cat([full[r * max(sizes): r * max(sizes) + n] for r, n in enumerate(sizes)])
+
+
+def gather_objects(items: list) -> list:
+    """Python objects from every rank, concatenated in rank order (pickled through the process group)."""
+    if world_size() == 1:
+        return list(items)
+    out = [None] * world_size()
+    tdist.all_gather_object(out, items)
+    return [item for part in out for item in part]
+
+
 class AnyRankFlag:
     """A boolean that becomes True on every rank once any rank raised it, without a host sync per step.
 

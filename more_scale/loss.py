@@ -41,8 +41,11 @@ class ContrastiveLoss:
         # a fixed order: every rank must issue the same collectives in the same sequence (a set's
         # order follows per-process string hashing and silently pairs text with X-ray across ranks)
         used = [m for m in ("text", "cxr", "ecg") if any(m in (a, c) and self.weights[f"{a}_{c}"] > 0 for a, c in PAIRS)]
-        columns = {m: negatives_for_microbatch(emb[m]) for m in used}  # (B_global, D)
-        column_masks = {m: dist.gather(masks[m]) for m in used}  # (B_global,)
+        if self.world > 1:
+            columns = {m: negatives_for_microbatch(emb[m]) for m in used}  # (B_global, D)
+            column_masks = {m: dist.gather(masks[m]) for m in used}  # (B_global,)
+        else:  # one rank, or a loss asked to score a batch alone (validation): no collective at all
+            columns, column_masks = {m: emb[m] for m in used}, {m: masks[m] for m in used}
         # row i of this rank matches global column rank * B + i (equal micro-batches on every rank)
         targets = torch.arange(b, device=emb["text"].device) + self.rank * b
         scale = emb["logit_scale"]

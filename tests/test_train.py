@@ -198,3 +198,19 @@ def test_cached_negatives_under_accumulation_equal_the_large_batch(shards, tmp_p
     assert cached["losses"][1:] == pytest.approx(large["losses"][1:], rel=1e-4)
     assert all(abs(m - c) > 1e-2 for m, c in zip(micro["losses"], cached["losses"]))
     assert micro["losses"][0] < large["losses"][0] - 0.1  # 8 negatives per row instead of 16: a lower loss
+
+
+def test_validation_during_training_logs_loss_and_probe(shards, tmp_path):
+    """train.eval_every: both ranks share the validation split; its loss and a retrieval / zero-shot probe
+    are logged on lines of their own at those steps, and the training lines are unchanged."""
+    out = tmp_path / "run"
+    run_launcher([launcher("torchrun"), "--nproc_per_node", "2", "--master_port", _free_port(), "launch/train.py",
+                  "--config", "configs/tiny-cpu.yaml", *tiny_overrides(shards, out), "train.steps=10",
+                  "train.warmup_steps=2", "train.log_every=5", "train.eval_every=5", "train.deepspeed_config=zero3"])
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    validation = [m for m in lines if "val/loss" in m]
+    assert [m["step"] for m in validation] == [5, 10] and [m["step"] for m in lines if "loss" in m] == [5, 10]
+    for m in validation:
+        assert math.isfinite(m["val/loss"]) and m["val/loss"] > 0
+        assert all(0 <= m[k] <= 1 for k in m if k.startswith("val/R@5") or k == "val/zero-shot AUROC")
+        assert "val/R@5 text->cxr" in m

@@ -136,7 +136,9 @@ def training_curves(run_dir: Path, path: Path) -> Path | None:
     log = run_dir / "metrics.jsonl"
     if not log.is_file():
         return None
-    rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    lines = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    rows = [r for r in lines if "loss" in r]  # training windows; validation has lines of its own
+    validation = [r for r in lines if "val/loss" in r]
     if len(rows) < 2:
         return None
     steps = [r["step"] for r in rows]
@@ -150,10 +152,13 @@ def training_curves(run_dir: Path, path: Path) -> Path | None:
             for k in keys:
                 label = k.removeprefix("loss/") if k != "loss" else "total"
                 ax.plot(steps, [r.get(k, np.nan) for r in rows], lw=1.6, label=label)
+            if title == "loss" and validation:
+                ax.plot([r["step"] for r in validation], [r["val/loss"] for r in validation], "o--", lw=1.4,
+                        color="black", label="validation")
             ax.set(title=title, xlabel="step")
             if title in ("samples / s", "MFU", "learning rate"):
                 ax.set_ylim(bottom=0)  # speeds from zero: a 5% wobble should look like one
-            if len(keys) > 1:
+            if len(keys) > 1 or (title == "loss" and validation):
                 ax.legend(frameon=False)
         fig.suptitle(f"Training ({run_dir.name})", fontweight="bold")
         fig.tight_layout()

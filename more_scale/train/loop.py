@@ -27,8 +27,9 @@ from more_scale.train.meter import StepMeter
 from more_scale.train.metrics import MetricsLogger
 from more_scale.train.preemption import EXIT_REQUEUE, Preempted, PreemptionWatch
 from more_scale.train.prefetch import DevicePrefetcher
-from more_scale.train.preflight import InputError, check_inputs, tokenizer_dir
+from more_scale.train.preflight import InputError, check_inputs, tokenizer_dir, validation_dir
 from more_scale.train.skips import SkipLedger
+from more_scale.train.validate import Validator
 
 
 def train_step(engine, loss_fn: ContrastiveLoss, batch: Batch) -> dict[str, torch.Tensor]:
@@ -148,6 +149,7 @@ def _train(cfg: Config, rank: int, world: int, console: Console, out: Path) -> c
     skips = SkipLedger(cfg.data.max_skip_rate)
     meter = StepMeter(flops, peak, device)
     health = HealthWatch(cfg.train.max_bad_steps, device)
+    validator = Validator(cfg, str(validation_dir(cfg)), tokenizer, rank, world) if cfg.train.eval_every else None
     checkpoint_bytes = checkpoint.estimate_bytes(model)
     columns = (TextColumn("step"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.fields[info]}"),
                TimeRemainingColumn())
@@ -183,6 +185,10 @@ def _train(cfg: Config, rank: int, world: int, console: Console, out: Path) -> c
                 progress.update(task, info=f"loss {logged['loss']:.4f}  {logged['samples_per_s']:.1f} samples/s  "
                                            f"MFU {logged['mfu']:.1%}  data wait {logged['data_wait_share']:.0%}")
                 skips.check(skipped, used)
+            if validator is not None and state.step % cfg.train.eval_every == 0:
+                metrics.log(state.step, validator(engine))  # a line of its own: val/loss, val/R@5, val/zero-shot
+                meter.restart()  # validation time is not training time
+                batches.wait_s = 0.0
             progress.update(task, completed=state.step)
             preempted = preemption.requested()
             if state.step % cfg.train.save_every == 0 or state.step == end or preempted:

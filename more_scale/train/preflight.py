@@ -21,6 +21,14 @@ def tokenizer_dir(cfg: Config) -> Path:
     return Path(cfg.data.tokenizer) if cfg.data.tokenizer else Path(source_dirs(cfg.data.train)[0]).parent / "tokenizer"
 
 
+def validation_dir(cfg: Config) -> Path | None:
+    """data.validate, or the `validate` split the builder wrote beside the first training split (None: none)."""
+    if cfg.data.validate:
+        return Path(cfg.data.validate)
+    beside = Path(source_dirs(cfg.data.train)[0]).parent / "validate"
+    return beside if (beside / INDEX_NAME).is_file() else None
+
+
 def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -61,6 +69,11 @@ def check_inputs(cfg: Config, world: int) -> dict[str, int]:
         load_tokenizer(where)
     except (OSError, ValueError) as error:
         raise InputError(f"tokenizer: {where} ({how}) cannot be loaded: {error}") from error
+    if cfg.train.eval_every:
+        where = validation_dir(cfg)
+        if where is None or not (where / INDEX_NAME).is_file():
+            raise InputError(f"train.eval_every={cfg.train.eval_every} needs a validation split: data.validate "
+                             f"({cfg.data.validate or 'empty'}) names none, and there is no validate/ beside data.train")
     total, micro = sum(sizes.values()), cfg.data.batch_size
     if micro > total:
         raise InputError(f"data.batch_size ({micro}) is larger than the {total} training samples: every micro-batch "
