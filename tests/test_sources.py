@@ -22,6 +22,7 @@ from more_scale.data.mimic import mimic_samples
 from more_scale.data.pipeline import build_loader, iter_batches
 from more_scale.data.ptbxl import ptbxl_samples
 from more_scale.data.tokenizer import load_tokenizer
+from more_scale.eval.tasks import load_tasks
 
 needs_real = pytest.mark.skipif(not REAL_DATA.is_dir(), reason=f"real data folder {REAL_DATA} absent")
 NO_TOKENIZER = BuildOptions(short_side=64, samples_per_shard=8, tokenizer_vocab=0)
@@ -73,6 +74,16 @@ def test_ptbxl_labels_split_and_text(ptbxl_root, tmp_path):
     first = next(s for s in specs if s.meta["ecg_id"] == 6002)
     assert first.meta["subclass"] == ["IRBBB", "NORM"] and first.meta["form"] == []  # scp_statements.csv by hand
     assert first.meta["rhythm"] == ["SBRAD"] and first.ecg_text == pairs.loc[6002, "report"]
+    statements = pd.read_csv(ptbxl_root / "scp_statements.csv", index_col=0)
+    groups = {"PTB-XL superclass": set(statements.diagnostic_class.dropna()),
+              "PTB-XL subclass": set(statements.diagnostic_subclass.dropna()),
+              "PTB-XL rhythm": set(statements.index[statements.rhythm == 1])}
+    tasks = {t.name: t for t in load_tasks()}
+    for name, codes in groups.items():  # the shipped tasks have prompts for every code PTB-XL defines
+        assert set(tasks[name].answers) == codes, name
+        field = tasks[name].labels["field"]
+        for spec in specs:  # and read the builder's meta.json as written
+            assert tasks[name].label(spec.meta) == (set(spec.meta[field]) or None), (name, spec.key)
     summary = write_shards(specs, tmp_path / "out", NO_TOKENIZER, {"source": "ptbxl"})
     failures = [f for split in summary["failures"] for f in read_index(tmp_path / "out" / split)["failures"]]
     assert failures == [f"ptbxl_00001: {ptbxl_root}/records500/00000/00001_hr: unreadable WFDB record "
