@@ -31,7 +31,7 @@ INPUTS = ("cxr", "cxr_mask", "ecg", "ecg_mask", "input_ids", "attention_mask")
 class Bookkeeping:
     keys: list[str] = field(default_factory=list)  # __key__ of each sample
     meta: list[dict] = field(default_factory=list)  # meta.json of each sample (labels, ids, split)
-    positions: list[int] = field(default_factory=list)  # global stream positions (training stream only)
+    positions: list[int] = field(default_factory=list)  # training: global stream positions; iter_batches: running index
     skipped: dict[str, int] = field(default_factory=dict)  # unreadable samples by reason, since the last batch
     skipped_shards: dict[str, int] = field(default_factory=dict)  # ... and by shard file name
     text_tokens: int = 0  # real (unpadded) report tokens in the batch, counted on the host

@@ -192,10 +192,12 @@ EVALUATE_DOC = """Evaluate a trained run on a shard set: zero-shot (AUROC, AUPRC
 rank), linear probes, each beside chance; figures and an HTML report.
 
   python launch/evaluate.py --checkpoint OUT --shards SHARDS/test --out EVAL [--train-shards SHARDS/train]
+  torchrun --nproc_per_node 8 launch/evaluate.py ...   (ranks share the embedding; rank 0 scores and writes)
 """
 
 
 def evaluate_main(argv: list[str] | None = None) -> int:
+    from more_scale import dist
     from more_scale.eval.evaluate import evaluate, print_results
 
     parser = argparse.ArgumentParser(description=EVALUATE_DOC, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -206,7 +208,14 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-shards", help="training split for linear probes at 1/10/100%% of its labels")
     parser.add_argument("--no-figures", action="store_true", help="metrics only")
     args = parser.parse_args(argv)
-    results = evaluate(args.checkpoint, args.shards, args.out, args.tasks, args.train_shards, not args.no_figures)
+    if dist.discover()[1] > 1:  # launched by torchrun / deepspeed / srun: the ranks share the embedding
+        dist.init_distributed()
+    try:
+        results = evaluate(args.checkpoint, args.shards, args.out, args.tasks, args.train_shards, not args.no_figures)
+    finally:
+        dist.close()
+    if results is None:  # not rank 0
+        return 0
     print_results(results)
     print(f"wrote {args.out}/results.json" + ("" if args.no_figures else f" and {args.out}/report.html"))
     return 0

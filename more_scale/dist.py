@@ -52,6 +52,10 @@ def close() -> None:
         tdist.destroy_process_group()
 
 
+def rank() -> int:
+    return tdist.get_rank() if tdist.is_initialized() else 0
+
+
 def world_size() -> int:
     return tdist.get_world_size() if tdist.is_initialized() else 1
 

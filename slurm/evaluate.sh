@@ -3,6 +3,9 @@
 #
 #   RUN=runs/more-pretrain-1234 SHARDS=/data/shards/test sbatch slurm/evaluate.sh
 #
+# More GPUs on one node share the embedding (rank 0 scores and writes):
+#   RUN=... SHARDS=... sbatch --ntasks=4 --gres=gpu:4 slurm/evaluate.sh
+#
 # Environment: RUN (required: a training output_dir), SHARDS (required), EVAL_DIR [RUN/eval], PYTHON [python].
 #
 #SBATCH --job-name=more-evaluate

@@ -115,6 +115,13 @@ def test_every_sample_once_in_evaluation_order(shards, tokenizer):
     index = read_index(shards / "test")
     keys = [k for b in iter_batches(shards / "test", _cfg(shards), SHAPE, tokenizer, batch_size=5) for k in b.info.keys]
     assert len(keys) == len(set(keys)) == index["samples"]
+    parts = [[(p, k) for b in iter_batches(shards / "test", _cfg(shards), SHAPE, tokenizer, 4, part=(r, 3))
+              for p, k in zip(b.info.positions, b.info.keys)] for r in range(3)]
+    for rank, part in enumerate(parts):  # rank r holds the samples r, r + 3, ... of the index order
+        assert [p for p, _ in part] == list(range(rank, len(keys), 3))
+    assert [k for _, k in sorted(sum(parts, []))] == keys  # merged by position: the single-process order
+    with pytest.raises(ValueError, match=r"part \(3, 3\): expected \(rank, world\)"):
+        next(iter_batches(shards / "test", _cfg(shards), SHAPE, tokenizer, 4, part=(3, 3)))
 
 
 def _bad_shard_set(shards, out):

@@ -14,6 +14,7 @@ import torch
 from conftest import ROOT, launcher, run_launcher, tiny_overrides
 
 from more_scale.config import load_config
+from more_scale.data.build import read_index
 from more_scale.train.engine import warmup_cosine
 
 
@@ -145,6 +146,34 @@ def test_evaluate_writes_the_full_report_beside_chance(stopped_and_resumed, shar
     page = (tmp_path / "report.html").read_text()
     for path in figures.values():
         assert (tmp_path / path).stat().st_size > 10_000 and f"src='{path}'" in page  # drawn, and on the page
+
+
+def test_evaluation_shared_by_two_ranks_equals_one_process(stopped_and_resumed, shards, tmp_path):
+    """torchrun --nproc_per_node 2 launch/evaluate.py: each rank embeds every other sample, rank 0 merges them
+    back into index order and alone scores and writes. The metrics equal a single process's: only the
+    batches' make-up differs (samples 0, 2, 4, ... together), which moves fp32 embeddings by round-off."""
+    from launch_helpers import evaluate_main
+
+    out, _, _ = stopped_and_resumed
+    args = ["--checkpoint", str(out), "--shards", str(shards / "test"), "--train-shards", str(shards / "train"),
+            "--no-figures"]
+    assert evaluate_main([*args, "--out", str(tmp_path / "one")]) == 0
+    shared = run_launcher([launcher("torchrun"), "--nproc_per_node", "2", "--master_port", _free_port(),
+                           "launch/evaluate.py", *args, "--out", str(tmp_path / "two")])
+    assert shared.stdout.count("wrote ") == 1  # rank 0 alone reports
+    one, two = (json.loads((tmp_path / name / "results.json").read_text()) for name in ("one", "two"))
+    assert two["samples"] == one["samples"] == read_index(shards / "test")["samples"]
+
+    def numbers(tree, prefix=""):
+        if isinstance(tree, dict):
+            return {k: v for key, value in tree.items() for k, v in numbers(value, f"{prefix}/{key}").items()}
+        return {prefix: tree} if isinstance(tree, (int, float)) else {}
+
+    for part in ("zero_shot", "retrieval", "linear_probe"):
+        expected, got = numbers(one[part]), numbers(two[part])
+        assert got.keys() == expected.keys() and len(got) > 10
+        for name, value in expected.items():  # round-off of 1e-7 moves no rank-based figure; 1e-6 leaves room
+            assert got[name] == pytest.approx(value, rel=1e-6, abs=1e-6), name
 
 
 def test_sigusr1_on_one_rank_checkpoints_all_and_exits_for_requeue(shards, tmp_path):

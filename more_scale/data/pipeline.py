@@ -215,8 +215,15 @@ def build_loader(cfg: DataConfig, shape: InputShape, rank: int, world: int, toke
                                        pin_memory=pin_memory, generator=torch.Generator().manual_seed(cfg.seed))
 
 
-def iter_batches(directory: str | Path, cfg: DataConfig, shape: InputShape, tokenizer, batch_size: int | None = None):
-    """Every sample of a shard set exactly once, in index order, in batches (single process)."""
+def iter_batches(directory: str | Path, cfg: DataConfig, shape: InputShape, tokenizer, batch_size: int | None = None,
+                 part: tuple[int, int] = (0, 1)):
+    """Every sample of a shard set exactly once, in index order, in batches. `part=(rank, world)` keeps the
+    samples whose running index i has i % world == rank (the others are passed over undecoded), so
+    `world` processes share a shard set; each sample's running index is its bookkeeping position, by
+    which the parts merge back into index order."""
+    rank, world = part
+    if not 0 <= rank < world:
+        raise ValueError(f"part {part}: expected (rank, world) with 0 <= rank < world")
     inputs, skips = ModelInputs(cfg, shape, augment=False), SkipCounter()
     size = batch_size or cfg.batch_size
 
@@ -225,9 +232,12 @@ def iter_batches(directory: str | Path, cfg: DataConfig, shape: InputShape, toke
         return True
 
     pending = []
-    for raw in wds.DataPipeline(wds.SimpleShardList(shard_urls(directory)), wds.tarfile_to_samples(handler=unreadable)):
+    samples = wds.DataPipeline(wds.SimpleShardList(shard_urls(directory)), wds.tarfile_to_samples(handler=unreadable))
+    for index, raw in enumerate(samples):
+        if index % world != rank:
+            continue
         try:
-            pending.append(decode_sample(raw, inputs))
+            pending.append({**decode_sample(raw, inputs), "position": index})
         except BadSample as bad:
             skips.count(bad.reason, str(raw.get("__url__", "?")))
         if len(pending) == size:

@@ -10,6 +10,7 @@ import torch
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 from rich.progress import track
 
+from more_scale import dist
 from more_scale.config import Config, DataConfig, InputShape, load_config
 from more_scale.data.pipeline import iter_batches
 from more_scale.data.tokenizer import load_tokenizer
@@ -61,28 +62,36 @@ def _buffers_of(model: torch.nn.Module) -> set[str]:
 @torch.no_grad()
 def embed(model: MoRE, shards: str | Path, data_cfg: DataConfig, shape: InputShape, tokenizer,
           batch_size: int = 64) -> Embeddings:
-    """Every sample of a shard set through the model, on the device the model is on."""
+    """Every sample of a shard set through the model, on the device the model is on. Launched distributed,
+    rank r embeds the samples r, r + world, ... and every rank gets the whole set back in index order."""
     device = next(model.parameters()).device
-    vectors = {m: [] for m in MODALITIES}
-    masks = {m: [] for m in MODALITIES}
-    keys, meta, texts, thumbnails = [], [], [], []
-    for batch in track(iter_batches(shards, data_cfg, shape, tokenizer, batch_size), description=f"embedding {shards}"):
+    rank, world = dist.rank(), dist.world_size()
+    parts = []
+    batches = iter_batches(shards, data_cfg, shape, tokenizer, batch_size, part=(rank, world))
+    for batch in track(batches, description=f"embedding {shards}", disable=rank != 0):
         out = model(batch.to(device, non_blocking=True))
-        for m in MODALITIES:
-            vectors[m].append(out[m].cpu().numpy())
-        masks["cxr"].append(batch.cxr_mask.numpy())
-        masks["ecg"].append(batch.ecg_mask.numpy())
-        masks["text"].append(np.ones(len(batch), bool))
-        keys += batch.info.keys
-        meta += batch.info.meta
-        texts += tokenizer.batch_decode(batch.input_ids, skip_special_tokens=True)
         small = torch.nn.functional.interpolate(batch.cxr, size=(THUMBNAIL, THUMBNAIL), mode="area")[:, 0]
         lo, hi = small.amin((1, 2), keepdim=True), small.amax((1, 2), keepdim=True)
-        thumbnails.append(((small - lo) / (hi - lo).clamp(min=1e-6) * 255).to(torch.uint8).numpy())
-    if not keys:
+        parts.append({"vectors": {m: out[m].float().cpu().numpy() for m in MODALITIES},
+                      "masks": {"cxr": batch.cxr_mask.numpy(), "ecg": batch.ecg_mask.numpy(),
+                                "text": np.ones(len(batch), bool)},
+                      "keys": batch.info.keys, "meta": batch.info.meta, "positions": batch.info.positions,
+                      "texts": tokenizer.batch_decode(batch.input_ids, skip_special_tokens=True),
+                      "thumbnails": ((small - lo) / (hi - lo).clamp(min=1e-6) * 255).to(torch.uint8).numpy()})
+    parts = dist.gather_objects(parts)
+    if not parts:
         raise ValueError(f"{shards}: no samples to embed")
-    return Embeddings({m: np.concatenate(v) for m, v in vectors.items()},
-                      {m: np.concatenate(v) for m, v in masks.items()}, keys, meta, texts, np.concatenate(thumbnails))
+    order = np.argsort(np.concatenate([p["positions"] for p in parts]), kind="stable")
+
+    def merged(name: str, modality: str | None = None) -> np.ndarray:
+        return np.concatenate([p[name] if modality is None else p[name][modality] for p in parts])[order]
+
+    def listed(name: str) -> list:
+        flat = [item for p in parts for item in p[name]]
+        return [flat[i] for i in order]
+
+    return Embeddings({m: merged("vectors", m) for m in MODALITIES}, {m: merged("masks", m) for m in MODALITIES},
+                      listed("keys"), listed("meta"), listed("texts"), merged("thumbnails"))
 
 
 @torch.no_grad()

@@ -14,6 +14,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from more_scale import dist
 from more_scale.config import input_shape
 from more_scale.data.pipeline import iter_batches
 from more_scale.eval import figures
@@ -27,12 +28,17 @@ EXPLAINED = 4  # X-rays (and one ECG) with relevance maps in the report
 
 
 def evaluate(run_dir: str | Path, shards: str | Path, out_dir: str | Path, tasks_file: str | Path | None = None,
-             train_shards: str | Path | None = None, pictures: bool = True) -> dict:
+             train_shards: str | Path | None = None, pictures: bool = True) -> dict | None:
+    """Launched distributed (process group started), the ranks share the embedding of both shard sets and
+    rank 0 alone scores, draws and writes; the other ranks return None."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     model, cfg, tokenizer = load_trained(run_dir)
-    model.to("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu")
     shape = input_shape(cfg.model)
     emb = embed(model, shards, cfg.data, shape, tokenizer)
+    train_emb = embed(model, train_shards, cfg.data, shape, tokenizer) if train_shards else None
+    if dist.rank() != 0:
+        return None
     tasks = load_tasks(tasks_file)
     scale = float(model.scale().detach())
     results = {"run": str(run_dir), "shards": str(shards), "samples": len(emb.keys),
@@ -44,8 +50,7 @@ def evaluate(run_dir: str | Path, shards: str | Path, out_dir: str | Path, tasks
         results["zero_shot"][task.name] = zero_shot(emb, task, prompt_embeddings[task.name], scale)
     for query, gallery in RETRIEVAL_PAIRS:
         results["retrieval"][f"{query}->{gallery}"] = retrieval(emb, query, gallery)
-    if train_shards:
-        train_emb = embed(model, train_shards, cfg.data, shape, tokenizer)
+    if train_emb is not None:
         results["linear_probe"] = {t.name: linear_probe(train_emb, emb, t) for t in tasks if t.kind == "binary"}
     out_dir.mkdir(parents=True, exist_ok=True)
     if pictures:
