@@ -4,6 +4,7 @@
 #   `deepspeed --num_gpus 1 launch/train.py` on configs/base.yaml (~100 steps) -> evaluation of that run ->
 #   matmul peak, attention backends, the fused DropKey kernel against FlexAttention / SDPA, the compute-only
 #   throughput sweep (plain and DeepSpeed engine steps; DropKey on and off),
+#   launch/plan.py's estimate against the measured peak of a base.yaml run (benchmarks/memory_plan.py),
 #   the 7B-sized text tower -> one summary table (benchmarks/gpu_summary.py) -> RESULTS.md.
 # Every step runs under `timeout`; a failed step is reported and the rest go on. Results land in
 # benchmarks/results/*_cuda.*; the logs and results are bundled into $OUT/gpu_check.tgz when $OUT is set.
@@ -81,6 +82,8 @@ step peak 20 $PY benchmarks/peak.py
 step attention 20 $PY benchmarks/attention.py --batch $((DRY ? 2 : 64))
 step dropkey_kernel 60 $PY benchmarks/dropkey_attention.py
 step throughput 150 $PY benchmarks/throughput.py "${SWEEP[@]}"
+step memory_plan 60 $PY benchmarks/memory_plan.py --config "${TRAIN[1]}" --world 1 "${TRAIN[@]:2}" train.steps=3 \
+  train.warmup_steps=1 data.train="$WORK/shards/train"
 if ((!DRY)); then
   step tower_7b 60 $PY benchmarks/throughput.py --preset paper-7b --batch 8 --steps 2 --precision bf16 \
     --only "ours, paper recipe" --engine-zero ""

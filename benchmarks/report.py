@@ -10,7 +10,8 @@ import json
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ORDER = ("gpu_summary", "peak", "throughput", "drop_token", "attention", "dropkey_attention", "data_pipeline", "soak")
+ORDER = ("gpu_summary", "peak", "throughput", "drop_token", "attention", "dropkey_attention", "data_pipeline", "memory_plan",
+         "soak")
 
 
 def main() -> None:

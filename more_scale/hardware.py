@@ -7,6 +7,7 @@ kept beside the measurement for reference, not used as the denominator.
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 
@@ -56,10 +57,11 @@ def _seconds(fn, device: torch.device, repeat: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
+@functools.cache
 def matmul_peak(device: torch.device | str, dtype: torch.dtype, size: int | None = None, repeat: int = 5) -> Peak:
-    """Warmed size^3 matmul throughput on `device` in `dtype`. On a CPU the size shrinks until one
-    product fits CPU_BUDGET_S, judged from a warmed 256^3 product (a slow emulated bf16 path stays
-    measurable in well under a second)."""
+    """Warmed size^3 matmul throughput on `device` in `dtype`, measured once per process and argument set.
+    On a CPU the size shrinks until one product fits CPU_BUDGET_S, judged from a warmed 256^3 product (a
+    slow emulated bf16 path stays measurable in well under a second)."""
     device = torch.device(device)
     if size is None:
         size = GPU_SIZE if device.type == "cuda" else CPU_SIZE

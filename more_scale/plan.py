@@ -5,11 +5,14 @@ that does.
 The model is built on the `meta` device (no memory, seconds even for a 7B tower), so the parameter counts
 are the real ones, split into trained and frozen. Model states follow DeepSpeed's own accounting
 (deepspeed.runtime.zero.stage_1_and_2 / stage3 estimators: 16-bit weights and gradients, fp32 master
-weights, fp32 gradient accumulation and two Adam moments for what trains), but frozen parameters hold
-only their 16-bit weights. Activations are counted per layer from what autograd keeps for the backward
-(Korthikanti et al. 2022, "Reducing activation recomputation": about 17 tensors of N x width per
-transformer layer, plus the attention probabilities where a kernel materialises them), per tower, with
-DropToken's shorter sequences and activation checkpointing.
+weights, the fp32 gradient the step reads and two Adam moments for what trains), but frozen parameters hold
+only their 16-bit weights. What DeepSpeed allocates beside them is read from the run's ZeRO config with
+DeepSpeed's defaults: gradient buckets of reduce_bucket_size elements allocated whole (double-buffered under
+overlap_comm), and ZeRO-3's persistent parameters (up to stage3_param_persistence_threshold elements, whole
+on every rank). Activations are counted per layer from what autograd keeps for the backward (Korthikanti
+et al. 2022, "Reducing activation recomputation": about 17 tensors of N x width per transformer layer, plus
+the attention scores the chosen kernel keeps), per tower, with DropToken's shorter sequences and activation
+checkpointing. benchmarks/memory_plan.py compares the total with a real run's measured peak.
 """
 
 from __future__ import annotations
@@ -57,9 +60,10 @@ def parse_bytes(text: str) -> float:
     return float(low)
 
 
-def count_parameters(model_cfg: ModelConfig, vocab: int) -> dict[str, int]:
-    """Trained and frozen parameter counts, and the largest single parameter (ZeRO-3 gathers one layer's
-    worth at a time), from the model built on the meta device."""
+def count_parameters(model_cfg: ModelConfig, vocab: int, persistence_threshold: int = 0) -> dict[str, int]:
+    """Trained and frozen parameter counts, the largest single parameter (ZeRO-3 gathers one layer's worth at
+    a time) and the elements of parameters no larger than `persistence_threshold` (ZeRO-3 keeps those whole
+    on every rank), from the model built on the meta device."""
     from more_scale.models.more import build_model
 
     text = model_cfg.text
@@ -80,36 +84,49 @@ def count_parameters(model_cfg: ModelConfig, vocab: int) -> dict[str, int]:
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     largest = max(p.numel() for p in model.parameters())
-    return {"trained": trained, "frozen": frozen, "largest": largest}
+    persistent = sum(p.numel() for p in model.parameters() if p.numel() <= persistence_threshold)
+    return {"trained": trained, "frozen": frozen, "largest": largest, "persistent": persistent}
+
+
+def attention_score_bytes(backend: str, drop_key: bool, weight_bytes: int, device_type: str) -> float:
+    """Bytes autograd keeps per attention score (per head, query and key) for the backward. Fused kernels keep
+    none (only per-row softmax statistics); SDPA and xformers keep a DropKey mask (bool / bias); the written-out
+    path keeps its fp32 softmax, that softmax cast to the compute dtype, and the mask. `auto` is planned as what
+    it picks on the device: fused kernels on a GPU (triton_dropkey with DropKey), and on a CPU the written-out
+    path, the largest of its candidates (it wins the bf16 step on AVX-512 BF16 CPUs)."""
+    if backend == "auto":
+        backend = "fused" if device_type == "cuda" else "math"
+    if backend == "math":
+        return 4 + (weight_bytes if weight_bytes != 4 else 0) + (1 if drop_key else 0)
+    if drop_key and backend in ("sdpa", "xformers"):
+        return 1 if backend == "sdpa" else weight_bytes
+    return 0.0
 
 
 def _layer_activations(tokens: int, width: int, heads: int, hidden: int, weight_bytes: int,
-                       materialised_attention: bool) -> float:
+                       score_bytes: float) -> float:
     """Bytes autograd keeps for one transformer layer's backward, per sample: the layer's input, the norms'
-    and projections' inputs, q/k/v, the MLP's (4 x wider) inputs: ~9 x N x width + 3 x N x hidden values."""
-    saved = (9 * width + 3 * hidden) * tokens * weight_bytes
-    if materialised_attention:  # probabilities (and a DropKey mask) per head
-        saved += heads * tokens * tokens * (weight_bytes + 1)
-    else:  # fused kernels keep only the softmax statistics
-        saved += heads * tokens * 4
-    return saved
+    and projections' inputs, q/k/v, the MLP's (4 x wider) inputs: ~9 x N x width + 3 x N x hidden values,
+    the attention scores the kernel keeps, and its per-row softmax statistics."""
+    return (9 * width + 3 * hidden) * tokens * weight_bytes + heads * tokens * (tokens * score_bytes + 4)
 
 
 def _tower(layers: int, tokens: int, width: int, heads: int, hidden: int, weight_bytes: int, checkpoint: bool,
-           materialised: bool) -> float:
-    per_layer = _layer_activations(tokens, width, heads, hidden, weight_bytes, materialised)
+           score_bytes: float) -> float:
+    per_layer = _layer_activations(tokens, width, heads, hidden, weight_bytes, score_bytes)
     if checkpoint:  # each layer's input kept; one layer's full set alive while it is recomputed
         return layers * tokens * width * weight_bytes + per_layer
     return layers * per_layer
 
 
-def activations_per_sample(cfg: ModelConfig, text_tokens: int, weight_bytes: int, materialised: bool) -> float:
+def activations_per_sample(cfg: ModelConfig, text_tokens: int, weight_bytes: int, device_type: str = "cuda") -> float:
     out = 0.0
     for vit, (_, patches) in ((cfg.cxr, cxr_stem_flops(cfg.cxr)), (cfg.ecg, ecg_stem_flops(cfg.ecg))):
         vit: VitConfig
         tokens = max(1, round(patches * vit.drop_token_keep)) + 1
+        score_bytes = attention_score_bytes(vit.attention, vit.drop_key > 0, weight_bytes, device_type)
         out += _tower(vit.depth, tokens, vit.width, vit.heads, int(vit.width * vit.mlp_ratio), weight_bytes,
-                      vit.grad_checkpoint, materialised and vit.drop_key > 0)
+                      vit.grad_checkpoint, score_bytes)
         out += patches * vit.width * weight_bytes * 2  # the stem's output and the gathered tokens
     t = cfg.text
     hidden, width, layers, heads = t.intermediate, t.hidden, t.layers, t.heads
@@ -118,33 +135,43 @@ def activations_per_sample(cfg: ModelConfig, text_tokens: int, weight_bytes: int
 
         lm = AutoConfig.from_pretrained(t.pretrained, local_files_only=True)
         hidden, width, layers, heads = lm.intermediate_size, lm.hidden_size, lm.num_hidden_layers, lm.num_attention_heads
-    out += _tower(layers, text_tokens, width, heads, hidden, weight_bytes, t.grad_checkpoint, False)
+    out += _tower(layers, text_tokens, width, heads, hidden, weight_bytes, t.grad_checkpoint, 0.0)  # HF's SDPA
     return out
 
 
-def plan(cfg: Config, world: int, device_bytes: float, vocab: int = 50265) -> Plan:
+def plan(cfg: Config, world: int, device_bytes: float, vocab: int = 50265, device_type: str = "cuda") -> Plan:
+    """Bytes per rank as DeepSpeed lays them out (its ZeRO config read with DeepSpeed's own defaults)."""
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
     ds = json.loads(resolve_path(cfg.train.deepspeed_config).read_text())
-    zero = ds.get("zero_optimization", {})
-    stage = zero.get("stage", 0)
-    offload = zero.get("offload_optimizer", {}).get("device", "none") != "none"
+    zero = DeepSpeedZeroConfig(**ds.get("zero_optimization", {}))
+    stage = int(zero.stage)
+    offload = zero.offload_optimizer is not None and zero.offload_optimizer.device != "none"
     bf16 = cfg.train.precision == "bf16"
     w = 2 if bf16 else 4
-    counts = count_parameters(cfg.model, vocab)
+    counts = count_parameters(cfg.model, vocab, zero.param_persistence_threshold if stage == 3 else 0)
     trained, frozen = counts["trained"], counts["frozen"]
     shard = world if stage >= 1 else 1
     rows = {
         "weights (trained)": trained * w / (world if stage == 3 else 1),
         "weights (frozen base)": frozen * w / (world if stage == 3 else 1),
         "gradients": trained * w / (world if stage >= 2 else 1),
-        # fp32 master weights + fp32 gradient accumulation (bf16 only) and Adam's two moments, partitioned by ZeRO
-        "optimizer states": 0.0 if offload else trained * ((4 + 4 + 8) if bf16 else 8) / shard,
+        # Adam's two moments; fp32 master weights (ZeRO copies them even in fp32) and, in bf16, the fp32 gradient
+        # the step reads; partitioned by ZeRO
+        "optimizer states": 0.0 if offload else trained * (8 + (8 if bf16 else 4 if stage >= 1 else 0)) / shard,
     }
-    if stage == 3:  # a gathered layer (DeepSpeed's estimator: 4 bytes per parameter of the largest layer)
-        rows["ZeRO-3 gathered layer"] = 4.0 * counts["largest"]
-    elif stage in (1, 2) and zero.get("contiguous_gradients", False):
-        rows["gradient reduction bucket"] = min(float(zero.get("reduce_bucket_size", 5e8)), trained) * w
-    rows["runtime (CUDA context, NCCL)"] = RUNTIME_BYTES
-    per_sample = activations_per_sample(cfg.model, cfg.data.max_text_tokens, w, materialised=False)
+    if stage == 3:
+        # parameters up to stage3_param_persistence_threshold elements stay whole on every rank (beside their part)
+        rows["ZeRO-3 persistent parameters"] = counts["persistent"] * w
+        rows["ZeRO-3 gathered layer"] = 4.0 * counts["largest"]  # DeepSpeed's estimator: 4 bytes per parameter
+    if stage >= 1 and zero.contiguous_gradients:
+        # gradients are staged in buckets of reduce_bucket_size elements, allocated whole (two when overlap_comm
+        # double-buffers them under ZeRO 1/2): at small model sizes the largest single item
+        buffers = 2 if stage < 3 and zero.overlap_comm else 1
+        rows["gradient reduction buckets"] = float(zero.reduce_bucket_size) * w * buffers
+    if device_type == "cuda":
+        rows["runtime (CUDA context, NCCL)"] = RUNTIME_BYTES
+    per_sample = activations_per_sample(cfg.model, cfg.data.max_text_tokens, w, device_type)
     return Plan(rows, per_sample, sum(rows.values()), device_bytes * FRAGMENTATION, cfg.data.batch_size)
 
 

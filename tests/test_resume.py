@@ -67,17 +67,25 @@ def test_kill_one_rank_then_rerun_reaches_the_uninterrupted_final_loss(shards, t
 
 
 def test_checkpoints_leave_the_frozen_base_out_and_resume_refuses_another(shards, tmp_path):
+    """A text base larger than the towers (as a real LM is): the whole checkpoint, both ranks' model and
+    optimizer states, weighs less than the base's own fp32 weights."""
     import torch
 
     out = tmp_path / "run"
-    _train(shards, out, "train.steps=4", "train.stop_at_step=2")
-    states = torch.load(out / "checkpoints" / "step_00000002" / "mp_rank_00_model_states.pt", weights_only=False)
+    larger_base = ["model.text.hidden=256", "model.text.layers=4", "model.text.intermediate=1024"]
+    _train(shards, out, "train.steps=4", "train.stop_at_step=2", *larger_base)
+    tag = out / "checkpoints" / "step_00000002"
+    states = torch.load(tag / "mp_rank_00_model_states.pt", weights_only=False)
+    base_bytes = states["frozen_base"]["parameters"] * 4
+    checkpoint_bytes = sum(f.stat().st_size for f in tag.rglob("*") if f.is_file())
+    assert checkpoint_bytes < base_bytes / 2, (checkpoint_bytes, base_bytes)
     saved = set(states["module"])
     assert not any(k.startswith("encoders.text.lm.") and "lora_" not in k for k in saved)  # no frozen LM weight
     assert any("lora_" in k for k in saved) and any(k.startswith("encoders.cxr.") for k in saved)
     assert states["frozen_base"]["parameters"] > 0 and states["provenance"]["versions"]["torch"]
     command = [launcher("torchrun"), "--nproc_per_node", "2", "--master_port", _port(), "launch/train.py",
                "--config", "tiny-cpu", f"data.train={shards / 'train'}", f"output_dir={out}", "data.batch_size=4",
-               *RANDOM_EVERYWHERE, "train.steps=4", "train.resume=auto", "model.text.init_seed=1"]  # another random base
+               *RANDOM_EVERYWHERE, *larger_base, "train.steps=4", "train.resume=auto",
+               "model.text.init_seed=1"]  # another random base
     result = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0 and "was trained on another frozen text base" in result.stderr

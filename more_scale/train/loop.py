@@ -20,7 +20,7 @@ from more_scale.loss import ContrastiveLoss
 from more_scale.models.flops import step_flops
 from more_scale.models.more import MODALITIES, build_model, trainable_summary
 from more_scale.train import checkpoint
-from more_scale.train.engine import build_engine, deepspeed_config, model_init_context
+from more_scale.train.engine import build_engine, deepspeed_config, engine_device, model_init_context
 from more_scale.train.guard import RunLock, RunLocked, launched, watch_parent
 from more_scale.train.health import Diverged, HealthWatch
 from more_scale.train.meter import StepMeter
@@ -102,6 +102,8 @@ def train(cfg: Config) -> checkpoint.TrainState:
 
 
 def _train(cfg: Config, rank: int, world: int, console: Console, out: Path) -> checkpoint.TrainState:
+    device, dtype = engine_device(), torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+    peak = matmul_peak(device, dtype)  # the MFU denominator, measured first: nothing else holds the device yet
     torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
     tokenizer = load_tokenizer(tokenizer_dir(cfg))
     ds_plan = deepspeed_config(cfg.train, cfg.data.batch_size, world)
@@ -124,8 +126,6 @@ def _train(cfg: Config, rank: int, world: int, console: Console, out: Path) -> c
         tokenizer.save_pretrained(str(out / "tokenizer"))  # the run folder is self-contained for evaluation
     engine, ds = build_engine(cfg.train, model, cfg.data.batch_size, world)
     torch.manual_seed(cfg.train.seed + 1 + rank)  # same weights above; from here DropToken/DropKey/dropout differ per rank
-    device, dtype = engine.device, torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
-    peak = matmul_peak(device, dtype)  # the MFU denominator, measured on this device now
     state = checkpoint.resume(engine, out, cfg.train.resume, rank, base, warn=lambda m: console.print(f"[yellow]{m}"))
     client = {"config": config_to_dict(cfg), "frozen_base": base, "provenance": checkpoint.provenance()}
     console.print(f"[bold]more_scale[/] world {world} | global batch {ds['train_batch_size']} = micro "
