@@ -27,6 +27,7 @@ import errno
 import hashlib
 import os
 import random
+import re
 import shutil
 import subprocess
 import zipfile
@@ -36,6 +37,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from deepspeed.checkpoint.constants import (
+    UNIVERSAL_CHECKPOINT_INFO,
+    UNIVERSAL_CHECKPOINT_VERSION_KEY,
+    UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+)
 
 from more_scale import dist
 
@@ -120,8 +126,8 @@ def checkpoint_root(output_dir: str | Path) -> Path:
 
 
 def tags(root: Path) -> list[str]:
-    """Complete checkpoint tags in `root`, oldest first."""
-    return sorted(p.name for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(PARTIAL))
+    """Complete checkpoint tags in `root` (step_N, not their partial or universal-format siblings), oldest first."""
+    return sorted(p.name for p in root.glob("step_*") if p.is_dir() and re.fullmatch(r"step_\d+", p.name))
 
 
 def _fsync(path: Path) -> None:
@@ -179,7 +185,9 @@ def save(engine, output_dir: str | Path, state: TrainState, client: dict, keep: 
     check_free_space(root, folder_bytes(root / done[-1]) if done else estimate_bytes)
     partial = root / f"{tag}{PARTIAL}"
     state.world = dist.world_size()
-    engine.save_checkpoint(str(root), tag=partial.name, client_state={"train_state": asdict(state), **client},
+    # the universal-format marker DeepSpeed's ds_to_universal wants from its client: resuming at another world size
+    universal = {UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
+    engine.save_checkpoint(str(root), tag=partial.name, client_state={"train_state": asdict(state), **client, **universal},
                            save_latest=False, exclude_frozen_parameters=True)
     torch.save(_rng_state(), _rng_file(partial, rank))
     for f in partial.rglob("*"):
@@ -194,7 +202,8 @@ def save(engine, output_dir: str | Path, state: TrainState, client: dict, keep: 
         _fsync(root)
         _write_atomic(root / "latest", tag)
         for old in tags(root)[:-keep]:
-            shutil.rmtree(root / old, ignore_errors=True)
+            for folder in root.glob(f"{old}*"):  # the tag and any universal-format copy made of it
+                shutil.rmtree(folder, ignore_errors=True)
     dist.barrier()
     return final
 
@@ -227,7 +236,8 @@ def remove_partials(root: Path) -> list[str]:
     return stale
 
 
-def _load(engine, root: Path, tag: str, base: dict, rank: int, warn) -> TrainState:
+def load(engine, root: Path, tag: str, base: dict, rank: int, warn) -> TrainState:
+    """Load checkpoint `root/tag` into the engine; `base`: this run's frozen_base(), checked against the checkpoint's."""
     loaded, client = engine.load_checkpoint(str(root), tag=tag, load_module_strict=False)  # frozen base not in it
     if loaded is None:
         raise RuntimeError(f"DeepSpeed could not load {root / tag}")
@@ -242,16 +252,16 @@ def _load(engine, root: Path, tag: str, base: dict, rank: int, warn) -> TrainSta
     if state.world == dist.world_size() and _rng_file(root / tag, rank).is_file():
         _set_rng_state(torch.load(_rng_file(root / tag, rank), weights_only=False))
     else:
-        warn(f"resuming a {state.world or '?'}-rank checkpoint on {dist.world_size()} ranks: the model, optimizer and "
-             "data position continue exactly, the DropToken/DropKey/dropout draws start from fresh per-rank seeds")
+        warn(f"resuming a {state.world or '?'}-rank checkpoint on {dist.world_size()} ranks: the "
+             "DropToken/DropKey/dropout draws start from fresh per-rank seeds")
     return state
 
 
-def resume(engine, output_dir: str | Path, how: str, rank: int, base: dict, warn=print) -> TrainState:
-    """how: "none" | "auto" (the newest good checkpoint in output_dir, if any) | a checkpoint tag directory.
-    `base`: this run's frozen_base(), checked against the checkpoint's."""
+def find(output_dir: str | Path, how: str, rank: int, warn=print) -> tuple[Path, str] | None:
+    """The checkpoint to resume from, as (root, tag), or None to start afresh. how: "none" | "auto" (the newest
+    good checkpoint in output_dir, if any) | a checkpoint tag directory. Every rank returns the same one."""
     if how == "none":
-        return TrainState()
+        return None
     if how != "auto":
         path = Path(how)
         if not path.is_dir():
@@ -259,10 +269,10 @@ def resume(engine, output_dir: str | Path, how: str, rank: int, base: dict, warn
         problem = problem_with(path)
         if problem:
             raise ValueError(f"train.resume={how}: {problem}")
-        return _load(engine, path.parent, path.name, base, rank, warn)
+        return path.parent, path.name
     root = checkpoint_root(output_dir)
     if not root.is_dir():
-        return TrainState()
+        return None
     if rank == 0:
         for name in remove_partials(root):
             warn(f"removed {root / name}: a save that never finished")
@@ -280,10 +290,10 @@ def resume(engine, output_dir: str | Path, how: str, rank: int, base: dict, warn
         if agreed:
             warn(f"skipping checkpoint {root / tag}: {problem or 'unreadable on another rank'}; trying an older one")
             continue
-        return _load(engine, root, tag, base, rank, warn)
+        return root, tag
     if candidates:
         raise RuntimeError(f"{root}: no loadable checkpoint among {candidates} (see the warnings above)")
-    return TrainState()
+    return None
 
 
 def latest_tag(output_dir: str | Path) -> str:

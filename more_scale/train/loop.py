@@ -29,6 +29,8 @@ from more_scale.train.preemption import EXIT_REQUEUE, Preempted, PreemptionWatch
 from more_scale.train.prefetch import DevicePrefetcher
 from more_scale.train.preflight import InputError, check_inputs, tokenizer_dir, validation_dir
 from more_scale.train.skips import SkipLedger
+from more_scale.train.universal import prepare as prepare_resume
+from more_scale.train.universal import repair_zero3_load
 from more_scale.train.validate import Validator
 
 
@@ -124,9 +126,24 @@ def _train(cfg: Config, rank: int, world: int, console: Console, out: Path) -> c
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
         tokenizer.save_pretrained(str(out / "tokenizer"))  # the run folder is self-contained for evaluation
-    engine, ds = build_engine(cfg.train, model, cfg.data.batch_size, world)
+
+    def warn(message: str) -> None:
+        console.print(f"[yellow]{message}")
+
+    # found before the engine exists: a checkpoint from another world size loads through DeepSpeed's universal
+    # format, which the engine's config must name
+    resume_from = checkpoint.find(out, cfg.train.resume, rank, warn)
+    universal = False
+    if resume_from is not None:
+        root, tag = resume_from
+        tag, universal = prepare_resume(root, tag, world, ds_plan.get("zero_optimization", {}).get("stage", 0),
+                                        ds_plan["train_batch_size"], rank, warn)
+        resume_from = root, tag
+    engine, ds = build_engine(cfg.train, model, cfg.data.batch_size, world, load_universal=universal)
     torch.manual_seed(cfg.train.seed + 1 + rank)  # same weights above; from here DropToken/DropKey/dropout differ per rank
-    state = checkpoint.resume(engine, out, cfg.train.resume, rank, base, warn=lambda m: console.print(f"[yellow]{m}"))
+    state = checkpoint.load(engine, *resume_from, base, rank, warn) if resume_from else checkpoint.TrainState()
+    if universal and ds["zero_optimization"]["stage"] == 3:
+        repair_zero3_load(engine, Path(resume_from[0]) / resume_from[1])
     client = {"config": config_to_dict(cfg), "frozen_base": base, "provenance": checkpoint.provenance()}
     console.print(f"[bold]more_scale[/] world {world} | global batch {ds['train_batch_size']} = micro "
                   f"{cfg.data.batch_size} x accum {cfg.train.grad_accum} x dp {world} | ZeRO "

@@ -1,0 +1,95 @@
+"""Resuming at another world size. ZeRO 1-3 cut the optimizer state (and under ZeRO-3 the weights) into one
+part per rank, and DeepSpeed refuses to load parts cut for another world. Its answer is the universal
+checkpoint: `deepspeed.checkpoint.ds_to_universal` merges the parts into one file per parameter (fp32
+weights, Adam moments), which any world size loads with `checkpoint.load_universal`. Rank 0 converts once,
+into `step_N.universal/` beside the tag (written as `.partial`, renamed when whole; pruned with the tag).
+
+What carries over exactly: weights, optimizer moments, the LR schedule's step, the data stream's position
+(the sample order is a function of position alone). What differs is said at resume: the global batch
+when micro-batch x accumulation x world changed, and fresh per-rank random draws (checkpoint.load).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from more_scale import dist
+from more_scale.train.checkpoint import PARTIAL, model_states_file
+
+UNIVERSAL = ".universal"
+
+
+def saved_run(tag_dir: Path) -> tuple[int, dict]:
+    """(world size, config) the checkpoint in `tag_dir` was written with."""
+    client = torch.load(model_states_file(tag_dir), map_location="cpu", weights_only=False)
+    return int(client["train_state"].get("world") or client.get("dp_world_size") or 0), client.get("config", {})
+
+
+def convert(tag_dir: Path) -> Path:
+    """`tag_dir` in DeepSpeed's universal format, converted now or by an earlier resume."""
+    out = tag_dir.with_name(tag_dir.name + UNIVERSAL)
+    if out.is_dir():
+        return out
+    partial = out.with_name(out.name + PARTIAL)
+    shutil.rmtree(partial, ignore_errors=True)
+    command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
+               "--output_folder", str(partial), "--num_extract_workers", "1", "--num_merge_workers", "1"]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"converting {tag_dir} to DeepSpeed's universal format failed "
+                           f"({' '.join(command)}):\n{result.stdout[-1500:]}\n{result.stderr[-1500:]}")
+    for f in partial.rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as handle:
+                os.fsync(handle.fileno())
+    os.rename(partial, out)
+    return out
+
+
+def prepare(root: Path, tag: str, world: int, zero_stage: int, global_batch: int, rank: int, warn) -> tuple[str, bool]:
+    """(tag to load, whether DeepSpeed must load it as universal). At the world size the checkpoint was written
+    with, or without ZeRO partitioning (stage 0), the tag itself; otherwise its universal-format copy."""
+    saved_world, saved_cfg = saved_run(root / tag)
+    if saved_world == world or zero_stage == 0:
+        return tag, False
+    failed = None
+    if rank == 0:
+        try:
+            convert(root / tag)
+        except (RuntimeError, OSError) as error:
+            failed = error
+    if dist.max_over_ranks([int(failed is not None)])[0]:  # every rank stops when rank 0 could not convert
+        raise failed or RuntimeError(f"rank 0 could not convert {root / tag} to DeepSpeed's universal format")
+    train, data = saved_cfg.get("train", {}), saved_cfg.get("data", {})
+    saved_batch = data.get("batch_size", 0) * train.get("grad_accum", 1) * saved_world
+    batch = (f"the global batch is {global_batch} samples per step (was {saved_batch}): the LR schedule goes on "
+             "by steps, so the samples seen per step changed" if saved_batch != global_batch else
+             f"the global batch stays {global_batch} samples per step")
+    warn(f"resuming a {saved_world}-rank ZeRO-{zero_stage} checkpoint on {world} ranks through DeepSpeed's universal "
+         f"format ({root / (tag + UNIVERSAL)}): weights, optimizer moments, schedule step and data position carry over; "
+         f"{batch}")
+    return tag + UNIVERSAL, True
+
+
+def repair_zero3_load(engine, universal_dir: Path) -> None:
+    """Undo two slips of DeepSpeed 0.19's ZeRO-3 universal loader (stage3.load_hp_checkpoint_state_from_checkpoint_
+    dir_stage3), both seen as weights 3e-4 off an uninterrupted run after two steps: it copies parameter group 0's
+    hyperparameters to every group (weight decay on the norms, biases and logit scale exempt from it), and hands
+    every group one shared Adam `step` tensor, which AdamW then increments once per group per step."""
+    saved = torch.load(universal_dir / "zero" / "optimizer_state.pt", map_location="cpu", weights_only=False)
+    groups = saved["optimizer_state_dict"]["param_groups"]
+    optimizer = engine.optimizer.optimizer
+    if len(groups) != len(optimizer.param_groups):
+        raise RuntimeError(f"{universal_dir}: {len(groups)} optimizer parameter groups saved, this run has "
+                           f"{len(optimizer.param_groups)}")
+    for group, own in zip(optimizer.param_groups, groups):
+        group.update({key: value for key, value in own.items() if key != "params"})
+    for state in optimizer.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
