@@ -90,7 +90,7 @@ if ((!DRY)); then
 fi
 step summary 20 $PY benchmarks/gpu_summary.py --run "$WORK/run" --eval "$WORK/eval" \
   --throughput "$RESULTS/throughput_${PRESET}_${PRECISION}_${DEVICE}.json" \
-  --throughput-7b "$RESULTS/throughput_paper-7b_bf16_${DEVICE}.json"
+  --throughput-7b "$RESULTS/throughput_paper-7b_bf16_${DEVICE}.json" --memory-plan "$RESULTS/memory_plan_${DEVICE}.json"
 ((DRY)) || $PY benchmarks/report.py
 
 cat "$LOGS/steps.txt"

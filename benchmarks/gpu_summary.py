@@ -3,7 +3,7 @@ compute-only (DeepSpeed engine step and plain torch step on batches already on t
 against the goals, true MFU, data-wait share and memory. Writes benchmarks/results/gpu_summary_<device>.md|json.
 
   python benchmarks/gpu_summary.py --run RUN --eval EVAL --throughput results/throughput_paper_bf16_cuda.json \
-      [--throughput-7b results/throughput_paper-7b_bf16_cuda.json]
+      [--throughput-7b results/throughput_paper-7b_bf16_cuda.json] [--memory-plan results/memory_plan_cuda.json]
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ def _row(rows: list[dict], variant: str, step: str) -> dict | None:
     return next((r for r in rows if r["variant"].startswith(variant) and r["step"] == step), None)
 
 
-def summarise(run: Path, eval_dir: Path, throughput: Path, throughput_7b: Path | None) -> list[dict]:
+def summarise(run: Path, eval_dir: Path, throughput: Path, throughput_7b: Path | None,
+              memory_plan: Path | None = None) -> list[dict]:
     logged = [m for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "samples_per_s" in m]
     steady = logged[1:] or logged  # the first window holds start-up: worker spawn, kernel choices, allocator growth
     e2e = statistics.median(m["samples_per_s"] for m in steady)
@@ -60,6 +61,10 @@ def summarise(run: Path, eval_dir: Path, throughput: Path, throughput_7b: Path |
             out += [{"figure": "7B-sized text tower, paper recipe, batch 8: samples/s", "value": big["samples_per_s"],
                      "goal": ""},
                     {"figure": "7B-sized text tower: GPU memory peak (GiB)", "value": big.get("peak_mem_gib"), "goal": ""}]
+    if memory_plan is not None and memory_plan.is_file():
+        planned = json.loads(memory_plan.read_text())["rows"][0]
+        out.append({"figure": "launch/plan.py estimate / measured tensor peak (the run's config, rank 0)",
+                    "value": planned["planned / measured"], "goal": "0.75-1.25"})
     results = eval_dir / "results.json"
     if results.is_file():
         r = json.loads(results.read_text())
@@ -75,8 +80,9 @@ def main() -> None:
     parser.add_argument("--eval", type=Path, required=True, help="evaluate.py --out folder")
     parser.add_argument("--throughput", type=Path, required=True, help="throughput.py JSON with plain and engine rows")
     parser.add_argument("--throughput-7b", type=Path)
+    parser.add_argument("--memory-plan", type=Path, help="memory_plan.py JSON (planned vs measured peak)")
     args = parser.parse_args()
-    rows = summarise(args.run, args.eval, args.throughput, args.throughput_7b)
+    rows = summarise(args.run, args.eval, args.throughput, args.throughput_7b, args.memory_plan)
     for r in rows:
         r["value"] = "-" if r["value"] is None else round(float(r["value"]), 4)
     command = ("python benchmarks/gpu_summary.py --run RUN --eval EVAL --throughput " + args.throughput.name
