@@ -12,7 +12,7 @@
 #   bash benchmarks/gpu_check.sh              on the GPU machine (device tool: carry [".whl"])
 #   bash benchmarks/gpu_check.sh --dry-run    on a CPU: the same steps at toy sizes, to check the plumbing
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 DRY=0
 [[ ${1:-} == --dry-run ]] && DRY=1
 WORK=${WORK:-/tmp/more_gpu_check}
@@ -22,9 +22,9 @@ PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$WORK/torch_extensions}
 
-if ! $PY -c "import deepspeed, webdataset, wids, wfdb, albumentations" 2>/dev/null; then
+if ! "$PY" -c "import deepspeed, webdataset, wids, wfdb, albumentations" 2>/dev/null; then
   [[ -d .whl ]] || { echo "missing packages and no .whl/ (run benchmarks/fetch_gpu_wheels.sh where PyPI is reachable)"; exit 1; }
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -42,6 +42,7 @@ else
   DEVICE=cuda SUBJECTS=1500 WORKERS=16 BUILD=()
   TRAIN=(--config configs/base.yaml model.text.random_init=true data.workers=12 train.steps=100 train.warmup_steps=10 train.log_every=20
          train.save_every=1000)
+  # shellcheck disable=SC2054  # "1,2" is one argument: the ZeRO stages to sweep
   SWEEP=(--preset paper --batch 64 --steps 3 --precision bf16 --engine-zero 1,2)
   PRESET=paper PRECISION=bf16
 fi
@@ -66,32 +67,32 @@ step() {  # step NAME SECONDS COMMAND...: under timeout (its own limit, or what 
 }
 
 if ((DRY)); then lscpu | grep -E "Model name|Flags" | cut -c1-150; else nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; fi
-$PY - <<'PY'
+"$PY" - <<'PY'
 import importlib.util, torch
 print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name() if torch.cuda.is_available() else "-")
 for name in ("flash_attn", "xformers", "triton", "peft", "transformers", "deepspeed"):
     print(f"{name}: {'yes' if importlib.util.find_spec(name) else 'no'}")
 PY
 
-step synthetic 60 $PY launch/make_synthetic.py --out "$WORK/raw" --subjects $SUBJECTS --seed 0 --workers $WORKERS
-step shards 60 $PY launch/build_shards.py --source mimic --root "$WORK/raw" --out "$WORK/shards" --workers $WORKERS "${BUILD[@]}"
-step train 180 $PY -m deepspeed.launcher.runner --num_gpus 1 launch/train.py "${TRAIN[@]}" \
+step synthetic 60 "$PY" launch/make_synthetic.py --out "$WORK/raw" --subjects $SUBJECTS --seed 0 --workers $WORKERS
+step shards 60 "$PY" launch/build_shards.py --source mimic --root "$WORK/raw" --out "$WORK/shards" --workers $WORKERS "${BUILD[@]}"
+step train 180 "$PY" -m deepspeed.launcher.runner --num_gpus 1 launch/train.py "${TRAIN[@]}" \
   data.train="$WORK/shards/train" output_dir="$WORK/run"
-step evaluate 45 $PY launch/evaluate.py --checkpoint "$WORK/run" --shards "$WORK/shards/test" --out "$WORK/eval"
-step peak 20 $PY benchmarks/peak.py
-step attention 20 $PY benchmarks/attention.py --batch $((DRY ? 2 : 64))
-step dropkey_kernel 60 $PY benchmarks/dropkey_attention.py
-step throughput 150 $PY benchmarks/throughput.py "${SWEEP[@]}"
-step memory_plan 60 $PY benchmarks/memory_plan.py --config "${TRAIN[1]}" --world 1 "${TRAIN[@]:2}" train.steps=3 \
+step evaluate 45 "$PY" launch/evaluate.py --checkpoint "$WORK/run" --shards "$WORK/shards/test" --out "$WORK/eval"
+step peak 20 "$PY" benchmarks/peak.py
+step attention 20 "$PY" benchmarks/attention.py --batch $((DRY ? 2 : 64))
+step dropkey_kernel 60 "$PY" benchmarks/dropkey_attention.py
+step throughput 150 "$PY" benchmarks/throughput.py "${SWEEP[@]}"
+step memory_plan 60 "$PY" benchmarks/memory_plan.py --config "${TRAIN[1]}" --world 1 "${TRAIN[@]:2}" train.steps=3 \
   train.warmup_steps=1 data.train="$WORK/shards/train"
 if ((!DRY)); then
-  step tower_7b 60 $PY benchmarks/throughput.py --preset paper-7b --batch 8 --steps 2 --precision bf16 \
+  step tower_7b 60 "$PY" benchmarks/throughput.py --preset paper-7b --batch 8 --steps 2 --precision bf16 \
     --only "ours, paper recipe" --engine-zero ""
 fi
-step summary 20 $PY benchmarks/gpu_summary.py --run "$WORK/run" --eval "$WORK/eval" \
+step summary 20 "$PY" benchmarks/gpu_summary.py --run "$WORK/run" --eval "$WORK/eval" \
   --throughput "$RESULTS/throughput_${PRESET}_${PRECISION}_${DEVICE}.json" \
   --throughput-7b "$RESULTS/throughput_paper-7b_bf16_${DEVICE}.json" --memory-plan "$RESULTS/memory_plan_${DEVICE}.json"
-((DRY)) || $PY benchmarks/report.py
+((DRY)) || "$PY" benchmarks/report.py
 
 cat "$LOGS/steps.txt"
 if [[ -n ${OUT:-} ]]; then

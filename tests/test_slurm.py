@@ -87,9 +87,9 @@ def test_usr1_checkpoints_requeues_and_finishes(cluster, shards, tmp_path):
 
 def test_scripts_pass_shellcheck():
     ensure_installed(("shellcheck",), ("shellcheck",))
-    scripts = sorted(str(p) for p in (ROOT / "slurm").glob("*.sh"))
+    scripts = sorted(str(p) for folder in ("slurm", "benchmarks") for p in (ROOT / folder).glob("*.sh"))
     result = subprocess.run(["shellcheck", *scripts], capture_output=True, text=True)
-    assert len(scripts) == 3 and result.returncode == 0, result.stdout
+    assert len(scripts) == 5 and result.returncode == 0, result.stdout
 
 
 def test_build_shards_job_array_equals_single_process_build(cluster, raw_root, shards, tmp_path):
