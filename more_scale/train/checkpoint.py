@@ -47,6 +47,7 @@ from more_scale import dist
 
 PARTIAL = ".partial"
 MODEL_STATES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")  # ZeRO 1-2, ZeRO-3
+RNG_FILE_PREFIX = "rng_state_rank"  # + rank, one file per rank
 SPACE_MARGIN = 1.2  # free space wanted beyond the estimate (the filesystem's own overhead, other writers)
 
 
@@ -118,7 +119,12 @@ def _set_rng_state(state: dict) -> None:
 
 
 def _rng_file(tag_dir: Path, rank: int) -> Path:
-    return tag_dir / f"rng_state_rank{rank:05d}.pt"
+    return tag_dir / f"{RNG_FILE_PREFIX}{rank:05d}.pt"
+
+
+def saved_world(tag_dir: Path) -> int:
+    """Ranks that wrote the checkpoint in `tag_dir`: each saved its own RNG-state file."""
+    return len(list(tag_dir.glob(f"{RNG_FILE_PREFIX}*.pt")))
 
 
 def checkpoint_root(output_dir: str | Path) -> Path:

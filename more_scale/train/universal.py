@@ -20,15 +20,16 @@ from pathlib import Path
 import torch
 
 from more_scale import dist
-from more_scale.train.checkpoint import PARTIAL, model_states_file
+from more_scale.train.checkpoint import PARTIAL, model_states_file, saved_world
 
 UNIVERSAL = ".universal"
 
 
-def saved_run(tag_dir: Path) -> tuple[int, dict]:
-    """(world size, config) the checkpoint in `tag_dir` was written with."""
+def saved_global_batch(tag_dir: Path) -> int:
+    """Samples per step of the run that wrote `tag_dir`, from the config and world size it stored."""
     client = torch.load(model_states_file(tag_dir), map_location="cpu", weights_only=False)
-    return int(client["train_state"].get("world") or client.get("dp_world_size") or 0), client.get("config", {})
+    train, data = client["config"]["train"], client["config"]["data"]
+    return data["batch_size"] * train.get("grad_accum", 1) * client["train_state"]["world"]
 
 
 def convert(tag_dir: Path) -> Path:
@@ -38,8 +39,10 @@ def convert(tag_dir: Path) -> Path:
         return out
     partial = out.with_name(out.name + PARTIAL)
     shutil.rmtree(partial, ignore_errors=True)
+    # --inject_missing_state: checkpoints written before they carried the universal marker convert too
     command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
-               "--output_folder", str(partial), "--num_extract_workers", "1", "--num_merge_workers", "1"]
+               "--output_folder", str(partial), "--num_extract_workers", "1", "--num_merge_workers", "1",
+               "--inject_missing_state"]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"converting {tag_dir} to DeepSpeed's universal format failed "
@@ -54,26 +57,26 @@ def convert(tag_dir: Path) -> Path:
 
 def prepare(root: Path, tag: str, world: int, zero_stage: int, global_batch: int, rank: int, warn) -> tuple[str, bool]:
     """(tag to load, whether DeepSpeed must load it as universal). At the world size the checkpoint was written
-    with, or without ZeRO partitioning (stage 0), the tag itself; otherwise its universal-format copy."""
-    saved_world, saved_cfg = saved_run(root / tag)
-    if saved_world == world or zero_stage == 0:
+    with, or without ZeRO partitioning (stage 0), the tag itself; otherwise its universal-format copy, made by
+    rank 0 (which alone reads the old run's batch to say what differs)."""
+    old_world = saved_world(root / tag)
+    if old_world == world or zero_stage == 0:
         return tag, False
     failed = None
     if rank == 0:
         try:
             convert(root / tag)
+            old_batch = saved_global_batch(root / tag)
+            batch = (f"the global batch is {global_batch} samples per step (was {old_batch}): the LR schedule goes on "
+                     "by steps, so the samples seen per step changed" if old_batch != global_batch else
+                     f"the global batch stays {global_batch} samples per step")
+            warn(f"resuming a {old_world}-rank ZeRO-{zero_stage} checkpoint on {world} ranks through DeepSpeed's "
+                 f"universal format ({root / (tag + UNIVERSAL)}): weights, optimizer moments, schedule step and data "
+                 f"position carry over; {batch}")
         except (RuntimeError, OSError) as error:
             failed = error
     if dist.max_over_ranks([int(failed is not None)])[0]:  # every rank stops when rank 0 could not convert
         raise failed or RuntimeError(f"rank 0 could not convert {root / tag} to DeepSpeed's universal format")
-    train, data = saved_cfg.get("train", {}), saved_cfg.get("data", {})
-    saved_batch = data.get("batch_size", 0) * train.get("grad_accum", 1) * saved_world
-    batch = (f"the global batch is {global_batch} samples per step (was {saved_batch}): the LR schedule goes on "
-             "by steps, so the samples seen per step changed" if saved_batch != global_batch else
-             f"the global batch stays {global_batch} samples per step")
-    warn(f"resuming a {saved_world}-rank ZeRO-{zero_stage} checkpoint on {world} ranks through DeepSpeed's universal "
-         f"format ({root / (tag + UNIVERSAL)}): weights, optimizer moments, schedule step and data position carry over; "
-         f"{batch}")
     return tag + UNIVERSAL, True
 
 
