@@ -4,7 +4,7 @@ their diagnosis names, PTB-XL ECGs (raw WFDB and 500 Hz .npy) with their free-te
 
   python examples/real_data_manifest.py ../shared/data/real real_manifest.csv
   python launch/build_shards.py --source csv --manifest real_manifest.csv --root ../shared/data/real \\
-      --label-columns source,finding,view,superclass --out real_shards
+      --label-columns source,finding,view,superclass,subclass,rhythm --out real_shards
 
 An example of turning a folder of your own into a manifest. Every X-ray and ECG file it finds is either
 a manifest row or listed with the reason it is not; the build then reports unreadable ones.
@@ -13,14 +13,18 @@ a manifest row or listed with the reason it is not; the build then reports unrea
 from __future__ import annotations
 
 import argparse
+import ast
 import sys
 from pathlib import Path
 
 import pandas as pd
 
+from more_scale.data.ptbxl import scp_labels
+
 COVID = Path("cxr/covid_chestxray_subset")
 CINC = Path("ecg/cinc2021_torch_ecg")
 PTBXL_PAIRS = Path("ecg/ptbxl_ecg_report_pairs.csv")
+PTBXL_STATEMENTS = Path("ecg/ptbxl_meta/scp_statements.csv")
 PTBXL_SPLITS = {9: "validate", 10: "test"}
 
 
@@ -35,12 +39,15 @@ def manifest_rows(real: Path) -> tuple[list[dict], dict[str, str]]:
                      "cxr": str(COVID / r["path"]), "cxr_text": r["clinical_notes"], "source": "covid-chestxray",
                      "finding": r["finding"], "view": r["view"]})
     pairs = pd.read_csv(real / PTBXL_PAIRS, dtype={"signal_path": str})
+    statements = pd.read_csv(real / PTBXL_STATEMENTS, index_col=0)
     for r in pairs.itertuples(index=False):
         npy = r.signal_path.endswith(".npy")
+        labels = scp_labels(ast.literal_eval(r.scp_codes), statements)  # as the ptbxl builder derives them
         rows.append({"key": f"ptbxl_{r.ecg_id:05d}_{'npy' if npy else 'wfdb'}",
                      "split": PTBXL_SPLITS.get(int(r.strat_fold), "train"), "ecg": r.signal_path,
                      "ecg_rate": "500" if npy else "", "ecg_text": r.report, "source": "ptb-xl",
-                     "finding": r.diagnostic_superclass, "superclass": r.diagnostic_superclass})
+                     "finding": r.diagnostic_superclass, "superclass": r.diagnostic_superclass,
+                     "subclass": ";".join(labels["subclass"]), "rhythm": ";".join(labels["rhythm"])})
     in_pairs = {Path(p).as_posix() for p in pairs["signal_path"]}
     not_rows = {}
     for r in pd.read_csv(real / CINC / "labels.csv", dtype=str, keep_default_na=False).to_dict("records"):

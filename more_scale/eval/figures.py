@@ -29,31 +29,43 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+CLASS_CURVES = 8  # a multi-label panel draws its classes with the most positives; the tables list every one
+
+
 def roc_curves(results: dict, path: Path) -> Path | None:
-    """One panel per binary task or multi-label class that has a ROC curve, chance diagonal dashed."""
-    curves = []
+    """One panel per binary task, and one per multi-label task with a curve per class (the CLASS_CURVES with
+    the most positives), chance diagonal dashed."""
+    panels = []  # (title, [(legend label, curve)])
     for name, r in results["zero_shot"].items():
         where = "X-ray" if r["modality"] == "cxr" else "ECG"
         if "roc" in r:
-            curves.append((f"{name} ({where}; {r['n_positive']} of {r['n']} positive)", r))
-        for cls, c in r.get("classes", {}).items():
-            if "roc" in c:
-                curves.append((f"{name}: {cls} ({where})", c))
-    if not curves:
+            panels.append((f"{name} ({where}; {r['n_positive']} of {r['n']} positive)",
+                           [(f"AUROC {r['auroc']:.2f} (chance {r['chance_auroc']:.2f})", r)]))
+        classes = sorted(((cls, c) for cls, c in r.get("classes", {}).items() if "roc" in c),
+                         key=lambda item: -item[1]["n_positive"])
+        if classes:
+            more = len(classes) - CLASS_CURVES
+            title = f"{name} ({where}): macro AUROC {r['macro_auroc']:.2f}" + \
+                (f"; {more} more class{'es' if more > 1 else ''} in the table" if more > 0 else "")
+            panels.append((title, [(f"{cls} {c['auroc']:.2f} ({c['n_positive']} pos.)", c)
+                                   for cls, c in classes[:CLASS_CURVES]]))
+    if not panels:
         return None
-    cols = min(4, len(curves))
-    rows = -(-len(curves) // cols)
+    cols = min(3, len(panels))
+    rows = -(-len(panels) // cols)
     with plt.rc_context(STYLE):
-        fig, axes = plt.subplots(rows, cols, figsize=(3.1 * cols, 3.0 * rows), squeeze=False)
-        for ax, (title, r) in zip(axes.flat, curves):
-            ax.plot(r["roc"]["fpr"], r["roc"]["tpr"], color="#1f5fa8", lw=2, label=f"AUROC {r['auroc']:.2f}")
-            ax.plot([0, 1], [0, 1], ls="--", color="#999999", lw=1, label=f"chance {r['chance_auroc']:.2f}")
-            ax.set(title=textwrap.fill(title, 32), xlabel="false positive rate", ylabel="true positive rate",
+        fig, axes = plt.subplots(rows, cols, figsize=(3.8 * cols, 3.7 * rows), squeeze=False)
+        for ax, (title, curves) in zip(axes.flat, panels):
+            for i, (label, c) in enumerate(curves):
+                color = "#1f5fa8" if len(curves) == 1 else plt.cm.tab10(i)
+                ax.plot(c["roc"]["fpr"], c["roc"]["tpr"], color=color, lw=2 if len(curves) == 1 else 1.4, label=label)
+            ax.plot([0, 1], [0, 1], ls="--", color="#999999", lw=1)
+            ax.set(title=textwrap.fill(title, 40), xlabel="false positive rate", ylabel="true positive rate",
                    xlim=(0, 1), ylim=(0, 1.02), aspect="equal")
-            ax.legend(loc="lower right", frameon=False)
-        for ax in list(axes.flat)[len(curves):]:
+            ax.legend(loc="lower right", frameon=False, fontsize=7 if len(curves) > 1 else 8)
+        for ax in list(axes.flat)[len(panels):]:
             ax.axis("off")
-        fig.suptitle("Zero-shot ROC curves", fontweight="bold")
+        fig.suptitle("Zero-shot ROC curves (dashed: chance)", fontweight="bold")
         fig.tight_layout()
         return _save(fig, path)
 

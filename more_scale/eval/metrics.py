@@ -81,8 +81,8 @@ def multilabel_metrics(labels: list[set], sims: np.ndarray, names: list[str], pr
     contrast = sims - (sims.sum(1, keepdims=True) - sims) / max(len(names) - 1, 1)
     for j, name in enumerate(names):
         y = np.array([name in s for s in labels], dtype=float)
-        per_class[name] = binary_metrics(y, contrast[:, j], seed) if 0 < y.sum() < len(y) else \
-            {"note": "needs positives and negatives", "n_positive": int(y.sum())}
+        per_class[name] = {**binary_metrics(y, contrast[:, j], seed), "n_positive": int(y.sum())} \
+            if 0 < y.sum() < len(y) else {"note": "needs positives and negatives", "n_positive": int(y.sum())}
     scored = [r["auroc"] for r in per_class.values() if "auroc" in r]
     out = {"classes": per_class, "macro_auroc": float(np.mean(scored)) if scored else None,
            "chance_macro_auroc": float(np.mean([r["chance_auroc"] for r in per_class.values() if "auroc" in r]))
