@@ -32,14 +32,14 @@ def worker(args) -> None:
     from more_scale.config import LossConfig, TrainConfig
     from more_scale.loss import ContrastiveLoss
     from more_scale.models.more import build_model
-    from more_scale.train.engine import build_engine
+    from more_scale.train.engine import build_engine, deepspeed_config
 
     rank, world, _ = dist.init_distributed()
     torch.manual_seed(0)
     model = build_model(model_config(PRESETS[args.preset], Variant("recipe", precision="fp32")), VOCAB, 1)
     cfg = TrainConfig(deepspeed_config=str(HERE.parent / "ds_configs" / f"zero{args.zero}.json"), precision="fp32",
                       steps=100, warmup_steps=1)
-    engine, _ = build_engine(cfg, model, args.batch, world)
+    engine = build_engine(cfg, model, deepspeed_config(cfg, args.batch, world))
     loss_fn = ContrastiveLoss(LossConfig(), rank, world)
     batch, _ = make_batch(args.batch, pad_to_512=False, seed=rank)
     timer = Timer("cpu")

@@ -150,12 +150,12 @@ def measure(preset: dict, v: Variant, batch_size: int, steps: int, device: str, 
     host_batch, real_tokens = make_batch(batch_size, v.pad_to_512)
     batch = host_batch.to(device, dtype)
     if v.engine_zero:
-        from more_scale.train.engine import build_engine
+        from more_scale.train.engine import build_engine, deepspeed_config
 
         _single_process_group()
         train_cfg = TrainConfig(deepspeed_config=str(DS_CONFIGS / f"zero{v.engine_zero}.json"), precision=v.precision,
                                 steps=1000, warmup_steps=1)
-        engine, _ = build_engine(train_cfg, model, batch_size, 1)
+        engine = build_engine(train_cfg, model, deepspeed_config(train_cfg, batch_size, 1))
         step = lambda lap: engine_step(engine, loss_fn, batch, lap)  # noqa: E731
     else:
         model = model.to(dtype=dtype)

@@ -60,27 +60,34 @@ def parse_bytes(text: str) -> float:
     return float(low)
 
 
+def sized_text(model_cfg: ModelConfig) -> tuple[ModelConfig, int | None]:
+    """The config with a pretrained text LM's sizes read from its config.json (no weights; Mistral and Qwen2
+    count like Llama) and its path dropped, and that LM's vocabulary (None without a pretrained LM)."""
+    text = model_cfg.text
+    if not text.pretrained:
+        return model_cfg, None
+    from transformers import AutoConfig
+
+    lm = AutoConfig.from_pretrained(text.pretrained, local_files_only=True)
+    text = dataclasses.replace(text, pretrained="", random_init=True,
+                               arch="roberta" if lm.model_type in ("bert", "roberta", "xlm-roberta") else "llama",
+                               hidden=lm.hidden_size, layers=lm.num_hidden_layers, heads=lm.num_attention_heads,
+                               kv_heads=getattr(lm, "num_key_value_heads", 0) or 0, intermediate=lm.intermediate_size,
+                               max_positions=lm.max_position_embeddings)
+    return dataclasses.replace(model_cfg, text=text), lm.vocab_size
+
+
 def count_parameters(model_cfg: ModelConfig, vocab: int, persistence_threshold: int = 0) -> dict[str, int]:
     """Trained and frozen parameter counts, the largest single parameter (ZeRO-3 gathers one layer's worth at
     a time) and the elements of parameters no larger than `persistence_threshold` (ZeRO-3 keeps those whole
     on every rank), from the model built on the meta device."""
     from more_scale.models.more import build_model
 
-    text = model_cfg.text
-    if text.pretrained:  # its sizes from its config, no weights read (Mistral, Qwen2 count like Llama)
-        from transformers import AutoConfig
-
-        lm = AutoConfig.from_pretrained(text.pretrained, local_files_only=True)
-        vocab = lm.vocab_size
-        text = dataclasses.replace(text, arch="roberta" if lm.model_type in ("bert", "roberta", "xlm-roberta") else "llama",
-                                   hidden=lm.hidden_size, layers=lm.num_hidden_layers, heads=lm.num_attention_heads,
-                                   kv_heads=getattr(lm, "num_key_value_heads", 0) or 0,
-                                   intermediate=lm.intermediate_size,
-                                   max_positions=lm.max_position_embeddings)
-    text = dataclasses.replace(text, pretrained="", random_init=True)
+    model_cfg, lm_vocab = sized_text(model_cfg)
+    text = dataclasses.replace(model_cfg.text, random_init=True)
     vits = {name: dataclasses.replace(getattr(model_cfg, name), pretrained="") for name in ("cxr", "ecg")}
     with torch.device("meta"):
-        model = build_model(dataclasses.replace(model_cfg, text=text, **vits), vocab, 1)
+        model = build_model(dataclasses.replace(model_cfg, text=text, **vits), lm_vocab or vocab, 1)
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     largest = max(p.numel() for p in model.parameters())
@@ -120,6 +127,7 @@ def _tower(layers: int, tokens: int, width: int, heads: int, hidden: int, weight
 
 
 def activations_per_sample(cfg: ModelConfig, text_tokens: int, weight_bytes: int, device_type: str = "cuda") -> float:
+    cfg, _ = sized_text(cfg)
     out = 0.0
     for vit, (_, patches) in ((cfg.cxr, cxr_stem_flops(cfg.cxr)), (cfg.ecg, ecg_stem_flops(cfg.ecg))):
         vit: VitConfig
@@ -129,13 +137,7 @@ def activations_per_sample(cfg: ModelConfig, text_tokens: int, weight_bytes: int
                       vit.grad_checkpoint, score_bytes)
         out += patches * vit.width * weight_bytes * 2  # the stem's output and the gathered tokens
     t = cfg.text
-    hidden, width, layers, heads = t.intermediate, t.hidden, t.layers, t.heads
-    if t.pretrained:
-        from transformers import AutoConfig
-
-        lm = AutoConfig.from_pretrained(t.pretrained, local_files_only=True)
-        hidden, width, layers, heads = lm.intermediate_size, lm.hidden_size, lm.num_hidden_layers, lm.num_attention_heads
-    out += _tower(layers, text_tokens, width, heads, hidden, weight_bytes, t.grad_checkpoint, 0.0)  # HF's SDPA
+    out += _tower(t.layers, text_tokens, t.hidden, t.heads, t.intermediate, weight_bytes, t.grad_checkpoint, 0.0)  # HF SDPA
     return out
 
 
@@ -149,7 +151,8 @@ def plan(cfg: Config, world: int, device_bytes: float, vocab: int = 50265, devic
     offload = zero.offload_optimizer is not None and zero.offload_optimizer.device != "none"
     bf16 = cfg.train.precision == "bf16"
     w = 2 if bf16 else 4
-    counts = count_parameters(cfg.model, vocab, zero.param_persistence_threshold if stage == 3 else 0)
+    model_cfg, lm_vocab = sized_text(cfg.model)  # a pretrained LM's config read once, for both counts below
+    counts = count_parameters(model_cfg, lm_vocab or vocab, zero.param_persistence_threshold if stage == 3 else 0)
     trained, frozen = counts["trained"], counts["frozen"]
     shard = world if stage >= 1 else 1
     rows = {
@@ -171,7 +174,7 @@ def plan(cfg: Config, world: int, device_bytes: float, vocab: int = 50265, devic
         rows["gradient reduction buckets"] = float(zero.reduce_bucket_size) * w * buffers
     if device_type == "cuda":
         rows["runtime (CUDA context, NCCL)"] = RUNTIME_BYTES
-    per_sample = activations_per_sample(cfg.model, cfg.data.max_text_tokens, w, device_type)
+    per_sample = activations_per_sample(model_cfg, cfg.data.max_text_tokens, w, device_type)
     return Plan(rows, per_sample, sum(rows.values()), device_bytes * FRAGMENTATION, cfg.data.batch_size)
 
 

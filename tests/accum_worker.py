@@ -20,7 +20,7 @@ from more_scale.data.pipeline import iter_batches
 from more_scale.data.tokenizer import load_tokenizer
 from more_scale.loss import ContrastiveLoss
 from more_scale.models.more import build_model
-from more_scale.train.engine import build_engine
+from more_scale.train.engine import build_engine, deepspeed_config
 from more_scale.train.loop import train_step, train_step_cached
 
 GLOBAL = 16
@@ -45,7 +45,7 @@ def main() -> None:
             if len(b) == GLOBAL]
     torch.manual_seed(0)
     model = build_model(cfg.model, len(tokenizer), tokenizer.pad_token_id)
-    engine, _ = build_engine(cfg.train, model, micro, world)
+    engine = build_engine(cfg.train, model, deepspeed_config(cfg.train, micro, world))
     loss_fn = ContrastiveLoss(cfg.loss, rank, world)
     losses = []
     for batch in itertools.islice(itertools.cycle(full), args.steps):

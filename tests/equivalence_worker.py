@@ -27,7 +27,7 @@ from more_scale.data.pipeline import iter_batches
 from more_scale.data.tokenizer import load_tokenizer
 from more_scale.loss import ContrastiveLoss
 from more_scale.models.more import build_model
-from more_scale.train.engine import build_engine
+from more_scale.train.engine import build_engine, deepspeed_config
 from more_scale.train.loop import train_step
 
 # batch-independent and deterministic: no BatchNorm statistics per rank, no dropout RNG per rank, one
@@ -42,7 +42,7 @@ def run(cfg, tokenizer, batches, stage: str, precision: str, rank: int, world: i
     train_cfg = dataclasses.replace(cfg.train, deepspeed_config=f"ds_configs/zero{stage}.json", precision=precision)
     torch.manual_seed(0)
     model = build_model(cfg.model, len(tokenizer), tokenizer.pad_token_id)
-    engine, _ = build_engine(train_cfg, model, micro, world)
+    engine = build_engine(train_cfg, model, deepspeed_config(train_cfg, micro, world))
     loss_fn = ContrastiveLoss(cfg.loss, rank, world)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     losses = []

@@ -135,6 +135,6 @@ def test_resume_on_another_world_size_through_the_universal_format(shards, tmp_p
         return float(diff.max())
 
     # elsewhere fp32 round-off through Adam stays under 1e-5 here (7.5e-6 at worst between uninterrupted 2- and
-    # 1-rank runs); the loader slips repaired in train/universal.py moved ZeRO-3's exempt norms by 3e-4
+    # 1-rank runs); the loader slips mended in checkpoint.load moved ZeRO-3's exempt norms by 3e-4
     worst = max(apart(k) for k in a)
     assert worst < 5e-5, worst

@@ -96,7 +96,8 @@ def embed(model: MoRE, shards: str | Path, data_cfg: DataConfig, shape: InputSha
 
 @torch.no_grad()
 def embed_texts(model: MoRE, tokenizer, texts: list[str], max_tokens: int) -> np.ndarray:
+    """(len(texts), D) unit-norm fp32 text embeddings, on the device the model is on (prompts, queries)."""
     device = next(model.parameters()).device
     tokens = tokenizer(texts, padding="longest", truncation=True, max_length=max_tokens, return_tensors="pt").to(device)
     features = model.encoders["text"](tokens["input_ids"], tokens["attention_mask"])
-    return torch.nn.functional.normalize(model.heads["text"](features), dim=-1).cpu().numpy()
+    return torch.nn.functional.normalize(model.heads["text"](features).float(), dim=-1).cpu().numpy()

@@ -22,6 +22,7 @@ from more_scale.eval.embed import embed, embed_texts, load_trained
 from more_scale.eval.explain import cxr_map, ecg_map
 from more_scale.eval.metrics import linear_probe, retrieval, zero_shot
 from more_scale.eval.tasks import Task, load_tasks
+from more_scale.train.engine import engine_device
 
 RETRIEVAL_PAIRS = (("text", "cxr"), ("text", "ecg"), ("cxr", "ecg"), ("ecg", "cxr"))
 EXPLAINED = 4  # X-rays (and one ECG) with relevance maps in the report
@@ -33,7 +34,7 @@ def evaluate(run_dir: str | Path, shards: str | Path, out_dir: str | Path, tasks
     rank 0 alone scores, draws and writes; the other ranks return None."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     model, cfg, tokenizer = load_trained(run_dir)
-    model.to(torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu")
+    model.to(engine_device())
     shape = input_shape(cfg.model)
     emb = embed(model, shards, cfg.data, shape, tokenizer)
     train_emb = embed(model, train_shards, cfg.data, shape, tokenizer) if train_shards else None

@@ -144,6 +144,13 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def fsync_tree(folder: Path) -> None:
+    """Every file under `folder` on disk, before the folder is renamed into place."""
+    for f in folder.rglob("*"):
+        if f.is_file():
+            _fsync(f)
+
+
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
@@ -196,9 +203,7 @@ def save(engine, output_dir: str | Path, state: TrainState, client: dict, keep: 
     engine.save_checkpoint(str(root), tag=partial.name, client_state={"train_state": asdict(state), **client, **universal},
                            save_latest=False, exclude_frozen_parameters=True)
     torch.save(_rng_state(), _rng_file(partial, rank))
-    for f in partial.rglob("*"):
-        if f.is_file():
-            _fsync(f)
+    fsync_tree(partial)
     dist.barrier()
     final = root / tag
     if rank == 0:
@@ -247,6 +252,8 @@ def load(engine, root: Path, tag: str, base: dict, rank: int, warn) -> TrainStat
     loaded, client = engine.load_checkpoint(str(root), tag=tag, load_module_strict=False)  # frozen base not in it
     if loaded is None:
         raise RuntimeError(f"DeepSpeed could not load {root / tag}")
+    if engine.load_universal_checkpoint() and engine.zero_optimization_stage() == 3:
+        _repair_zero3_universal_load(engine, root / tag)
     saved = client.get("frozen_base")
     if saved and (saved["sha256"], saved["parameters"]) != (base["sha256"], base["parameters"]):
         def describe(b: dict) -> str:
@@ -261,6 +268,24 @@ def load(engine, root: Path, tag: str, base: dict, rank: int, warn) -> TrainStat
         warn(f"resuming a {state.world or '?'}-rank checkpoint on {dist.world_size()} ranks: the "
              "DropToken/DropKey/dropout draws start from fresh per-rank seeds")
     return state
+
+
+def _repair_zero3_universal_load(engine, universal_dir: Path) -> None:
+    """Undo two slips of DeepSpeed 0.19's ZeRO-3 universal loader (stage3.load_hp_checkpoint_state_from_checkpoint_
+    dir_stage3), both seen as weights 3e-4 off an uninterrupted run after two steps: it copies parameter group 0's
+    hyperparameters to every group (weight decay on the norms, biases and logit scale exempt from it), and hands
+    every group one shared Adam `step` tensor, which AdamW then increments once per group per step."""
+    saved = torch.load(universal_dir / "zero" / "optimizer_state.pt", map_location="cpu", weights_only=False)
+    groups = saved["optimizer_state_dict"]["param_groups"]
+    optimizer = engine.optimizer.optimizer
+    if len(groups) != len(optimizer.param_groups):
+        raise RuntimeError(f"{universal_dir}: {len(groups)} optimizer parameter groups saved, this run has "
+                           f"{len(optimizer.param_groups)}")
+    for group, own in zip(optimizer.param_groups, groups):
+        group.update({key: value for key, value in own.items() if key != "params"})
+    for state in optimizer.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
 
 
 def find(output_dir: str | Path, how: str, rank: int, warn=print) -> tuple[Path, str] | None:

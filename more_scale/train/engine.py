@@ -14,9 +14,8 @@ import torch.nn as nn
 from more_scale.config import TrainConfig, resolve_path
 
 
-def deepspeed_config(cfg: TrainConfig, micro_batch: int, world: int, load_universal: bool = False) -> dict:
-    """The JSON in ds_configs/ (ZeRO stage, offload) completed from the typed config; `load_universal` when the
-    checkpoint to resume is in DeepSpeed's universal format (train/universal.py)."""
+def deepspeed_config(cfg: TrainConfig, micro_batch: int, world: int) -> dict:
+    """The JSON in ds_configs/ (ZeRO stage, offload) completed from the typed config."""
     ds = json.loads(Path(resolve_path(cfg.deepspeed_config)).read_text())
     ds.update(
         train_micro_batch_size_per_gpu=micro_batch,
@@ -26,8 +25,6 @@ def deepspeed_config(cfg: TrainConfig, micro_batch: int, world: int, load_univer
         bf16={"enabled": cfg.precision == "bf16"},
         steps_per_print=2**31 - 1,  # our own metrics replace DeepSpeed's periodic prints
     )
-    if load_universal:
-        ds["checkpoint"] = {**ds.get("checkpoint", {}), "load_universal": True}
     return ds
 
 
@@ -75,10 +72,10 @@ def engine_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def build_engine(cfg: TrainConfig, model: nn.Module, micro_batch: int, world: int, load_universal: bool = False):
-    """(engine, ds_config). A client torch AdamW (no JIT-compiled DeepSpeed optimizer ops), fused on a
-    GPU: the model moves to its device first, so the optimizer is built on device tensors."""
-    ds = deepspeed_config(cfg, micro_batch, world, load_universal)
+def build_engine(cfg: TrainConfig, model: nn.Module, ds: dict):
+    """The DeepSpeed engine for `ds` (deepspeed_config's). A client torch AdamW (no JIT-compiled DeepSpeed
+    optimizer ops), fused on a GPU: the model moves to its device first, so the optimizer is built on device
+    tensors."""
     device = engine_device()
     offload = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") != "none"
     if not offload:
@@ -96,4 +93,4 @@ def build_engine(cfg: TrainConfig, model: nn.Module, micro_batch: int, world: in
         model=model, optimizer=optimizer, config=ds,
         # a callable: DeepSpeed hands it the optimizer it wraps, and saves/loads the schedule state
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, cfg)))
-    return engine, ds
+    return engine

@@ -30,7 +30,6 @@ from more_scale.train.prefetch import DevicePrefetcher
 from more_scale.train.preflight import InputError, check_inputs, tokenizer_dir, validation_dir
 from more_scale.train.skips import SkipLedger
 from more_scale.train.universal import prepare as prepare_resume
-from more_scale.train.universal import repair_zero3_load
 from more_scale.train.validate import Validator
 
 
@@ -108,9 +107,9 @@ def _train(cfg: Config, rank: int, world: int, console: Console, out: Path) -> c
     peak = matmul_peak(device, dtype)  # the MFU denominator, measured first: nothing else holds the device yet
     torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
     tokenizer = load_tokenizer(tokenizer_dir(cfg))
-    ds_plan = deepspeed_config(cfg.train, cfg.data.batch_size, world)
+    ds = deepspeed_config(cfg.train, cfg.data.batch_size, world)
     model = build_model(cfg.model, len(tokenizer), tokenizer.pad_token_id,  # ZeRO-3: the LM built partitioned
-                        base_context=functools.partial(model_init_context, ds_plan))
+                        base_context=functools.partial(model_init_context, ds))
     if cfg.model.head in ("batchnorm", "reference") and world > 1:
         if torch.cuda.is_available():
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # statistics over the global batch
@@ -133,17 +132,11 @@ def _train(cfg: Config, rank: int, world: int, console: Console, out: Path) -> c
     # found before the engine exists: a checkpoint from another world size loads through DeepSpeed's universal
     # format, which the engine's config must name
     resume_from = checkpoint.find(out, cfg.train.resume, rank, warn)
-    universal = False
     if resume_from is not None:
-        root, tag = resume_from
-        tag, universal = prepare_resume(root, tag, world, ds_plan.get("zero_optimization", {}).get("stage", 0),
-                                        ds_plan["train_batch_size"], rank, warn)
-        resume_from = root, tag
-    engine, ds = build_engine(cfg.train, model, cfg.data.batch_size, world, load_universal=universal)
+        resume_from = prepare_resume(*resume_from, world, ds, rank, warn)
+    engine = build_engine(cfg.train, model, ds)
     torch.manual_seed(cfg.train.seed + 1 + rank)  # same weights above; from here DropToken/DropKey/dropout differ per rank
     state = checkpoint.load(engine, *resume_from, base, rank, warn) if resume_from else checkpoint.TrainState()
-    if universal and ds["zero_optimization"]["stage"] == 3:
-        repair_zero3_load(engine, Path(resume_from[0]) / resume_from[1])
     client = {"config": config_to_dict(cfg), "frozen_base": base, "provenance": checkpoint.provenance()}
     console.print(f"[bold]more_scale[/] world {world} | global batch {ds['train_batch_size']} = micro "
                   f"{cfg.data.batch_size} x accum {cfg.train.grad_accum} x dp {world} | ZeRO "

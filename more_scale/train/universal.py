@@ -6,7 +6,8 @@ into `step_N.universal/` beside the tag (written as `.partial`, renamed when who
 
 What carries over exactly: weights, optimizer moments, the LR schedule's step, the data stream's position
 (the sample order is a function of position alone). What differs is said at resume: the global batch
-when micro-batch x accumulation x world changed, and fresh per-rank random draws (checkpoint.load).
+when micro-batch x accumulation x world changed, and fresh per-rank random draws (checkpoint.load, which
+also mends DeepSpeed's ZeRO-3 universal loader).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 
 from more_scale import dist
-from more_scale.train.checkpoint import PARTIAL, model_states_file, saved_world
+from more_scale.train.checkpoint import PARTIAL, fsync_tree, model_states_file, saved_world
 
 UNIVERSAL = ".universal"
 
@@ -47,21 +48,18 @@ def convert(tag_dir: Path) -> Path:
     if result.returncode != 0:
         raise RuntimeError(f"converting {tag_dir} to DeepSpeed's universal format failed "
                            f"({' '.join(command)}):\n{result.stdout[-1500:]}\n{result.stderr[-1500:]}")
-    for f in partial.rglob("*"):
-        if f.is_file():
-            with open(f, "rb") as handle:
-                os.fsync(handle.fileno())
+    fsync_tree(partial)
     os.rename(partial, out)
     return out
 
 
-def prepare(root: Path, tag: str, world: int, zero_stage: int, global_batch: int, rank: int, warn) -> tuple[str, bool]:
-    """(tag to load, whether DeepSpeed must load it as universal). At the world size the checkpoint was written
-    with, or without ZeRO partitioning (stage 0), the tag itself; otherwise its universal-format copy, made by
-    rank 0 (which alone reads the old run's batch to say what differs)."""
-    old_world = saved_world(root / tag)
+def prepare(root: Path, tag: str, world: int, ds: dict, rank: int, warn) -> tuple[Path, str]:
+    """(root, tag) to load into an engine configured by `ds`. At the world size the checkpoint was written with,
+    or without ZeRO partitioning (stage 0), the tag itself; otherwise its universal-format copy, made by rank 0
+    (which alone reads the old run's batch to say what differs), and `ds` is switched to load it as such."""
+    old_world, zero_stage, global_batch = saved_world(root / tag), ds["zero_optimization"]["stage"], ds["train_batch_size"]
     if old_world == world or zero_stage == 0:
-        return tag, False
+        return root, tag
     failed = None
     if rank == 0:
         try:
@@ -77,22 +75,6 @@ def prepare(root: Path, tag: str, world: int, zero_stage: int, global_batch: int
             failed = error
     if dist.max_over_ranks([int(failed is not None)])[0]:  # every rank stops when rank 0 could not convert
         raise failed or RuntimeError(f"rank 0 could not convert {root / tag} to DeepSpeed's universal format")
-    return tag + UNIVERSAL, True
+    ds["checkpoint"] = {**ds.get("checkpoint", {}), "load_universal": True}
+    return root, tag + UNIVERSAL
 
-
-def repair_zero3_load(engine, universal_dir: Path) -> None:
-    """Undo two slips of DeepSpeed 0.19's ZeRO-3 universal loader (stage3.load_hp_checkpoint_state_from_checkpoint_
-    dir_stage3), both seen as weights 3e-4 off an uninterrupted run after two steps: it copies parameter group 0's
-    hyperparameters to every group (weight decay on the norms, biases and logit scale exempt from it), and hands
-    every group one shared Adam `step` tensor, which AdamW then increments once per group per step."""
-    saved = torch.load(universal_dir / "zero" / "optimizer_state.pt", map_location="cpu", weights_only=False)
-    groups = saved["optimizer_state_dict"]["param_groups"]
-    optimizer = engine.optimizer.optimizer
-    if len(groups) != len(optimizer.param_groups):
-        raise RuntimeError(f"{universal_dir}: {len(groups)} optimizer parameter groups saved, this run has "
-                           f"{len(optimizer.param_groups)}")
-    for group, own in zip(optimizer.param_groups, groups):
-        group.update({key: value for key, value in own.items() if key != "params"})
-    for state in optimizer.state.values():
-        if torch.is_tensor(state.get("step")):
-            state["step"] = state["step"].clone()

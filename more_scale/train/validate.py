@@ -13,7 +13,7 @@ import torch
 from more_scale import dist
 from more_scale.config import Config, input_shape
 from more_scale.data.pipeline import iter_batches
-from more_scale.eval.embed import Embeddings
+from more_scale.eval.embed import Embeddings, embed_texts
 from more_scale.eval.metrics import retrieval, zero_shot
 from more_scale.eval.tasks import load_tasks
 from more_scale.loss import ContrastiveLoss
@@ -52,7 +52,7 @@ class Validator:
             masks["cxr"].append(batch.cxr_mask.to(device))
             masks["ecg"].append(batch.ecg_mask.to(device))
             meta += batch.info.meta
-        prompts = {t.name: {a: _embed_texts(module, self.tokenizer, t.prompts(a), self.cfg.data.max_text_tokens, device)
+        prompts = {t.name: {a: embed_texts(module, self.tokenizer, t.prompts(a), self.cfg.data.max_text_tokens)
                             for a in t.answers} for t in self.tasks[:PROBE_TASKS]}  # every rank: ZeRO-3 again
         module.train(was_training)
         totals = dist.mean_over_ranks({"loss": loss_sum, "batches": float(counted)})
@@ -81,9 +81,3 @@ class Validator:
         if aurocs:
             result["val/zero-shot AUROC"] = float(np.mean(aurocs))
         return result
-
-
-def _embed_texts(module, tokenizer, texts: list[str], max_tokens: int, device) -> np.ndarray:
-    tokens = tokenizer(texts, padding="longest", truncation=True, max_length=max_tokens, return_tensors="pt").to(device)
-    features = module.encoders["text"](tokens["input_ids"], tokens["attention_mask"])
-    return torch.nn.functional.normalize(module.heads["text"](features).float(), dim=-1).cpu().numpy()
