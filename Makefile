@@ -19,7 +19,12 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
 
-install: $(BIN)/.installed
+# the GPU image's Triton beside ours: tests/test_kernel_compile.py compiles every kernel with both
+$(VENV)/triton-3.6/.installed: $(BIN)/.installed
+	$(BIN)/pip install -q --no-deps --target $(VENV)/triton-3.6 triton==3.6.0
+	touch $@
+
+install: $(BIN)/.installed $(VENV)/triton-3.6/.installed
 
 demo: install
 	$(BIN)/python launch/make_synthetic.py --out $(DEMO)/raw --subjects $(SUBJECTS) --seed 0 --workers 2

@@ -114,3 +114,27 @@ def test_flex_baseline_forward_equals_the_reference_with_the_kernels_mask():
         out = flex_dropkey_attention(q, k, v, 0.3, SEED, OFFSET)
     expected = math_attention(q, k, v, keep_mask(SEED, OFFSET, (2, 3, 17, 17), 0.3))
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_auto_proves_a_backend_before_trusting_it(caplog):
+    """The first-use check passes a working kernel and leaves out one that raises, naming the error."""
+    from more_scale.models import attention as attn
+
+    good = torch.zeros(1, 2, 9, 16)
+    assert attn.proven("triton_dropkey", good)
+    broken = torch.zeros(1, 2, 9, 8)  # head dim 8: the kernel refuses it, as a build that fails on a GPU would
+    with caplog.at_level("WARNING", logger="more_scale.models.attention"):
+        assert not attn.proven("triton_dropkey", broken)
+        assert not attn.proven("triton_dropkey", broken)  # asked again: the answer is kept, one warning
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "triton_dropkey failed its first-use check" in warnings[0] and "head dim 8" in warnings[0]
+    with pytest.raises(ValueError, match="head dim 8"):  # named in the config, it still fails loudly
+        dropkey_attention(broken, broken, broken, 0.3, SEED)
+
+
+def test_offsets_and_seeds_the_runtime_would_specialise_run_the_same_kernel():
+    """Offsets 1 and 16 (a constant and a multiple-of-16 hint if specialised) and a small seed give the kernel's mask."""
+    q, k, v = _inputs(torch.float32, 17, 16)
+    for seed, offset in ((1, 1), (16, 16), (2**40, 2**40)):
+        out = dropkey_attention(q, k, v, 0.3, seed, offset)
+        _against_reference(out, q, k, v, keep_mask(seed, offset, (2, 3, 17, 17), 0.3), torch.float32, 17, 16)

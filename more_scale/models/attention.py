@@ -10,7 +10,8 @@ masked to -inf with probability p before the softmax. Backends:
   math        softmax(QK^T/sqrt(d) + M)V written out in fp32 softmax: the reference all are tested against.
   triton_dropkey  more_scale.kernels.dropkey_attention: flash-attention-2 style Triton kernels that draw the
               DropKey mask in the tile loop (Philox) and never store it (CUDA; the CPU only under
-              TRITON_INTERPRET=1, for tests). `auto` prefers it on CUDA whenever DropKey is on.
+              TRITON_INTERPRET=1, for tests). `auto` prefers it on CUDA whenever DropKey is on in
+              bf16/fp16 (in fp32 it would multiply in TF32).
   flex_dropkey  torch FlexAttention with a score_mod drawing the same Philox mask: the baseline the Triton
               kernel must beat, and a fallback where Triton cannot run (training needs CUDA: FlexAttention
               has no CPU backward).
@@ -19,9 +20,13 @@ The two fused backends draw their mask from a seed taken from torch's CPU genera
 masks differ per call (layer, step) and per rank (ranks seed differently), and replay when activation
 checkpointing recomputes a block or a resumed run restores the RNG states.
 
-`auto` picks, among the backends that are installed, run on the device and dtype, and can honour
-DropKey, the fastest for this call's shape, measured on the running device the first time a shape is
-seen (forward + backward, a few repetitions) and cached per (shape, dtype, device, DropKey). The winner
+`auto` trusts a backend only once it has proven itself on the device: its first use there (per dtype and
+head dim) runs one small forward + backward against the written-out reference, and a backend that raises
+or misses is left out with one warning naming the error (a kernel that does not build for this GPU, a
+wheel built for another CUDA). Among the backends that are installed, run on the device and dtype, can
+honour DropKey and passed that check, `auto` picks the fastest for this call's shape, measured on the
+running device the first time a shape is seen (forward + backward, a few repetitions) and cached per
+(shape, dtype, device, DropKey). The winner
 differs between machines: on a 2-core AVX2 CPU SDPA beat the written-out path, on an AVX-512 BF16
 CPU the written-out path won the bf16 recipe step. Asking by name for a backend that cannot run the
 call is an error, never a silent fallback.
@@ -75,9 +80,10 @@ def _fused_reason(backend: str, q: torch.Tensor, explicit_mask: bool) -> str | N
     if backend == "triton_dropkey":
         if q.device.type != "cuda" and not (q.device.type == "cpu" and _interpreting()):
             return f"triton_dropkey runs on CUDA (or the CPU under TRITON_INTERPRET=1), got a {q.device.type} tensor"
-        if q.shape[-1] not in (16, 32, 64, 128):
-            return f"triton_dropkey: head dim {q.shape[-1]} not supported (16, 32, 64 or 128)"
-        if q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        kernels = _module(backend)
+        if q.shape[-1] not in kernels.HEAD_DIMS:
+            return f"triton_dropkey: head dim {q.shape[-1]} not supported {kernels.HEAD_DIMS}"
+        if q.dtype not in kernels.DTYPES:
             return f"triton_dropkey: dtype {q.dtype} not supported"
     if backend == "flex_dropkey" and q.device.type != "cuda" and q.requires_grad and torch.is_grad_enabled():
         return "flex_dropkey has no backward on CPU (FlexAttention): training needs CUDA"
@@ -103,7 +109,60 @@ def unsupported_reason(backend: str, q: torch.Tensor, drop_key_active: bool, exp
 
 def available(q: torch.Tensor, drop_key_active: bool) -> list[str]:
     order = CUDA_ORDER if q.device.type == "cuda" else CPU_ORDER
-    return [b for b in order if unsupported_reason(b, q, drop_key_active) is None]
+    return [b for b in order if unsupported_reason(b, q, drop_key_active) is None and proven(b, q)]
+
+
+_PROOF_SHAPE = (1, 2, 33, None)  # 33 keys: a ragged last tile; (B, H, N, head dim of the call)
+_PROOF_P, _PROOF_SEED = 0.3, 20261201
+_proofs: dict[tuple, bool] = {}
+
+
+def proven(backend: str, q: torch.Tensor) -> bool:
+    """Whether `backend` computed one small DropKey forward + backward like the reference on q's device, dtype
+    and head dim; checked at its first use there, the answer kept for the process. `math` is the reference."""
+    key = (backend, q.device, q.dtype, q.shape[-1])
+    if backend == "math":
+        return True
+    if key not in _proofs:
+        if torch.compiler.is_compiling():
+            return True  # no kernels run while tracing; eager use before compiling was checked
+        _proofs[key] = _prove(backend, q.device, q.dtype, q.shape[-1])
+    return _proofs[key]
+
+
+def _prove(backend: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
+    kernels = importlib.import_module(MODULES["triton_dropkey"]) if backend in FUSED_DROPKEY else None
+    shape = _PROOF_SHAPE[:3] + (head_dim,)
+    g = torch.Generator(device).manual_seed(0)  # a private generator: the global RNG does not move
+    q, k, v, grad = (torch.randn(shape, device=device, generator=g) for _ in range(4))
+    logits = shape[:3] + (shape[2],)
+    mask = None if kernels is None else kernels.keep_mask(_PROOF_SEED, 0, logits, _PROOF_P, device)
+    if kernels is None:  # the explicit-mask backends get one too (those that cannot take one run without)
+        mask = None if backend == "flash_attn" else drop_key_mask(logits, _PROOF_P, device, generator=g)
+    try:
+        with torch.enable_grad():
+            inputs = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+            if backend == "triton_dropkey":
+                out = kernels.dropkey_attention(*inputs, _PROOF_P, _PROOF_SEED, 0)
+            elif backend == "flex_dropkey":
+                out = flex_dropkey_attention(*inputs, _PROOF_P, _PROOF_SEED, 0)
+            else:
+                out = attention(*inputs, backend=backend, keep_mask=mask)
+            got = [out, *torch.autograd.grad(out, inputs, grad.to(dtype))]
+            exact_inputs = [t.double().requires_grad_() for t in (q, k, v)]
+            exact = math_attention(*exact_inputs, mask)
+            want = [exact, *torch.autograd.grad(exact, exact_inputs, grad.double())]
+    except Exception as e:  # a kernel that does not build or launch here
+        log.warning("attention: %s failed its first-use check on %s %s (D %d) and is left out of auto: %s: %s",
+                    backend, device, dtype, head_dim, type(e).__name__, " ".join(str(e).split())[:500])
+        return False
+    # a broken build misses by O(1); rounding (bf16 eps 2^-8, TF32 2^-11) stays far below 0.1 of the largest value
+    errors = [((a.double() - b).abs().max() / b.abs().max().clamp(min=1e-6)).item() for a, b in zip(got, want)]
+    if max(errors) > 0.1:
+        log.warning("attention: %s computed wrong numbers on %s %s (D %d: relative error %s of out, dq, dk, dv) "
+                    "and is left out of auto", backend, device, dtype, head_dim, ", ".join(f"{e:.2g}" for e in errors))
+        return False
+    return True
 
 
 def _time_backend(backend: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
@@ -141,8 +200,8 @@ def _fastest(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, d
 
 def resolve(backend: str, q: torch.Tensor, drop_key_active: bool, explicit_mask: bool = False) -> str:
     if backend == "auto":
-        if (q.device.type == "cuda" and drop_key_active and not explicit_mask
-                and _fused_reason("triton_dropkey", q, False) is None):
+        if (q.device.type == "cuda" and drop_key_active and not explicit_mask and q.dtype != torch.float32
+                and _fused_reason("triton_dropkey", q, False) is None and proven("triton_dropkey", q)):
             return "triton_dropkey"  # the mask never touches memory: preferred whenever DropKey is on
         candidates = tuple(available(q, drop_key_active))
         if len(candidates) == 1 or torch.compiler.is_compiling():
