@@ -156,6 +156,9 @@ class TrainConfig:
     seed: int = 0  # model init and dropout
     compile: bool = False  # torch.compile each tower in place (checkpoints unchanged); compiling takes minutes first
     collective_timeout_s: float = 600.0  # a collective waiting longer (dead or wedged rank) ends the job with an error
+    # count host-device syncs (ops that block the host on CUDA) over this many steps from the third, by caller;
+    # printed and written to metrics.jsonl (host_syncs_per_step); the audited steps run slower; 0 = off
+    sync_audit_steps: int = 0
     max_bad_steps: int = 5  # this many steps in a row with a non-finite loss or skipped (non-finite) gradients: diverged
 
 
@@ -350,6 +353,7 @@ def validate(cfg: Config) -> None:
         (t.collective_timeout_s > 0, f"train.collective_timeout_s must be > 0, got {t.collective_timeout_s}"),
         (t.max_bad_steps >= 1, f"train.max_bad_steps must be >= 1, got {t.max_bad_steps}"),
         (t.eval_every >= 0, f"train.eval_every must be >= 0, got {t.eval_every}"),
+        (t.sync_audit_steps >= 0, f"train.sync_audit_steps must be >= 0, got {t.sync_audit_steps}"),
     ]
     for vit_name, vit in (("cxr", m.cxr), ("ecg", m.ecg)):
         checks += [

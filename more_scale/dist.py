@@ -166,7 +166,7 @@ class AnyRankFlag:
         value, done = self._pending
         if done is not None:
             done.synchronize()
-        return bool(value.item())
+        return bool(value.numpy()[0])  # host memory (a pinned copy on a GPU): reading it is no device sync
 
 
 class _GatherRows(torch.autograd.Function):

@@ -66,7 +66,9 @@ class ContrastiveLoss:
 
 
 def _masked_ce(logits: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
-    """Summed CE over the valid rows; invalid columns get -inf. Invalid rows are dropped before the
-    softmax (a row with every column masked would give NaN gradients even if multiplied by 0)."""
+    """Summed CE over the valid rows; invalid columns get -inf. Invalid rows are zeroed before the softmax
+    (a row with every column masked would give NaN gradients even if multiplied by 0) and left out of the
+    sum by `where`: masks, not boolean indexing, whose result size the host would wait for on a GPU."""
     logits = logits.float().masked_fill(~columns[None, :], float("-inf"))
-    return F.cross_entropy(logits[rows], targets[rows], reduction="sum")
+    logits = torch.where(rows[:, None], logits, 0.0)
+    return torch.where(rows, F.cross_entropy(logits, targets, reduction="none"), 0.0).sum()

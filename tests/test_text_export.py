@@ -38,9 +38,25 @@ def test_last_token_pooling_takes_the_last_real_token():
         def forward(self, input_ids, attention_mask):
             return type("Out", (), {"last_hidden_state": input_ids.unsqueeze(-1).float()})
 
-    pooled = TextEncoder(Echo(), 1, "last")(torch.tensor([[5, 6, 7, 0], [8, 9, 0, 0]]),
+    pooled = TextEncoder(Echo(), 1, "last", causal=True)(torch.tensor([[5, 6, 7, 0], [8, 9, 0, 0]]),
                                             torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]]))
     assert pooled[:, 0].tolist() == [7.0, 9.0]
+
+
+@pytest.mark.parametrize("arch", ["roberta", "llama"])
+def test_the_4d_mask_we_build_equals_transformers_own(arch):
+    """We hand the LM a boolean 4D mask (transformers' 2D path asks padding_mask.all(), a host sync per forward):
+    the hidden states of real tokens equal those of transformers' own mask, padding in every row or in none."""
+    cfg = TextConfig(random_init=True, arch=arch, hidden=32, layers=2, heads=2, intermediate=64, max_positions=40,
+                     lora_r=4, dropout=0.0, lora_dropout=0.0, pooling="last" if arch == "llama" else "mean")
+    torch.manual_seed(0)
+    encoder = build_text_encoder(cfg, 50, 0).eval()
+    ids = torch.randint(1, 50, (3, 7))
+    for mask in (torch.tensor([[1] * 7, [1] * 4 + [0] * 3, [1] * 2 + [0] * 5]), torch.ones(3, 7, dtype=torch.long)):
+        theirs = encoder.lm(input_ids=ids, attention_mask=mask).last_hidden_state
+        ours = encoder.lm(input_ids=ids, attention_mask=encoder._sdpa_mask(mask)).last_hidden_state
+        real = mask.bool()
+        torch.testing.assert_close(ours[real], theirs[real], rtol=1e-5, atol=1e-6)
 
 
 def _model_cfg():

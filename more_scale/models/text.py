@@ -23,17 +23,28 @@ _ENCODERS = ("bert", "roberta", "xlm-roberta")  # have a pooler we do not use
 
 
 class TextEncoder(nn.Module):
-    def __init__(self, lm: nn.Module, width: int, pooling: str):
+    def __init__(self, lm: nn.Module, width: int, pooling: str, causal: bool):
         super().__init__()
-        self.lm, self.width, self.pooling = lm, width, pooling
+        self.lm, self.width, self.pooling, self.causal = lm, width, pooling, causal
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.lm(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, L, W)
+        hidden = self.lm(input_ids=input_ids, attention_mask=self._sdpa_mask(attention_mask)).last_hidden_state  # (B, L, W)
         if self.pooling == "last":  # decoder LLMs: the last real token has read the whole report (right padding)
             last = attention_mask.sum(1).clamp(min=1) - 1
             return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
         weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)  # mean over real tokens
+
+    def _sdpa_mask(self, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The boolean 4D mask SDPA takes (True = attend), built here: handed the 2D padding mask, transformers
+        first asks `padding_mask.all()` (a host-device sync every forward) to skip the mask when nothing is
+        padded, which a batch of reports of different lengths almost never is. transformers uses a 4D mask
+        as it is. Decoders also mask the future (right padding: every query row keeps key 0)."""
+        keep = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, L)
+        if self.causal:
+            length = attention_mask.shape[1]
+            keep = keep & torch.ones(length, length, dtype=torch.bool, device=keep.device).tril()  # (B, 1, L, L)
+        return keep
 
 
 def lora_targets(cfg: TextConfig, model_type: str) -> list[str]:
@@ -125,4 +136,5 @@ def build_text_encoder(cfg: TextConfig, vocab_size: int, pad_token_id: int,
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=lora_targets(cfg, lm.config.model_type), bias=cfg.lora_bias)
-    return TextEncoder(get_peft_model(lm, lora), lm.config.hidden_size, cfg.pooling)
+    return TextEncoder(get_peft_model(lm, lora), lm.config.hidden_size, cfg.pooling,
+                       causal=lm.config.model_type not in _ENCODERS)

@@ -25,6 +25,10 @@ def deepspeed_config(cfg: TrainConfig, micro_batch: int, world: int) -> dict:
         bf16={"enabled": cfg.precision == "bf16"},
         steps_per_print=2**31 - 1,  # our own metrics replace DeepSpeed's periodic prints
     )
+    if world == 1 and "zero_optimization" in ds:
+        # overlap_comm runs gradient reduction on a side stream and synchronises the device every backward to
+        # hand results back; with one rank there is nothing to overlap, only the sync
+        ds["zero_optimization"] = {**ds["zero_optimization"], "overlap_comm": False}
     return ds
 
 

@@ -29,6 +29,7 @@ from more_scale.train.preemption import EXIT_REQUEUE, Preempted, PreemptionWatch
 from more_scale.train.prefetch import DevicePrefetcher
 from more_scale.train.preflight import InputError, check_inputs, tokenizer_dir, validation_dir
 from more_scale.train.skips import SkipLedger
+from more_scale.train.syncs import SyncAudit
 from more_scale.train.universal import prepare as prepare_resume
 from more_scale.train.validate import Validator
 
@@ -161,27 +162,36 @@ def _train(cfg: Config, rank: int, world: int, console: Console, out: Path) -> c
     health = HealthWatch(cfg.train.max_bad_steps, device)
     validator = Validator(cfg, str(validation_dir(cfg)), tokenizer, rank, world) if cfg.train.eval_every else None
     checkpoint_bytes = checkpoint.estimate_bytes(model)
+    # from the third step on: the first two do once-per-run work (kernel tuning, attention backend checks, and
+    # ZeRO-3's parameter trace, recorded in step 1 and compared across ranks element by element in step 2)
+    audit = SyncAudit(cfg.train.sync_audit_steps, first=state.step + 3)
     columns = (TextColumn("step"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.fields[info]}"),
                TimeRemainingColumn())
     with Progress(*columns, console=console, disable=rank != 0) as progress:
         task = progress.add_task("train", total=cfg.train.steps, completed=state.step, info="")
         end = cfg.train.stop_at_step or cfg.train.steps
         while state.step < end:
-            micro_batches = []
-            for _ in range(cfg.train.grad_accum):
-                batch = next(batches)
-                skips.add(batch.info)
-                meter.add_micro_batch(len(batch), batch.info.text_tokens, batch.input_ids.shape[1])
-                if cfg.train.accum_negatives == "cached":
-                    micro_batches.append(batch)
-                else:
-                    values = train_step(engine, loss_fn, batch)
-            if micro_batches:
-                values = train_step_cached(engine, loss_fn, micro_batches)
-            state.step += 1
-            state.samples += ds["train_batch_size"]
-            meter.add_step(ds["train_batch_size"])
-            health.after_step(values["loss"], engine.skipped_steps)
+            with audit.step(state.step + 1):  # a plain step: no host sync of ours (tests/test_syncs.py)
+                micro_batches = []
+                for _ in range(cfg.train.grad_accum):
+                    batch = next(batches)
+                    skips.add(batch.info)
+                    meter.add_micro_batch(len(batch), batch.info.text_tokens, batch.input_ids.shape[1])
+                    if cfg.train.accum_negatives == "cached":
+                        micro_batches.append(batch)
+                    else:
+                        values = train_step(engine, loss_fn, batch)
+                if micro_batches:
+                    values = train_step_cached(engine, loss_fn, micro_batches)
+                state.step += 1
+                state.samples += ds["train_batch_size"]
+                meter.add_step(ds["train_batch_size"])
+                health.after_step(values["loss"], engine.skipped_steps)
+                preempted = preemption.requested()
+            if (audited := audit.result()) is not None:
+                metrics.log(state.step, audited)
+                console.print(f"host-device syncs per step: {audited['host_syncs_per_step']:g} "
+                              f"({audited['host_syncs_ours_per_step']:g} from more_scale): {audited['host_syncs']}")
             if state.step % cfg.train.log_every == 0 or state.step == end:
                 logged = dist.mean_tensors_over_ranks(values)  # the one host-device sync of a log step
                 speed = meter.report(batches.wait_s)
@@ -200,7 +210,6 @@ def _train(cfg: Config, rank: int, world: int, console: Console, out: Path) -> c
                 meter.restart()  # validation time is not training time
                 batches.wait_s = 0.0
             progress.update(task, completed=state.step)
-            preempted = preemption.requested()
             if state.step % cfg.train.save_every == 0 or state.step == end or preempted:
                 if health.healthy_now():
                     state.stream = stream.state(state.samples)
