@@ -47,9 +47,10 @@ def worker(config: str, overrides: list[str], out: Path) -> None:
     rank = int(os.environ.get("RANK", 0))
     # training measures the device's matmul peak first (a few large products); that probe is cached per process,
     # so taken here it stays out of the measured window, as it stays out of the model's memory in training
+    if torch.cuda.is_available():  # before the probe: each rank measures (and fills) its own GPU, not cuda:0
+        torch.cuda.set_device(dist.device_index(int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count()))
     matmul_peak(engine_device(), torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32)
     if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.reset_peak_memory_stats()
         try:
             train(cfg)
@@ -83,7 +84,9 @@ def measure(config: str, overrides: list[str], world: int, out_dir: Path) -> lis
     command = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", str(world), "--master_port",
                _free_port(), str(Path(__file__).resolve()), "--worker", str(out), "--config", config,
                f"output_dir={out_dir / 'run'}", *overrides]
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONPATH=str(ROOT))
+    # the repo first, then whatever PYTHONPATH holds: on the GPU machine the carried wheels live there
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONPATH=path)
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
     if result.returncode != 0:
         raise SystemExit(f"{' '.join(command)} exited {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")

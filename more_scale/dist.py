@@ -29,6 +29,12 @@ def discover() -> tuple[int, int, int]:
     return 0, 1, 0
 
 
+def device_index(local_rank: int, visible: int) -> int:
+    """The CUDA device of this rank: its local rank among the GPUs it sees. Where SLURM binds one GPU per task
+    (--gpus-per-task=1) every task sees a single cuda:0 while its local rank runs 0..7."""
+    return local_rank % visible
+
+
 def init_distributed(timeout_s: float = 600.0) -> tuple[int, int, int]:
     """Start the process group (nccl on GPUs, gloo on CPU) and return (rank, world, local_rank).
     `timeout_s` bounds every collective: a dead or wedged rank ends the job instead of hanging it."""
@@ -40,7 +46,7 @@ def init_distributed(timeout_s: float = 600.0) -> tuple[int, int, int]:
     os.environ.setdefault("MASTER_PORT", "29500")
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
+        torch.cuda.set_device(device_index(local_rank, torch.cuda.device_count()))
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
                                timeout=datetime.timedelta(seconds=timeout_s))
     return rank, world, local_rank

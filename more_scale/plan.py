@@ -18,12 +18,11 @@ checkpointing. benchmarks/memory_plan.py compares the total with a real run's me
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 
 import torch
 
-from more_scale.config import Config, ModelConfig, VitConfig, resolve_path
+from more_scale.config import Config, ModelConfig, VitConfig
 from more_scale.models.flops import cxr_stem_flops, ecg_stem_flops
 
 FRAGMENTATION = 0.9  # use at most this share of a device: allocator fragmentation and the CUDA context
@@ -145,7 +144,9 @@ def plan(cfg: Config, world: int, device_bytes: float, vocab: int = 50265, devic
     """Bytes per rank as DeepSpeed lays them out (its ZeRO config read with DeepSpeed's own defaults)."""
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 
-    ds = json.loads(resolve_path(cfg.train.deepspeed_config).read_text())
+    from more_scale.train.engine import deepspeed_config
+
+    ds = deepspeed_config(cfg.train, cfg.data.batch_size, world)  # the JSON as training completes it for `world`
     zero = DeepSpeedZeroConfig(**ds.get("zero_optimization", {}))
     stage = int(zero.stage)
     offload = zero.offload_optimizer is not None and zero.offload_optimizer.device != "none"

@@ -27,13 +27,19 @@ def test_window_figures_follow_from_flops_time_and_peak(monkeypatch):
 
 
 def test_prefetcher_hands_out_batches_in_order_in_the_compute_dtype():
+    drawn = []
+
     def batches():
         for i in range(3):
+            drawn.append(i)
             yield Batch.complete(torch.full((2, 1, 4, 4), float(i)), torch.zeros(2, 12, 10),
                                  torch.ones(2, 3, dtype=torch.long), torch.ones(2, 3, dtype=torch.long))
 
     prefetcher = DevicePrefetcher(batches(), torch.device("cpu"), torch.bfloat16)
-    got = [next(prefetcher) for _ in range(2)]
+    assert drawn == []
+    first = next(prefetcher)
+    assert drawn == [0]  # batch 0 handed out without waiting for the loader's batch 1
+    got = [first, next(prefetcher)]
     assert [b.cxr[0, 0, 0, 0].item() for b in got] == [0.0, 1.0]
     assert got[0].cxr.dtype == torch.bfloat16 and got[0].input_ids.dtype == torch.long  # ids stay integers
     assert prefetcher.wait_s >= 0.0

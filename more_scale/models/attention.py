@@ -112,7 +112,6 @@ def available(q: torch.Tensor, drop_key_active: bool) -> list[str]:
     return [b for b in order if unsupported_reason(b, q, drop_key_active) is None and proven(b, q)]
 
 
-_PROOF_SHAPE = (1, 2, 33, None)  # 33 keys: a ragged last tile; (B, H, N, head dim of the call)
 _PROOF_P, _PROOF_SEED = 0.3, 20261201
 _proofs: dict[tuple, bool] = {}
 
@@ -126,18 +125,23 @@ def proven(backend: str, q: torch.Tensor) -> bool:
     if key not in _proofs:
         if torch.compiler.is_compiling():
             return True  # no kernels run while tracing; eager use before compiling was checked
-        _proofs[key] = _prove(backend, q.device, q.dtype, q.shape[-1])
+        failure = check_backend(backend, q.device, q.dtype, q.shape[-1])
+        if failure:
+            log.warning("attention: %s is left out of auto: %s", backend, failure)
+        _proofs[key] = failure is None
     return _proofs[key]
 
 
-def _prove(backend: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
+def check_backend(backend: str, device: torch.device, dtype: torch.dtype, head_dim: int, n: int = 33) -> str | None:
+    """One forward + backward of `backend` at (1, 2, n, head_dim) with DropKey against the float64 reference
+    under the same mask (33 keys: a ragged last tile). None when it matches, else what went wrong."""
     kernels = importlib.import_module(MODULES["triton_dropkey"]) if backend in FUSED_DROPKEY else None
-    shape = _PROOF_SHAPE[:3] + (head_dim,)
+    shape, logits = (1, 2, n, head_dim), (1, 2, n, n)
     g = torch.Generator(device).manual_seed(0)  # a private generator: the global RNG does not move
     q, k, v, grad = (torch.randn(shape, device=device, generator=g) for _ in range(4))
-    logits = shape[:3] + (shape[2],)
-    mask = None if kernels is None else kernels.keep_mask(_PROOF_SEED, 0, logits, _PROOF_P, device)
-    if kernels is None:  # the explicit-mask backends get one too (those that cannot take one run without)
+    if kernels is not None:
+        mask = kernels.keep_mask(_PROOF_SEED, 0, logits, _PROOF_P, device)
+    else:  # flash_attn takes no mask: checked without DropKey
         mask = None if backend == "flash_attn" else drop_key_mask(logits, _PROOF_P, device, generator=g)
     try:
         with torch.enable_grad():
@@ -153,16 +157,14 @@ def _prove(backend: str, device: torch.device, dtype: torch.dtype, head_dim: int
             exact = math_attention(*exact_inputs, mask)
             want = [exact, *torch.autograd.grad(exact, exact_inputs, grad.double())]
     except Exception as e:  # a kernel that does not build or launch here
-        log.warning("attention: %s failed its first-use check on %s %s (D %d) and is left out of auto: %s: %s",
-                    backend, device, dtype, head_dim, type(e).__name__, " ".join(str(e).split())[:500])
-        return False
+        return (f"it failed its first-use check on {device} {dtype} (D {head_dim}): {type(e).__name__}: "
+                f"{' '.join(str(e).split())[:500]}")
     # a broken build misses by O(1); rounding (bf16 eps 2^-8, TF32 2^-11) stays far below 0.1 of the largest value
     errors = [((a.double() - b).abs().max() / b.abs().max().clamp(min=1e-6)).item() for a, b in zip(got, want)]
     if max(errors) > 0.1:
-        log.warning("attention: %s computed wrong numbers on %s %s (D %d: relative error %s of out, dq, dk, dv) "
-                    "and is left out of auto", backend, device, dtype, head_dim, ", ".join(f"{e:.2g}" for e in errors))
-        return False
-    return True
+        return (f"it computed wrong numbers on {device} {dtype} (D {head_dim}): relative error "
+                f"{', '.join(f'{e:.2g}' for e in errors)} of out, dq, dk, dv")
+    return None
 
 
 def _time_backend(backend: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,

@@ -5,6 +5,7 @@ timm-style state dicts load with few renames (models/vit_weights.py)."""
 from __future__ import annotations
 
 import torch
+import torch.distributed as tdist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -77,12 +78,15 @@ class PatchStem2d(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
-class Fp32BatchNorm1d(nn.BatchNorm1d):
-    """BatchNorm computed in fp32: its running statistics stay fp32 when the weights are bf16."""
+class _Fp32Statistics:
+    """A BatchNorm whose running statistics stay fp32 when the weights are cast to bf16, computed in fp32."""
 
     def _apply(self, fn, recurse=True):
+        mean, var = self.running_mean, self.running_var
         super()._apply(fn, recurse)
-        self.running_mean, self.running_var = self.running_mean.float(), self.running_var.float()
+        # fn's device, never its dtype: a round trip through bf16 would round the statistics
+        self.running_mean = mean.to(self.running_mean.device, torch.float32)
+        self.running_var = var.to(self.running_var.device, torch.float32)
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -90,9 +94,44 @@ class Fp32BatchNorm1d(nn.BatchNorm1d):
             weight = self.weight.float() if self.weight is not None else None
             bias = self.bias.float() if self.bias is not None else None
             momentum = 0.0 if self.momentum is None else self.momentum
-            out = F.batch_norm(x.float(), self.running_mean, self.running_var, weight, bias,
-                               self.training, momentum, self.eps)
+            out = self._normalize(x.float(), weight, bias, momentum)
         return out.to(x.dtype)
+
+    def _normalize(self, x, weight, bias, momentum):
+        return F.batch_norm(x, self.running_mean, self.running_var, weight, bias, self.training, momentum, self.eps)
+
+
+class Fp32BatchNorm1d(_Fp32Statistics, nn.BatchNorm1d):
+    """BatchNorm computed in fp32: its running statistics stay fp32 when the weights are bf16."""
+
+
+class Fp32SyncBatchNorm(_Fp32Statistics, nn.SyncBatchNorm):
+    """SyncBatchNorm computed in fp32: in training on several ranks, statistics over the global batch (torch's
+    SyncBatchNorm function, NCCL); otherwise the plain fp32 path. torch's convert_sync_batchnorm would swap
+    Fp32BatchNorm1d for a SyncBatchNorm running in the weights' dtype (bf16)."""
+
+    def _normalize(self, x, weight, bias, momentum):
+        world = tdist.get_world_size(self.process_group) if tdist.is_initialized() else 1
+        if not (self.training and world > 1):
+            return super()._normalize(x, weight, bias, momentum)
+        from torch.nn.modules._functions import SyncBatchNorm
+
+        self.num_batches_tracked.add_(1)
+        return SyncBatchNorm.apply(x, weight, bias, self.running_mean, self.running_var, self.eps, momentum,
+                                   self.process_group or tdist.group.WORLD, world)
+
+
+def sync_batchnorm(model: nn.Module) -> nn.Module:
+    """Every Fp32BatchNorm1d of `model` replaced in place by an Fp32SyncBatchNorm holding the same state."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, Fp32BatchNorm1d):
+                synced = Fp32SyncBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
+                                           child.track_running_stats).to(child.weight.device)
+                synced.load_state_dict(child.state_dict())
+                synced.train(child.training)
+                setattr(parent, name, synced)
+    return model
 
 
 class EcgConvStem(nn.Module):

@@ -19,6 +19,7 @@ from more_scale.hardware import matmul_peak
 from more_scale.loss import ContrastiveLoss
 from more_scale.models.flops import step_flops
 from more_scale.models.more import MODALITIES, build_model, trainable_summary
+from more_scale.models.vit import sync_batchnorm
 from more_scale.train import checkpoint
 from more_scale.train.engine import build_engine, deepspeed_config, engine_device, model_init_context
 from more_scale.train.guard import RunLock, RunLocked, launched, watch_parent
@@ -113,7 +114,7 @@ def _train(cfg: Config, rank: int, world: int, console: Console, out: Path) -> c
                         base_context=functools.partial(model_init_context, ds))
     if cfg.model.head in ("batchnorm", "reference") and world > 1:
         if torch.cuda.is_available():
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # statistics over the global batch
+            model = sync_batchnorm(model)  # statistics over the global batch, still in fp32
         else:
             console.print(f"[yellow]model.head={cfg.model.head} on CPU: SyncBatchNorm needs GPUs, statistics stay per rank")
     flops = step_flops(model, cfg.model)
