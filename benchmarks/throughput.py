@@ -3,7 +3,8 @@ tokens/s, achieved TFLOP/s, MFU against the matmul peak measured in the same run
 the function training uses), peak memory, and a step breakdown (forward per tower, loss, backward,
 optimizer). Two kinds of step:
 
-  plain: torch AdamW on the compute-dtype parameters, no DeepSpeed: what the model costs.
+  plain: torch AdamW, no DeepSpeed: what the model costs; in bf16 over fp32 master copies with clipping, the
+  work a bf16 training step must do (the fair baseline for the engine).
   engine: the DeepSpeed engine step training runs (ZeRO stage from --engine-zero, bf16 with fp32 master
   weights, gradient clipping), on the same resident batches: plain vs engine is the engine's overhead.
 
@@ -27,6 +28,7 @@ import argparse
 import contextlib
 import dataclasses
 import os
+import statistics
 import time
 from pathlib import Path
 
@@ -54,6 +56,7 @@ PRESETS = {  # ViT-B/16 x2 + a RoBERTa-base-sized LM with LoRA (the paper); the 
 }
 VOCAB = 50265  # RoBERTa's
 MEAN_REPORT_TOKENS = 128  # realistic report length for per-batch padding
+WARMUP_STEPS = 2  # untimed: the first step allocates, tunes kernels and proves attention backends
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,17 +91,69 @@ def make_batch(batch: int, pad_to_512: bool, seed: int = 0) -> tuple[Batch, int]
 
 
 class Timer:
-    """Wall time per named phase; on a GPU each phase ends with a synchronise."""
+    """Seconds per named phase and per step. On a GPU each lap records a CUDA event (no host sync inside a
+    step, so the step runs as training runs it); `finish()` synchronises once and reads them."""
 
     def __init__(self, device: str):
-        self.device, self.seconds, self._last = device, {}, time.perf_counter()
+        self.device = device
+        self._laps: list[tuple[str, object]] = []
+        self._step_ends: list[int] = []
+        self._start = self._mark()
+
+    def _mark(self):
+        if self.device != "cuda":
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
 
     def lap(self, name: str) -> None:
+        self._laps.append((name, self._mark()))
+
+    def end_step(self) -> None:
+        self._step_ends.append(len(self._laps))
+
+    def _between(self, a, b) -> float:
+        return a.elapsed_time(b) / 1e3 if self.device == "cuda" else b - a
+
+    def finish(self) -> tuple[dict[str, float], list[float]]:
+        """(summed seconds per phase, seconds of each step)."""
         if self.device == "cuda":
             torch.cuda.synchronize()
-        now = time.perf_counter()
-        self.seconds[name] = self.seconds.get(name, 0.0) + now - self._last
-        self._last = now
+        phases, steps, previous, step_start = {}, [], self._start, self._start
+        for i, (name, mark) in enumerate(self._laps, 1):
+            phases[name] = phases.get(name, 0.0) + self._between(previous, mark)
+            previous = mark
+            if i in self._step_ends:
+                steps.append(self._between(step_start, mark))
+                step_start = mark
+        return phases, steps
+
+
+class Fp32Masters:
+    """AdamW over fp32 copies of bf16 parameters, with clipping: what a bf16 training step must do (DeepSpeed's
+    bf16 optimizer does the same), so the plain step is a fair baseline for the engine's. Gradients are copied
+    to the masters, clipped by their global norm, stepped, and the masters copied back into the parameters."""
+
+    def __init__(self, params: list[torch.nn.Parameter], lr: float, clip: float, fused: bool):
+        self.params = params
+        self.masters = [p.detach().float().requires_grad_() for p in params]
+        self.clip = clip
+        self.optimizer = torch.optim.AdamW(self.masters, lr=lr, fused=fused, foreach=None if fused else True)
+
+    def step(self) -> None:
+        for master, p in zip(self.masters, self.params):
+            master.grad = p.grad.float()
+        if self.clip:
+            torch.nn.utils.clip_grad_norm_(self.masters, self.clip, foreach=True)
+        self.optimizer.step()
+        torch._foreach_copy_([p.data for p in self.params], self.masters)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            p.grad = None
+        for m in self.masters:
+            m.grad = None
 
 
 def plain_step(model, loss_fn, optimizer, batch: Batch, v: Variant, lap) -> None:
@@ -160,21 +215,30 @@ def measure(preset: dict, v: Variant, batch_size: int, steps: int, device: str, 
     else:
         model = model.to(dtype=dtype)
         fused = device == "cuda"
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=fused)
+        trained = [p for p in model.parameters() if p.requires_grad]
+        if v.precision == "bf16":  # fp32 masters and clipping, as the engine's bf16 step: equal work
+            optimizer = Fp32Masters(trained, lr=1e-4, clip=TrainConfig().grad_clip, fused=fused)
+        else:
+            optimizer = torch.optim.AdamW(trained, lr=1e-4, fused=fused)
         step = lambda lap: plain_step(model, loss_fn, optimizer, batch, v, lap)  # noqa: E731
-    step(lambda name: None)  # warm-up: allocations, kernel choices, DeepSpeed's lazy buffers
+    for _ in range(WARMUP_STEPS):  # allocations, kernel choices and tuning, DeepSpeed's lazy buffers
+        step(lambda name: None)
     if device == "cuda":
+        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     timer = Timer(device)
     for _ in range(steps):
         step(timer.lap)
-    step_s = sum(timer.seconds.values()) / steps
+        timer.end_step()
+    phases, per_step = timer.finish()
+    step_s = statistics.median(per_step)
     peak_key = "bf16" if v.precision in ("bf16", "autocast") else "fp32"
     achieved = flops.per_step(batch_size, batch.input_ids.shape[1]) / step_s / 1e12
     row = {"variant": v.name, "step": f"engine ZeRO-{v.engine_zero}" if v.engine_zero else "plain",
            "precision": v.precision, "batch": batch_size, "step_s": step_s, "samples_per_s": batch_size / step_s,
            "text_tokens_per_s": real_tokens / step_s, "tflops": achieved, "mfu": achieved / peak[peak_key]}
-    row.update({f"{k}_s": t / steps for k, t in timer.seconds.items()})
+    row["spread"] = (max(per_step) - min(per_step)) / step_s  # (slowest - fastest) / median of the timed steps
+    row.update({f"{k}_s": t / steps for k, t in phases.items()})
     if device == "cuda":
         row["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
     if v.engine_zero:
@@ -205,7 +269,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="paper")
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=2, help="timed steps per variant, after one warm-up step")
+    parser.add_argument("--steps", type=int, default=10, help=f"timed steps per variant, after {WARMUP_STEPS} warm-up steps")
     parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
     parser.add_argument("--only", default="", help="comma-separated variant name prefixes to run")
     parser.add_argument("--batch-sweep", default="", help="comma-separated micro-batch sizes: the paper recipe again at each")
@@ -243,9 +307,11 @@ def main() -> None:
     print(write(f"throughput_{args.preset}_{args.precision}_{device}", rows, command,
                 f"Measured matmul peak in the same run: {', '.join(f'{k} {t:.3g} TFLOP/s' for k, t in peak.items())}"
                 f" (MFU denominator). Speedups against '{baseline['variant']}', measured in the same process. "
-                "plain: torch AdamW on the compute-dtype parameters; engine ZeRO-n: the DeepSpeed engine step of "
-                "training (fp32 master weights, clipping); vs_plain_step: engine / plain for the same variant. "
-                "*_s columns: seconds per step in each phase."))
+                "plain: torch AdamW (bf16: over fp32 master copies, with clipping, as a bf16 run must; fp32: on the "
+                "parameters); engine ZeRO-n: the DeepSpeed engine step of training (fp32 master weights, clipping); "
+                "vs_plain_step: engine / plain for the same variant. step_s: median of the timed steps (CUDA events on "
+                "a GPU, no sync inside a step); spread: (slowest - fastest) / median; *_s columns: mean seconds per "
+                "step in each phase."))
     dist.close()
 
 
