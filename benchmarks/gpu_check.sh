@@ -3,6 +3,7 @@
 #   wheels the image lacks (from .whl/, made by benchmarks/fetch_gpu_wheels.sh) -> the attention kernels built and
 #   checked against the reference on this GPU (benchmarks/gpu_smoke.py) -> synthetic 224 px shards ->
 #   `deepspeed --num_gpus 1 launch/train.py` on configs/base.yaml (~100 steps) -> evaluation of that run ->
+#   the same config's plain and engine steps on one batch of its shards (equal work, 20 timed steps) ->
 #   matmul peak, attention backends, the fused DropKey kernel against FlexAttention / SDPA, the compute-only
 #   throughput sweep (plain and DeepSpeed engine steps; DropKey on and off),
 #   launch/plan.py's estimate against the measured peak of a base.yaml run (benchmarks/memory_plan.py)
@@ -55,8 +56,8 @@ fi
 STATUS=0
 BUDGET=${BUDGET:-540}  # seconds for all steps: the device tool stops a command at 600 s, and the bundle must get out
 SUMMARY_S=20  # kept for the summary whatever happens before it
-declare -A LIMIT=([smoke]=30 [synthetic]=40 [shards]=40 [train]=130 [evaluate]=35 [peak]=15 [attention]=20
-                  [dropkey_kernel]=55 [throughput]=110 [memory_plan]=45)
+declare -A LIMIT=([smoke]=30 [synthetic]=30 [shards]=30 [train]=115 [evaluate]=30 [peak]=15 [attention]=20
+                  [dropkey_kernel]=50 [same_work]=60 [throughput]=100 [memory_plan]=40)
 PLANNED=0
 for name in "${!LIMIT[@]}"; do PLANNED=$((PLANNED + LIMIT[$name])); done
 if ((PLANNED + SUMMARY_S > BUDGET)); then
@@ -95,6 +96,8 @@ step shards "$PY" launch/build_shards.py --source mimic --root "$WORK/raw" --out
 step train "$PY" -m deepspeed.launcher.runner --num_gpus 1 launch/train.py "${TRAIN[@]}" \
   data.train="$WORK/shards/train" output_dir="$WORK/run"
 step evaluate "$PY" launch/evaluate.py --checkpoint "$WORK/run" --shards "$WORK/shards/test" --out "$WORK/eval"
+step same_work "$PY" benchmarks/throughput.py --steps $((DRY ? 3 : 20)) "${TRAIN[@]}" train.sync_audit_steps=0 \
+  data.train="$WORK/shards/train"
 step peak "$PY" benchmarks/peak.py
 step attention "$PY" benchmarks/attention.py --batch $((DRY ? 2 : 64))
 step dropkey_kernel "$PY" benchmarks/dropkey_attention.py
@@ -103,7 +106,8 @@ step memory_plan "$PY" benchmarks/memory_plan.py --config "${TRAIN[1]}" --world 
   train.warmup_steps=1 train.sync_audit_steps=0 data.train="$WORK/shards/train"
 step summary "$PY" benchmarks/gpu_summary.py --run "$WORK/run" --eval "$WORK/eval" \
   --throughput "$RESULTS/throughput_${PRESET}_${PRECISION}_${DEVICE}.json" \
-  --memory-plan "$RESULTS/memory_plan_${DEVICE}.json" --smoke "$RESULTS/gpu_smoke_${DEVICE}.json"
+  --memory-plan "$RESULTS/memory_plan_${DEVICE}.json" --smoke "$RESULTS/gpu_smoke_${DEVICE}.json" \
+  --throughput-config "$RESULTS/throughput_config_$(basename "${TRAIN[1]}" .yaml)_${DEVICE}.json"
 ((DRY)) || "$PY" benchmarks/report.py
 
 cat "$LOGS/steps.txt"

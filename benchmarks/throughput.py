@@ -27,18 +27,20 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import json
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from common import DEVICE, write
+from common import DEVICE, RESULTS, write
 
 from more_scale import dist
 from more_scale.batch import Batch
-from more_scale.config import CxrConfig, EcgConfig, LossConfig, ModelConfig, TextConfig, TrainConfig
+from more_scale.config import CxrConfig, EcgConfig, LossConfig, ModelConfig, TextConfig, TrainConfig, resolve_path
 from more_scale.hardware import matmul_peak
 from more_scale.loss import ContrastiveLoss
 from more_scale.models.flops import step_flops
@@ -57,6 +59,7 @@ PRESETS = {  # ViT-B/16 x2 + a RoBERTa-base-sized LM with LoRA (the paper); the 
 VOCAB = 50265  # RoBERTa's
 MEAN_REPORT_TOKENS = 128  # realistic report length for per-batch padding
 WARMUP_STEPS = 2  # untimed: the first step allocates, tunes kernels and proves attention backends
+PROFILE_STEPS = 0  # --profile N: each variant's steps under torch.profiler afterwards, the op table saved
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,21 +198,26 @@ def _single_process_group() -> None:
 
 
 def measure(preset: dict, v: Variant, batch_size: int, steps: int, device: str, peak: dict) -> dict:
+    host_batch, real_tokens = make_batch(batch_size, v.pad_to_512)
+    return measure_model(model_config(preset, v), v, host_batch, real_tokens, VOCAB, LossConfig(), steps, device, peak)
+
+
+def measure_model(cfg: ModelConfig, v: Variant, host_batch: Batch, real_tokens: int, vocab: int, loss_cfg: LossConfig,
+                  steps: int, device: str, peak: dict, deepspeed_json: str | None = None, pad_id: int = 1) -> dict:
     torch.manual_seed(0)
-    cfg = model_config(preset, v)
     with torch.device(device):  # initialise on the device: a 7B tower initialised on a CPU takes minutes
-        model = build_model(cfg, VOCAB, 1).train()
+        model = build_model(cfg, vocab, pad_id).train()
     flops = step_flops(model, cfg)
     dtype = torch.bfloat16 if v.precision == "bf16" else torch.float32
-    loss_fn = ContrastiveLoss(LossConfig(), 0, 1)
-    host_batch, real_tokens = make_batch(batch_size, v.pad_to_512)
+    loss_fn = ContrastiveLoss(loss_cfg, 0, 1)
+    batch_size = len(host_batch)
     batch = host_batch.to(device, dtype)
     if v.engine_zero:
         from more_scale.train.engine import build_engine, deepspeed_config
 
         _single_process_group()
-        train_cfg = TrainConfig(deepspeed_config=str(DS_CONFIGS / f"zero{v.engine_zero}.json"), precision=v.precision,
-                                steps=1000, warmup_steps=1)
+        train_cfg = TrainConfig(deepspeed_config=deepspeed_json or str(DS_CONFIGS / f"zero{v.engine_zero}.json"),
+                                precision=v.precision, steps=1000, warmup_steps=1)
         engine = build_engine(train_cfg, model, deepspeed_config(train_cfg, batch_size, 1))
         step = lambda lap: engine_step(engine, loss_fn, batch, lap)  # noqa: E731
     else:
@@ -241,9 +249,29 @@ def measure(preset: dict, v: Variant, batch_size: int, steps: int, device: str, 
     row.update({f"{k}_s": t / steps for k, t in phases.items()})
     if device == "cuda":
         row["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    if PROFILE_STEPS:
+        _profile(lambda: step(lambda name: None), device, f"{v.name} {row['step']}")
     if v.engine_zero:
         engine.destroy()
     return row
+
+
+def _profile(step, device: str, title: str) -> None:
+    """torch.profiler over PROFILE_STEPS steps: the ops by self time, written to results/profile_<title>.txt."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(PROFILE_STEPS):
+            step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="self_cuda_time_total" if device == "cuda" else "self_cpu_time_total",
+                                      row_limit=25)
+    slug = "".join(c if c.isalnum() else "_" for c in title).strip("_")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"profile_{slug}_{device}.txt").write_text(f"{title}, {PROFILE_STEPS} steps\n{table}\n")
+    print(f"{title}:\n{table}", file=sys.stderr)
 
 
 def variants(precision: str) -> list[Variant]:
@@ -265,8 +293,34 @@ def variants(precision: str) -> list[Variant]:
     return out
 
 
+def config_rows(config: str, overrides: list[str], steps: int, device: str, peak: dict) -> tuple[str, list[dict]]:
+    """The plain and the engine step of a training config on one batch its loader made from its shards: the work
+    of that config's end-to-end run (model, DropKey schedule, dropout, report lengths, micro-batch), compute only."""
+    from more_scale.config import input_shape, load_config
+    from more_scale.data.pipeline import build_loader
+    from more_scale.data.tokenizer import load_tokenizer
+    from more_scale.train.preflight import tokenizer_dir
+
+    cfg = load_config(config, overrides)
+    tokenizer = load_tokenizer(tokenizer_dir(cfg))
+    loader = build_loader(dataclasses.replace(cfg.data, workers=0, augment=False), input_shape(cfg.model), 0, 1, tokenizer)
+    batch = next(iter(loader))
+    name = Path(config).stem
+    zero = json.loads(Path(resolve_path(cfg.train.deepspeed_config)).read_text())["zero_optimization"]["stage"]
+    rows = []
+    for v in (Variant(f"config {name}", precision=cfg.train.precision),
+              Variant(f"config {name}", precision=cfg.train.precision, engine_zero=zero)):
+        rows.append(measure_model(cfg.model, v, batch, batch.info.text_tokens, len(tokenizer), cfg.loss, steps, device,
+                                  peak, resolve_path(cfg.train.deepspeed_config), tokenizer.pad_token_id))
+        print({k: round(x, 4) if isinstance(x, float) else x for k, x in rows[-1].items()}, flush=True)
+    rows[1]["vs_plain_step"] = rows[1]["samples_per_s"] / rows[0]["samples_per_s"]
+    return name, rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="instead of the presets: a training config (+ dotted overrides after it), its "
+                                         "plain and engine step on one batch from its shards (data.train)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="paper")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=10, help=f"timed steps per variant, after {WARMUP_STEPS} warm-up steps")
@@ -275,12 +329,28 @@ def main() -> None:
     parser.add_argument("--batch-sweep", default="", help="comma-separated micro-batch sizes: the paper recipe again at each")
     parser.add_argument("--engine-zero", default="2", help="comma-separated ZeRO stages: equal work and the recipe "
                                                             "again as DeepSpeed engine steps ('' = none)")
-    args = parser.parse_args()
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="after timing, N more steps per variant under torch.profiler -> results/profile_*.txt")
+    args, overrides = parser.parse_known_args()
+    global PROFILE_STEPS
+    PROFILE_STEPS = args.profile
+    if overrides and not args.config:
+        parser.error(f"unrecognised arguments: {' '.join(overrides)}")
     device = DEVICE
     peak = {"fp32": matmul_peak(device, torch.float32).tflops}
-    if args.precision == "bf16":
+    if args.precision == "bf16" or args.config:
         peak["bf16"] = matmul_peak(device, torch.bfloat16).tflops
     print(f"measured matmul peak (TFLOP/s): {peak}")
+    if args.config:
+        name, rows = config_rows(args.config, overrides, args.steps, device, peak)
+        print(write(f"throughput_config_{name}_{device}", rows,
+                    f"python benchmarks/throughput.py --steps {args.steps} --config {args.config} {' '.join(overrides)}",
+                    "One batch from the config's own loader (its report lengths; augmentation off), resident on the "
+                    "device; the config's model, DropKey schedule and dropout. plain: torch AdamW over fp32 masters with "
+                    "clipping (bf16) or on the parameters (fp32); engine: the DeepSpeed step of training. step_s: "
+                    "median of the timed steps (CUDA events), spread: (slowest - fastest) / median."))
+        dist.close()
+        return
     chosen = [v for v in variants(args.precision)
               if not args.only or any(v.name.startswith(p) for p in args.only.split(","))]
     runs = [(v, args.batch) for v in chosen]

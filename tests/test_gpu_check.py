@@ -9,8 +9,8 @@ import tarfile
 
 from conftest import ROOT
 
-STEPS = ("smoke", "synthetic", "shards", "train", "evaluate", "peak", "attention", "dropkey_kernel", "throughput",
-         "memory_plan", "summary")
+STEPS = ("smoke", "synthetic", "shards", "train", "evaluate", "same_work", "peak", "attention", "dropkey_kernel",
+         "throughput", "memory_plan", "summary")
 
 
 def test_gpu_check_dry_run_runs_every_step_and_ends_with_the_summary(tmp_path):
@@ -32,6 +32,7 @@ def test_gpu_check_dry_run_runs_every_step_and_ends_with_the_summary(tmp_path):
     assert rows["fused DropKey kernel on this device, N 99 and 197 vs float64 reference (gpu_smoke.py)"] == "2"
     syncs = rows["end to end: host-device syncs per plain step, all / from more_scale (train.sync_audit_steps)"]
     assert syncs.endswith("/ 0"), syncs
+    assert float(rows["the run's config: engine step / plain step (equal work)"]) > 0
     auroc = next(v for k, v in rows.items() if k.startswith("evaluation of the run: mean zero-shot AUROC"))
     assert 0 <= float(auroc) <= 1, auroc
     with tarfile.open(out / "gpu_check.tgz") as bundle:
