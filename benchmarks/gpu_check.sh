@@ -41,7 +41,7 @@ if ((DRY)); then  # toy sizes on the CPU; their tables go to $WORK, never over m
   TRAIN=(--config configs/tiny-cpu.yaml data.batch_size=8 data.workers=1 train.steps=6 train.warmup_steps=2
          train.log_every=2 train.save_every=100 train.sync_audit_steps=2)
   SMOKE_ENV=(env TRITON_INTERPRET=1)  # the Triton kernel runs on CPU tensors only interpreted
-  SWEEP=(--preset small --batch 4 --steps 1 --precision fp32 --engine-zero 2 --only "reference fp32,ours")
+  SWEEP=(--preset small --batch 4 --steps 1 --precision fp32 --engine-zero 2 --only "reference fp32|ours")
   PRESET=small PRECISION=fp32
 else
   DEVICE=cuda SUBJECTS=800 WORKERS=16 BUILD=()

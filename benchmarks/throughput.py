@@ -325,7 +325,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=10, help=f"timed steps per variant, after {WARMUP_STEPS} warm-up steps")
     parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
-    parser.add_argument("--only", default="", help="comma-separated variant name prefixes to run")
+    parser.add_argument("--only", default="", help="variant name prefixes to run, separated by | (names hold commas)")
     parser.add_argument("--batch-sweep", default="", help="comma-separated micro-batch sizes: the paper recipe again at each")
     parser.add_argument("--engine-zero", default="2", help="comma-separated ZeRO stages: equal work and the recipe "
                                                             "again as DeepSpeed engine steps ('' = none)")
@@ -352,7 +352,7 @@ def main() -> None:
         dist.close()
         return
     chosen = [v for v in variants(args.precision)
-              if not args.only or any(v.name.startswith(p) for p in args.only.split(","))]
+              if not args.only or any(v.name.startswith(p) for p in args.only.split("|"))]
     runs = [(v, args.batch) for v in chosen]
     engine_stages = [int(z) for z in args.engine_zero.split(",") if z]
     runs += [(dataclasses.replace(v, engine_zero=z), args.batch) for z in engine_stages for v in chosen
