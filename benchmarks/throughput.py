@@ -14,7 +14,7 @@ Each variant runs beside the reference-style baseline of the same dimensions, me
   attention), no DropToken, BatchNorm heads, fp32 weights, every report padded to 512 tokens - run
   in fp32 and under bf16 autocast (its best case). Speedups are quoted against the autocast one.
 
-  python benchmarks/throughput.py [--preset paper|small] [--batch 8] [--steps 2] [--precision bf16|fp32]
+  python benchmarks/throughput.py [--preset paper|small] [--batch 8] [--steps 10] [--precision bf16|fp32]
 
 On a CPU without AVX-512 BF16 or AMX, bf16 matmuls have no fast path (benchmarks/results/peak_cpu.md):
 pass --precision fp32 there; the autocast baseline is then skipped as meaningless.
@@ -59,7 +59,6 @@ PRESETS = {  # ViT-B/16 x2 + a RoBERTa-base-sized LM with LoRA (the paper); the 
 VOCAB = 50265  # RoBERTa's
 MEAN_REPORT_TOKENS = 128  # realistic report length for per-batch padding
 WARMUP_STEPS = 2  # untimed: the first step allocates, tunes kernels and proves attention backends
-PROFILE_STEPS = 0  # --profile N: each variant's steps under torch.profiler afterwards, the op table saved
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,13 +196,19 @@ def _single_process_group() -> None:
         dist.init_distributed()
 
 
-def measure(preset: dict, v: Variant, batch_size: int, steps: int, device: str, peak: dict) -> dict:
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    steps: int  # timed steps per variant, after WARMUP_STEPS
+    profile_steps: int = 0  # then this many under torch.profiler, the op table saved (--profile)
+
+
+def measure(preset: dict, v: Variant, batch_size: int, timing: Timing, device: str, peak: dict) -> dict:
     host_batch, real_tokens = make_batch(batch_size, v.pad_to_512)
-    return measure_model(model_config(preset, v), v, host_batch, real_tokens, VOCAB, LossConfig(), steps, device, peak)
+    return measure_model(model_config(preset, v), v, host_batch, real_tokens, VOCAB, LossConfig(), timing, device, peak)
 
 
 def measure_model(cfg: ModelConfig, v: Variant, host_batch: Batch, real_tokens: int, vocab: int, loss_cfg: LossConfig,
-                  steps: int, device: str, peak: dict, deepspeed_json: str | None = None, pad_id: int = 1) -> dict:
+                  timing: Timing, device: str, peak: dict, deepspeed_json: str | None = None, pad_id: int = 1) -> dict:
     torch.manual_seed(0)
     with torch.device(device):  # initialise on the device: a 7B tower initialised on a CPU takes minutes
         model = build_model(cfg, vocab, pad_id).train()
@@ -235,7 +240,7 @@ def measure_model(cfg: ModelConfig, v: Variant, host_batch: Batch, real_tokens: 
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     timer = Timer(device)
-    for _ in range(steps):
+    for _ in range(timing.steps):
         step(timer.lap)
         timer.end_step()
     phases, per_step = timer.finish()
@@ -246,23 +251,23 @@ def measure_model(cfg: ModelConfig, v: Variant, host_batch: Batch, real_tokens: 
            "precision": v.precision, "batch": batch_size, "step_s": step_s, "samples_per_s": batch_size / step_s,
            "text_tokens_per_s": real_tokens / step_s, "tflops": achieved, "mfu": achieved / peak[peak_key]}
     row["spread"] = (max(per_step) - min(per_step)) / step_s  # (slowest - fastest) / median of the timed steps
-    row.update({f"{k}_s": t / steps for k, t in phases.items()})
+    row.update({f"{k}_s": t / len(per_step) for k, t in phases.items()})
     if device == "cuda":
         row["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    if PROFILE_STEPS:
-        _profile(lambda: step(lambda name: None), device, f"{v.name} {row['step']}")
+    if timing.profile_steps:
+        _profile(lambda: step(lambda name: None), timing.profile_steps, device, f"{v.name} {row['step']}")
     if v.engine_zero:
         engine.destroy()
     return row
 
 
-def _profile(step, device: str, title: str) -> None:
-    """torch.profiler over PROFILE_STEPS steps: the ops by self time, written to results/profile_<title>.txt."""
+def _profile(step, steps: int, device: str, title: str) -> None:
+    """torch.profiler over `steps` steps: the ops by self time, written to results/profile_<title>.txt."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     with profile(activities=activities) as prof:
-        for _ in range(PROFILE_STEPS):
+        for _ in range(steps):
             step()
         if device == "cuda":
             torch.cuda.synchronize()
@@ -270,7 +275,7 @@ def _profile(step, device: str, title: str) -> None:
                                       row_limit=25)
     slug = "".join(c if c.isalnum() else "_" for c in title).strip("_")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"profile_{slug}_{device}.txt").write_text(f"{title}, {PROFILE_STEPS} steps\n{table}\n")
+    (RESULTS / f"profile_{slug}_{device}.txt").write_text(f"{title}, {steps} steps\n{table}\n")
     print(f"{title}:\n{table}", file=sys.stderr)
 
 
@@ -293,7 +298,7 @@ def variants(precision: str) -> list[Variant]:
     return out
 
 
-def config_rows(config: str, overrides: list[str], steps: int, device: str, peak: dict) -> tuple[str, list[dict]]:
+def config_rows(config: str, overrides: list[str], timing: Timing, device: str, peak: dict) -> tuple[str, list[dict]]:
     """The plain and the engine step of a training config on one batch its loader made from its shards: the work
     of that config's end-to-end run (model, DropKey schedule, dropout, report lengths, micro-batch), compute only."""
     from more_scale.config import input_shape, load_config
@@ -310,7 +315,7 @@ def config_rows(config: str, overrides: list[str], steps: int, device: str, peak
     rows = []
     for v in (Variant(f"config {name}", precision=cfg.train.precision),
               Variant(f"config {name}", precision=cfg.train.precision, engine_zero=zero)):
-        rows.append(measure_model(cfg.model, v, batch, batch.info.text_tokens, len(tokenizer), cfg.loss, steps, device,
+        rows.append(measure_model(cfg.model, v, batch, batch.info.text_tokens, len(tokenizer), cfg.loss, timing, device,
                                   peak, resolve_path(cfg.train.deepspeed_config), tokenizer.pad_token_id))
         print({k: round(x, 4) if isinstance(x, float) else x for k, x in rows[-1].items()}, flush=True)
     rows[1]["vs_plain_step"] = rows[1]["samples_per_s"] / rows[0]["samples_per_s"]
@@ -332,8 +337,7 @@ def main() -> None:
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="after timing, N more steps per variant under torch.profiler -> results/profile_*.txt")
     args, overrides = parser.parse_known_args()
-    global PROFILE_STEPS
-    PROFILE_STEPS = args.profile
+    timing = Timing(args.steps, args.profile)
     if overrides and not args.config:
         parser.error(f"unrecognised arguments: {' '.join(overrides)}")
     device = DEVICE
@@ -342,7 +346,7 @@ def main() -> None:
         peak["bf16"] = matmul_peak(device, torch.bfloat16).tflops
     print(f"measured matmul peak (TFLOP/s): {peak}")
     if args.config:
-        name, rows = config_rows(args.config, overrides, args.steps, device, peak)
+        name, rows = config_rows(args.config, overrides, timing, device, peak)
         print(write(f"throughput_config_{name}_{device}", rows,
                     f"python benchmarks/throughput.py --steps {args.steps} --config {args.config} {' '.join(overrides)}",
                     "One batch from the config's own loader (its report lengths; augmentation off), resident on the "
@@ -362,7 +366,7 @@ def main() -> None:
     runs += [(dataclasses.replace(recipe, name=f"recipe, micro-batch {b}"), b) for b in sweep]
     rows = []
     for v, batch in runs:
-        rows.append(measure(PRESETS[args.preset], v, batch, args.steps, device, peak))
+        rows.append(measure(PRESETS[args.preset], v, batch, timing, device, peak))
         print({k: round(x, 4) if isinstance(x, float) else x for k, x in rows[-1].items()}, flush=True)
     baseline = next((r for r in rows if r["precision"] == "autocast"), rows[0])
     plain = {(r["variant"], r["batch"]): r for r in rows if r["step"] == "plain"}

@@ -78,7 +78,6 @@ def launches(case: Case):
     from more_scale.kernels import dropkey_attention as kernels
 
     q, k, v, out, grad_out, lse, delta, dropped_all, (dq, dk, dv) = _tensors(case)
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     return [kernels.forward_launch(q, k, v, out, lse, dropped_all, case.p, case.seed, case.offset),
             *kernels.backward_launches(q, k, v, out, grad_out, lse, dropped_all, delta, dq, dk, dv, case.p,
                                        case.seed, case.offset)]
@@ -104,7 +103,6 @@ def _resources(cubin: bytes) -> tuple[int, int]:
 def compile_jit(fn, args: tuple, kwargs: dict, arch: int) -> tuple[int, int, int]:
     """Compile the @triton.jit `fn` as a launch `fn[grid](*args, **kwargs)` would on sm_`arch`; returns
     (registers, spilled bytes per thread, shared memory bytes). Raises what Triton raises."""
-
     target = GPUTarget("cuda", arch, 32)
     backend = make_backend(target)
     binder = create_function_from_signature(fn.signature, fn.params, backend)
@@ -120,12 +118,10 @@ def compile_case(arch: int, case: Case) -> list[Build]:
     builds = []
     for launch in launches(case):
         for tiles in launch.tiles(arch):
-            meta = {"BLOCK_M": tiles.block_m} if not launch.tuned else dict(tiles.config().kwargs)
-            kwargs = {**launch.constexprs, **meta, "num_warps": tiles.warps, "num_stages": tiles.stages}
             build = Build(arch, launch.kind, case, f"{tiles.block_m}x{tiles.block_n} / {tiles.warps}w / {tiles.stages}s")
             try:
                 build.registers, build.spill_bytes, build.shared_bytes = compile_jit(launch.jit_function(), launch.args,
-                                                                                    kwargs, arch)
+                                                                                    launch.kwargs(tiles), arch)
             except Exception as e:  # the point of the check: report every failure, not just the first
                 build.error = f"{type(e).__name__}: {' '.join(str(e).split())[-600:]}"
             builds.append(build)

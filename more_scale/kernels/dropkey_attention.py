@@ -324,14 +324,18 @@ class Launch:
         """The @triton.jit function under any autotuner."""
         return self.kernel.fn if self.tuned else self.kernel
 
+    def kwargs(self, tiles: Tiles) -> dict:
+        """Everything but the positional arguments of a launch with `tiles`: constants, tile sizes, warps, stages."""
+        sizes = dict(tiles.config().kwargs) if self.tuned else {"BLOCK_M": tiles.block_m}
+        return {**self.constexprs, **sizes, "num_warps": tiles.warps, "num_stages": tiles.stages}
+
     def run(self) -> None:
-        if not self.tuned:
-            self.kernel[self.grid({"BLOCK_M": DELTA_BLOCK_M})](*self.args, **self.constexprs, BLOCK_M=DELTA_BLOCK_M)
-        elif _interpreting():  # nothing to time on a CPU: the first candidate
-            tiles = self.tiles(_arch(self.args[0]))[0]
-            self.kernel.fn[self.grid(tiles.config().kwargs)](*self.args, **self.constexprs, **tiles.config().kwargs)
-        else:
-            self.kernel[self.grid](*self.args, **self.constexprs)
+        if self.tuned and not _interpreting():
+            self.kernel[self.grid](*self.args, **self.constexprs)  # the autotuner picks the tiles
+            return
+        tiles = self.tiles(_arch(self.args[0]))[0]  # delta's one tile; the interpreter times nothing: the first
+        kwargs = self.kwargs(tiles)
+        self.jit_function()[self.grid(kwargs)](*self.args, **kwargs)
 
 
 def _interpreting() -> bool:

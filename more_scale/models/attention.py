@@ -135,7 +135,7 @@ def proven(backend: str, q: torch.Tensor) -> bool:
 def check_backend(backend: str, device: torch.device, dtype: torch.dtype, head_dim: int, n: int = 33) -> str | None:
     """One forward + backward of `backend` at (1, 2, n, head_dim) with DropKey against the float64 reference
     under the same mask (33 keys: a ragged last tile). None when it matches, else what went wrong."""
-    kernels = importlib.import_module(MODULES["triton_dropkey"]) if backend in FUSED_DROPKEY else None
+    kernels = _module("triton_dropkey") if backend in FUSED_DROPKEY else None
     shape, logits = (1, 2, n, head_dim), (1, 2, n, n)
     g = torch.Generator(device).manual_seed(0)  # a private generator: the global RNG does not move
     q, k, v, grad = (torch.randn(shape, device=device, generator=g) for _ in range(4))
