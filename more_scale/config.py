@@ -153,6 +153,7 @@ class TrainConfig:
     eval_every: int = 0  # validation loss + retrieval/zero-shot probe on data.validate every N steps; 0 = off
     stop_at_step: int = 0  # end this run early, with a checkpoint, at this step (schedule still spans `steps`); 0 = off
     resume: str = "none"  # none | auto (latest checkpoint in output_dir) | path to a checkpoint dir
+    overwrite: bool = False  # resume=none into an output_dir holding checkpoints: delete them (else refused)
     seed: int = 0  # model init and dropout
     compile: bool = False  # torch.compile each tower in place (checkpoints unchanged); compiling takes minutes first
     collective_timeout_s: float = 600.0  # a collective waiting longer (dead or wedged rank) ends the job with an error
@@ -192,15 +193,23 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         if not resolved.is_file():
             raise FileNotFoundError(f"config {path}: no such file, nor a shipped config "
                                     f"(shipped: {', '.join(shipped('configs', '.yaml'))})")
-        text = resolved.read_text()
-        tree = yaml.safe_load(text) or {}
+        try:
+            tree = yaml.safe_load(resolved.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as error:
+            raise ConfigError(f"{resolved}: not UTF-8 text (byte {error.start}: {error.reason})") from None
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{resolved}: not valid YAML ({' '.join(str(error).split())})") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level, got {type(tree).__name__}")
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r}: expected dotted.key=value")
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as error:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({' '.join(str(error).split())})") from None
+        _set_dotted(tree, key.strip(), value)
     cfg = build_section(Config, tree, "")
     validate(cfg)
     return cfg
@@ -293,6 +302,25 @@ def _coerce(hint, value, key: str):
 def validate(cfg: Config) -> None:
     """Every impossible combination, checked once, with the numbers that disagree."""
     d, m, t = cfg.data, cfg.model, cfg.train
+    # ranges first: the checks below divide by some of these
+    ranges = [(f"model.{name}.{field}", getattr(vit, field))
+              for name, vit in (("cxr", m.cxr), ("ecg", m.ecg)) for field in ("width", "depth", "heads")]
+    ranges += [("model.cxr.image_size", m.cxr.image_size), ("model.cxr.patch_size", m.cxr.patch_size),
+               ("model.ecg.samples", m.ecg.samples), ("model.ecg.patch_samples", m.ecg.patch_samples),
+               ("model.text.heads", m.text.heads), ("data.max_text_tokens", d.max_text_tokens),
+               ("data.batch_size", d.batch_size)]
+    for key, value in ranges:
+        if value < 1:
+            raise ConfigError(f"{key} must be >= 1, got {value}")
+    early = [
+        (m.ecg.leads == 12, f"model.ecg.leads must be 12 (the shards store the 12 standard leads), got {m.ecg.leads}"),
+        (all(0 <= b < 1 for b in t.betas), f"train.betas must be two numbers in [0, 1), got {list(t.betas)}"),
+        (t.collective_timeout_s >= 1, f"train.collective_timeout_s must be >= 1 second, got {t.collective_timeout_s}"),
+    ] + [(0 <= getattr(d, p) <= 1, f"data.{p} must be in [0, 1], got {getattr(d, p)}")
+         for p in ("cxr_flip_p", "cxr_blur_p", "cxr_jitter")]
+    for ok, message in early:
+        if not ok:
+            raise ConfigError(message)
     checks = [
         (d.batch_size >= 1, f"data.batch_size must be >= 1, got {d.batch_size}"),
         (d.workers >= 0, f"data.workers must be >= 0, got {d.workers}"),
@@ -376,10 +404,18 @@ def validate(cfg: Config) -> None:
     if not ds_path.is_file():
         raise ConfigError(f"train.deepspeed_config: no such file {t.deepspeed_config} "
                           f"(shipped: {', '.join(shipped('ds_configs', '.json'))})")
-    ds = json.loads(ds_path.read_text())
-    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    try:
+        ds = json.loads(ds_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ConfigError(f"train.deepspeed_config {ds_path}: not JSON ({error})") from None
+    if not isinstance(ds, dict) or not isinstance(ds.get("zero_optimization"), dict):
+        raise ConfigError(f"train.deepspeed_config {ds_path}: expected a JSON object with a "
+                          f"\"zero_optimization\" object, got {type(ds).__name__}"
+                          + (f" whose zero_optimization is {ds.get('zero_optimization')!r}" if isinstance(ds, dict) else ""))
+    stage = ds["zero_optimization"].get("stage")
     if stage not in (1, 2, 3):
-        raise ConfigError(f"train.deepspeed_config {t.deepspeed_config}: ZeRO stage must be 1, 2 or 3, got {stage}")
+        raise ConfigError(f"train.deepspeed_config {t.deepspeed_config}: zero_optimization.stage must be 1, 2 or 3, "
+                          f"got {stage!r}")
     for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
                 "gradient_clipping", "fp16", "optimizer", "scheduler"):
         if key in ds:

@@ -17,7 +17,7 @@ from pathlib import Path
 from faults import RESULTS_ENV, read_cases
 
 ROOT = Path(__file__).resolve().parent.parent
-SUITE = ("tests/test_faults_build.py", "tests/test_faults_train.py")
+SUITE = ("tests/test_faults_build.py", "tests/test_faults_train.py", "tests/test_faults_data.py")
 
 
 def main() -> int:

@@ -9,8 +9,11 @@ import time
 
 import psutil
 import pytest
+import torch
 from conftest import ROOT, launcher
 from test_faults_train import ENV, _port
+
+from more_scale.train.universal import fp32_weights
 
 RANDOM_EVERYWHERE = ["model.cxr.drop_token_keep=0.5", "model.ecg.drop_token_keep=0.5", "model.cxr.drop_key=0.3",
                      "model.ecg.drop_key=0.3", "model.cxr.attention=sdpa", "model.ecg.attention=sdpa",
@@ -98,32 +101,36 @@ SAME_ON_ANY_WORLD = ["model.ecg.stem_norm=group", "model.text.dropout=0.0", "mod
                      "train.precision=fp32", "train.steps=4", "train.warmup_steps=1", "train.log_every=1"]
 
 
+def _run_on(shards, out, ranks, zero, *extra) -> subprocess.CompletedProcess:
+    """The tiny config on `ranks` ranks at a global batch of 8, identical on any world size but for round-off."""
+    command = [launcher("torchrun"), "--nproc_per_node", str(ranks), "--master_port", _port(), "launch/train.py",
+               "--config", "tiny-cpu", f"data.train={shards / 'train'}", f"output_dir={out}", "data.workers=1",
+               f"data.batch_size={8 // ranks}", f"train.deepspeed_config=zero{zero}", *SAME_ON_ANY_WORLD, *extra]
+    result = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return result
+
+
+def _stop_on_two_resume_on_one(shards, tmp_path, zero, *extra):
+    one, moved = tmp_path / "one", tmp_path / "moved"
+    _run_on(shards, one, 1, zero, *extra)
+    _run_on(shards, moved, 2, zero, "train.stop_at_step=2", *extra)
+    resumed = _run_on(shards, moved, 1, zero, "train.resume=auto", *extra)
+    assert (f"resuming a 2-rank ZeRO-{zero} checkpoint on 1 ranks through DeepSpeed's universal format" in resumed.stdout
+            and "the global batch stays 8 samples per step" in resumed.stdout)
+    assert (moved / "checkpoints" / "step_00000002.universal" / "zero").is_dir()
+    return one, moved
+
+
 @pytest.mark.parametrize("zero", [2, 3])
 def test_resume_on_another_world_size_through_the_universal_format(shards, tmp_path, zero):
     """Stopped on 2 ranks x 4 rows, resumed on 1 rank x 8 rows (the same global batch): DeepSpeed's universal
     checkpoint re-partitions weights and Adam moments, and the run goes on as one that ran on 1 rank throughout."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    def run(out, ranks, *extra):
-        command = [launcher("torchrun"), "--nproc_per_node", str(ranks), "--master_port", _port(), "launch/train.py",
-                   "--config", "tiny-cpu", f"data.train={shards / 'train'}", f"output_dir={out}", "data.workers=1",
-                   f"data.batch_size={8 // ranks}", f"train.deepspeed_config=zero{zero}", *SAME_ON_ANY_WORLD, *extra]
-        result = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
-        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-        return result
-
-    one, moved = tmp_path / "one", tmp_path / "moved"
-    run(one, 1)
-    run(moved, 2, "train.stop_at_step=2")
-    resumed = run(moved, 1, "train.resume=auto")
-    assert (f"resuming a 2-rank ZeRO-{zero} checkpoint on 1 ranks through DeepSpeed's universal format" in resumed.stdout
-            and "the global batch stays 8 samples per step" in resumed.stdout)
-    assert (moved / "checkpoints" / "step_00000002.universal" / "zero").is_dir()
+    one, moved = _stop_on_two_resume_on_one(shards, tmp_path, zero)
     expected, got = _losses(one), _losses(moved)
     for step in (3, 4):
         assert got[step] == pytest.approx(expected[step], rel=1e-5), step
-    a, b = (get_fp32_state_dict_from_zero_checkpoint(str(run_dir / "checkpoints"), "step_00000004")
-            for run_dir in (one, moved))
+    a, b = (fp32_weights(run_dir / "checkpoints" / "step_00000004") for run_dir in (one, moved))
     assert a.keys() == b.keys()
 
     def apart(name: str) -> float:
@@ -138,3 +145,23 @@ def test_resume_on_another_world_size_through_the_universal_format(shards, tmp_p
     # 1-rank runs); the loader slips mended in checkpoint.load moved ZeRO-3's exempt norms by 3e-4
     worst = max(apart(k) for k in a)
     assert worst < 5e-5, worst
+
+
+def test_bf16_zero1_shards_fp32_masters_and_resumes_on_another_world_size(shards, tmp_path):
+    """zero1.json in bf16 is DeepSpeed's BF16_Optimizer (fp32 gradient accumulation, fp32 masters and moments
+    sharded over ranks, `bf16_zero_*` files zero_to_fp32 refuses). Its 2-rank shards merge (universal format)
+    into fp32 masters whose bf16 rounding is exactly the bf16 weights the model trained with, and a 2 -> 1 rank
+    resume goes on within bf16 round-off of the run that was on 1 rank throughout."""
+    one, moved = _stop_on_two_resume_on_one(shards, tmp_path, 1, "train.precision=bf16")
+    tag = moved / "checkpoints" / "step_00000002"
+    assert sorted(p.name for p in tag.glob("bf16_zero_pp_rank_*")) == [
+        "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt", "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+    masters = fp32_weights(tag)
+    module = torch.load(tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    assert masters and all(module[name].dtype == torch.bfloat16 for name in masters)
+    assert all(torch.equal(masters[name].to(torch.bfloat16), module[name]) for name in masters)
+    expected, got = _losses(one), _losses(moved)
+    # the two runs differ by bf16 round-off in steps 1-2 (2 ranks x 4 rows vs 1 x 8): 2e-4 relative measured at
+    # step 3, which one bf16 ulp (2^-8) bounds
+    for step in (3, 4):
+        assert got[step] == pytest.approx(expected[step], rel=2**-8), step

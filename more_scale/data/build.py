@@ -21,6 +21,7 @@ import webdataset as wds
 from rich.progress import Progress
 
 from more_scale.data import cxr, ecg, reports
+from more_scale.data.shard_reader import ShardTable
 
 INDEX_NAME = "shards.json"
 MAX_REPORT_CHARS = 20_000  # ~5000 tokens; the model reads at most a few hundred
@@ -119,9 +120,22 @@ def write_tar(path: Path, samples: list[dict]) -> dict:
         for sample in samples:
             tar.write(sample)
         tar.close()
+    _check_readable(tmp, path, [s["__key__"] for s in samples])
     digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
     os.replace(tmp, path)
     return {"name": path.name, "samples": len(samples), "bytes": path.stat().st_size, "sha256": digest}
+
+
+def _check_readable(tmp: Path, path: Path, keys: list[str]) -> None:
+    """The reader's member table of a just-written tar holds exactly the samples written, or the build fails
+    (a key with a dot, say, would split into other samples in every reader)."""
+    table = ShardTable.scan(str(tmp))
+    if table.keys != keys:
+        tmp.unlink()
+        wrong = next((f"{a!r} read as {b!r}" for a, b in zip(keys, table.keys) if a != b),
+                     f"{len(keys)} written, {len(table)} read")
+        raise ValueError(f"{path}: the shard reader does not index the samples as written ({wrong}); sample keys "
+                         "must not contain '.' (webdataset splits a member name at its first dot)")
 
 
 def part_index_path(out: Path, split: str, part: int, parts: int) -> Path:
@@ -213,9 +227,30 @@ def read_index(directory: str | Path) -> dict:
     path = directory / INDEX_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{directory}: no {INDEX_NAME} (expected a shard directory made by build_shards.py)")
-    index = json.loads(path.read_text())
-    for entry in index["shards"]:
-        shard = directory / entry["name"]
+    try:
+        index = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: not JSON ({error})") from None
+    shards = index.get("shards") if isinstance(index, dict) else None
+    if not isinstance(shards, list):
+        raise ValueError(f"{path}: expected an object with a \"shards\" list")
+    for i, entry in enumerate(shards):
+        where = f"{path}: shards[{i}]"
+        if not isinstance(entry, dict):
+            raise ValueError(f"{where} is a {type(entry).__name__}, expected an object")
+        name = entry.get("name")
+        # a plain file name: an entry such as ../validate/x.tar would train on another split
+        if not isinstance(name, str) or Path(name).name != name or name in ("", ".", "..") or not name.endswith(".tar"):
+            raise ValueError(f"{where}.name {name!r}: expected the file name of a .tar in {directory}")
+        for field_name in ("samples", "bytes"):
+            value = entry.get(field_name)
+            if type(value) is not int or value < 0:
+                raise ValueError(f"{where}.{field_name} {value!r}: expected a whole number >= 0")
+        shard = directory / name
         if not shard.is_file() or shard.stat().st_size != entry["bytes"]:
             raise ValueError(f"{shard}: missing or truncated (index says {entry['bytes']} bytes)")
+    total = sum(e["samples"] for e in shards)
+    if index.get("samples", total) != total:
+        raise ValueError(f"{path}: samples {index.get('samples')!r} is not the sum over its shards ({total})")
+    index.setdefault("samples", total)
     return index

@@ -116,15 +116,20 @@ def preprocess_record(path: str | Path, fs_out: float = 100.0, npy_rate: float =
 
 def load_npy(data: bytes) -> np.ndarray:
     """np.load of a stored ECG from its bytes, parsing each distinct header once: np.load parses the
-    header with ast, which costs more than reading a 12 x 1000 float16 array. Truncated data raises."""
+    header with ast, which costs more than reading a 12 x 1000 float16 array. Truncated data raises, and so
+    does any dtype but real numbers (a complex one would lose its imaginary part in astype, silently)."""
     if data[:6] != b"\x93NUMPY" or data[6] != 1:  # other versions: the general reader
-        return np.load(io.BytesIO(data), allow_pickle=False)
-    end = 10 + int.from_bytes(data[8:10], "little")
-    shape, fortran, dtype = _npy_header(bytes(data[:end]))
-    if dtype.hasobject:
-        raise ValueError("ecg.npy holds Python objects")
-    array = np.frombuffer(data, dtype, count=int(np.prod(shape)), offset=end)
-    return array.reshape(shape, order="F" if fortran else "C")
+        array = np.load(io.BytesIO(data), allow_pickle=False)
+    else:
+        end = 10 + int.from_bytes(data[8:10], "little")
+        shape, fortran, dtype = _npy_header(bytes(data[:end]))
+        if dtype.hasobject:
+            raise ValueError("ecg.npy holds Python objects")
+        array = np.frombuffer(data, dtype, count=int(np.prod(shape)), offset=end)
+        array = array.reshape(shape, order="F" if fortran else "C")
+    if array.dtype.kind not in "fiu" or array.dtype.names is not None:
+        raise ValueError(f"ecg.npy dtype {array.dtype}, expected real numbers (float or integer)")
+    return array
 
 
 @lru_cache(maxsize=64)

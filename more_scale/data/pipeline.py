@@ -1,10 +1,11 @@
 """Loaders: shards -> decoded samples -> collated batch dicts (DESIGN.md "The batch").
 
-Training reads samples by index from the tars (wids) in the global order of `order.py`: the stream is
-a function of (seed, position), partitioned over ranks and loader workers, so it resumes exactly from
-a position stored in a checkpoint, on any world size. Evaluation streams read each shard once, in
-order. A sample that fails to decode is skipped and counted by reason and by shard; each batch carries
-its worker's counts since its previous batch in `batch.info` (more_scale/batch.py), by value.
+Training reads samples by index from the tars (`shard_reader.py`) in the global order of `order.py`: the
+stream is a function of (seed, position), partitioned over ranks and loader workers, so it resumes exactly
+from a position stored in a checkpoint, on any world size. Evaluation reads each shard once, in order,
+through the same reader (one rule for what a sample is). A sample that fails to decode is skipped and
+counted by reason and by shard; each batch carries its worker's counts since its previous batch in
+`batch.info` (more_scale/batch.py), by value.
 """
 
 from __future__ import annotations
@@ -13,14 +14,13 @@ import hashlib
 import itertools
 import json
 import random
+import tarfile
 from collections import Counter
 from pathlib import Path
-from struct import error as struct_error
 
 import cv2
 import numpy as np
 import torch
-import webdataset as wds
 
 from more_scale.batch import Batch, Bookkeeping
 from more_scale.config import DataConfig, InputShape
@@ -105,8 +105,12 @@ def decode_sample(sample: dict, inputs: ModelInputs, seed: int = 0) -> dict:
         if not out["text"]:
             raise ValueError("both report texts are empty")
         out["meta"] = json.loads(sample["meta.json"]) if "meta.json" in sample else {}
-    except (ValueError, OSError, UnicodeDecodeError) as error:
-        raise BadSample(f"{type(error).__name__}: {str(error).split(':')[0]}") from error
+        if not isinstance(out["meta"], dict):
+            raise ValueError(f"meta.json holds a {type(out['meta']).__name__}, expected an object")
+    except Exception as error:  # noqa: BLE001 - the decoders (OpenCV, numpy, json) raise many types on bad bytes
+        # (cv2.error for a 65000 x 65000 header, RecursionError for deep JSON, TypeError, MemoryError): each is
+        # one bad sample, never the end of a run
+        raise BadSample(f"{type(error).__name__}: {str(error).split(':')[0][:120]}") from error
     if out["cxr"] is None and out["ecg"] is None:
         raise BadSample("neither cxr.jpg nor ecg.npy")
     return out
@@ -160,13 +164,13 @@ class TrainStream(torch.utils.data.IterableDataset):
     def __init__(self, cfg: DataConfig, shape: InputShape, rank: int, world: int, tokenizer, start_position: int = 0):
         self.cfg, self.shape, self.rank, self.world = cfg, shape, rank, world
         self.tokenizer, self.start = tokenizer, start_position
-        self.paths, shard_sizes, source_sizes = [], [], []
+        self.paths, self.shard_sizes, source_sizes = [], [], []
         for directory in source_dirs(cfg.train):
             index = read_index(directory)
             self.paths += [str(Path(directory) / e["name"]) for e in index["shards"]]
-            shard_sizes += [e["samples"] for e in index["shards"]]
+            self.shard_sizes += [e["samples"] for e in index["shards"]]
             source_sizes.append(sum(e["samples"] for e in index["shards"]))
-        self.space = order.SampleSpace(tuple(shard_sizes), tuple(source_sizes))
+        self.space = order.SampleSpace(tuple(self.shard_sizes), tuple(source_sizes))
         self.order = order.GlobalOrder(self.space, cfg.mode, cfg.seed, cfg.shuffle_block, tuple(cfg.train_weights))
         self.inputs = ModelInputs(cfg, shape, augment=cfg.augment)
 
@@ -188,7 +192,7 @@ class TrainStream(torch.utils.data.IterableDataset):
                 return {**decoded, "position": position}
             except BadSample as bad:
                 skips.count(bad.reason, self.paths[shard])
-            except (ValueError, OSError, AssertionError, IndexError, struct_error) as error:  # wids asserts on bad tars
+            except (ValueError, OSError, tarfile.TarError) as error:  # a tar gone, cut short or corrupt
                 skips.count(f"unreadable tar member: {type(error).__name__}", self.paths[shard])
             candidate = self.order.replacement(position, attempt)
         raise RuntimeError(f"{MAX_STAND_INS} unreadable samples in a row at stream position {position}; "
@@ -198,7 +202,7 @@ class TrainStream(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         cv2.setNumThreads(1)  # one core per loader worker; OpenCV's own pool would oversubscribe
-        reader, skips = ShardReader(self.paths), SkipCounter()
+        reader, skips = ShardReader(self.paths, self.shard_sizes), SkipCounter()
         for local_step in itertools.count(worker, workers):
             positions = order.rank_positions(self.start, local_step, self.rank, self.world, self.cfg.batch_size)
             yield collate([self.sample_at(p, reader, skips) for p in positions], self.tokenizer, self.cfg, self.shape, skips)
@@ -218,30 +222,39 @@ def build_loader(cfg: DataConfig, shape: InputShape, rank: int, world: int, toke
 def iter_batches(directory: str | Path, cfg: DataConfig, shape: InputShape, tokenizer, batch_size: int | None = None,
                  part: tuple[int, int] = (0, 1)):
     """Every sample of a shard set exactly once, in index order, in batches. `part=(rank, world)` keeps the
-    samples whose running index i has i % world == rank (the others are passed over undecoded), so
-    `world` processes share a shard set; each sample's running index is its bookkeeping position, by
-    which the parts merge back into index order."""
+    samples whose running index i has i % world == rank (the others are passed over unread), so `world`
+    processes share a shard set; each sample's running index is its bookkeeping position, by which the parts
+    merge back into index order. A tar that cannot be read at all counts each of its samples as a skip."""
     rank, world = part
     if not 0 <= rank < world:
         raise ValueError(f"part {part}: expected (rank, world) with 0 <= rank < world")
     inputs, skips = ModelInputs(cfg, shape, augment=False), SkipCounter()
     size = batch_size or cfg.batch_size
-
-    def unreadable(error: Exception) -> bool:  # webdataset's handler: count, then go on with the next member
-        skips.count(f"unreadable tar member: {type(error).__name__}", None)
-        return True
-
-    pending = []
-    samples = wds.DataPipeline(wds.SimpleShardList(shard_urls(directory)), wds.tarfile_to_samples(handler=unreadable))
-    for index, raw in enumerate(samples):
-        if index % world != rank:
-            continue
+    entries = read_index(directory)["shards"]
+    paths = [str(Path(directory) / e["name"]) for e in entries]
+    reader = ShardReader(paths, [e["samples"] for e in entries])
+    pending, position = [], 0
+    for shard, entry in enumerate(entries):
         try:
-            pending.append({**decode_sample(raw, inputs), "position": index})
-        except BadSample as bad:
-            skips.count(bad.reason, str(raw.get("__url__", "?")))
-        if len(pending) == size:
-            yield collate(pending, tokenizer, cfg, shape, skips)
-            pending = []
+            reader.table(shard)
+            unreadable = None
+        except (ValueError, OSError, tarfile.TarError) as error:
+            unreadable = f"unreadable shard: {type(error).__name__}"
+        for index in range(entry["samples"]):
+            position += 1
+            if (position - 1) % world != rank:
+                continue
+            if unreadable:
+                skips.count(unreadable, paths[shard])
+                continue
+            try:
+                pending.append({**decode_sample(reader.read(shard, index), inputs), "position": position - 1})
+            except BadSample as bad:
+                skips.count(bad.reason, paths[shard])
+            except (ValueError, OSError) as error:
+                skips.count(f"unreadable tar member: {type(error).__name__}", paths[shard])
+            if len(pending) == size:
+                yield collate(pending, tokenizer, cfg, shape, skips)
+                pending = []
     if pending:
         yield collate(pending, tokenizer, cfg, shape, skips)

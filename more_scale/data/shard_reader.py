@@ -1,21 +1,26 @@
 """Random access into WebDataset tars: a sample by (shard, index), one pread each.
 
-Each tar's member table is scanned once (wids' header scan) and kept compact: keys, member names,
-header offsets and sizes. A sample's members are contiguous in the tar, so reading it is one pread from
-its first header to the end of its last member's data. Revisiting a shard costs nothing, so draws
-spread over hundreds of shards stay cheap (re-scanning a 1000-sample tar takes about 0.1 s).
+Each tar's member table is read once with Python's tarfile, which reads every header form tar itself
+writes (ustar, PAX extended headers for long names, GNU long names, base-256 sizes), and kept compact:
+keys, member names, offsets and sizes. Members group into samples by webdataset's own rule
+(`base_plus_ext`: the key is the name up to the first dot of its last component; a name without a dot
+belongs to no sample), so training and evaluation see the same samples. A sample's members are
+contiguous in the tar, so reading it is one pread from its first header to the end of its last member's
+data. A sample that repeats a member is unreadable (a skip), in every reader.
 """
 
 from __future__ import annotations
 
 import os
+import tarfile
 from dataclasses import dataclass
 
 import numpy as np
-from wids.wids import group_by_key, splitname
-from wids.wids_mmtar import MMIndexedTar
+from webdataset.tariterators import base_plus_ext
 
-TAR_HEADER_BYTES = 512  # a ustar member's data starts this far after its header (POSIX.1-1988)
+
+class ShardMismatch(RuntimeError):
+    """A tar that does not hold what its shard index says: the shard set is inconsistent, not one sample bad."""
 
 
 @dataclass(frozen=True)
@@ -24,46 +29,74 @@ class ShardTable:
     keys: list[str]
     exts: list[tuple[str, ...]]  # member names after the key, per sample (the few distinct tuples are shared)
     first: np.ndarray  # (samples + 1,) index of each sample's first member; members of a sample are contiguous
-    headers: np.ndarray  # (members,) byte offset of each member's tar header
+    headers: np.ndarray  # (members,) byte offset of each member's first header (a PAX header included)
+    data: np.ndarray  # (members,) byte offset of each member's data
     sizes: np.ndarray  # (members,) data bytes
 
     @classmethod
     def scan(cls, path: str) -> ShardTable:
-        tar = MMIndexedTar(path)  # wids' header scan
-        try:
-            names, headers, sizes = zip(*tar.by_index) if tar.by_index else ((), (), ())
-        finally:
-            tar.close()
-        groups = group_by_key(names)
+        keys, exts, first, headers, data, sizes = [], [], [0], [], [], []
         shared: dict[tuple[str, ...], tuple[str, ...]] = {}
-        keys, exts = [], []
-        for members in groups:
-            split = [splitname(names[i]) for i in members]
-            keys.append(split[0][0])
-            ext = tuple(e.lstrip(".") for _, e in split)
-            exts.append(shared.setdefault(ext, ext))
-        first = np.cumsum([0] + [len(g) for g in groups])
-        return cls(keys, exts, first, np.asarray(headers, np.int64), np.asarray(sizes, np.int64))
+        sample_exts: list[str] = []
+
+        def close_sample() -> None:
+            if sample_exts:
+                ext = tuple(sample_exts)
+                exts.append(shared.setdefault(ext, ext))
+                first.append(len(headers))
+                sample_exts.clear()
+
+        with tarfile.open(path, "r:") as tar:
+            for member in tar:
+                key, ext = base_plus_ext(member.name)
+                if not member.isfile() or key is None:
+                    continue
+                if not keys or key != keys[-1]:
+                    close_sample()
+                    keys.append(key)
+                sample_exts.append(ext.lower())
+                headers.append(member.offset)
+                data.append(member.offset_data)
+                sizes.append(member.size)
+        close_sample()
+        return cls(keys, exts, np.asarray(first, np.int64), np.asarray(headers, np.int64),
+                   np.asarray(data, np.int64), np.asarray(sizes, np.int64))
+
+    def __len__(self) -> int:
+        return len(self.keys)
 
 
 class ShardReader:
     """Samples of a shard set by (shard, index): {member name: bytes, "__key__", "__url__"}."""
 
-    def __init__(self, paths: list[str]):
-        self.paths = paths
+    def __init__(self, paths: list[str], samples: list[int] | None = None):
+        """`samples`: what the shard index says each tar holds; a tar whose table disagrees raises ShardMismatch."""
+        self.paths, self.samples = paths, samples
         self.tables: dict[int, ShardTable] = {}
 
-    def read(self, shard: int, index: int) -> dict:
+    def table(self, shard: int) -> ShardTable:
         if shard not in self.tables:
-            self.tables[shard] = ShardTable.scan(self.paths[shard])
-        table = self.tables[shard]
+            table = ShardTable.scan(self.paths[shard])
+            if self.samples is not None and len(table) != self.samples[shard]:
+                raise ShardMismatch(f"{self.paths[shard]} holds {len(table)} samples, its shard index (shards.json) "
+                                    f"says {self.samples[shard]}: the shard was replaced or the index edited; rebuild")
+            self.tables[shard] = table
+        return self.tables[shard]
+
+    def read(self, shard: int, index: int) -> dict:
+        table = self.table(shard)
         lo, hi = table.first[index], table.first[index + 1]
+        exts = table.exts[index]
+        if len(set(exts)) != len(exts):
+            raise ValueError(f"sample {table.keys[index]!r} repeats a member ({', '.join(exts)})")
         start = int(table.headers[lo])
-        data_at = table.headers[lo:hi] + TAR_HEADER_BYTES - start
+        data_at = table.data[lo:hi] - start
         fd = os.open(self.paths[shard], os.O_RDONLY)
         try:
             blob = os.pread(fd, int(data_at[-1] + table.sizes[hi - 1]), start)
         finally:
             os.close(fd)
-        sample = {ext: blob[at:at + size] for ext, at, size in zip(table.exts[index], data_at, table.sizes[lo:hi])}
+        if len(blob) < data_at[-1] + table.sizes[hi - 1]:
+            raise ValueError(f"{self.paths[shard]} ends inside sample {table.keys[index]!r}")
+        sample = {ext: blob[at:at + size] for ext, at, size in zip(exts, data_at, table.sizes[lo:hi])}
         return {**sample, "__key__": table.keys[index], "__url__": self.paths[shard]}

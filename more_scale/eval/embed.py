@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 from rich.progress import track
 
 from more_scale import dist
@@ -15,7 +15,17 @@ from more_scale.config import Config, DataConfig, InputShape, load_config
 from more_scale.data.pipeline import iter_batches
 from more_scale.data.tokenizer import load_tokenizer
 from more_scale.models.more import MODALITIES, MoRE, build_model
-from more_scale.train.checkpoint import checkpoint_root, frozen_base, latest_tag, model_states_file
+from more_scale.train.checkpoint import (
+    CheckpointMismatch,
+    checked_tag,
+    checkpoint_root,
+    data_only_loads,
+    frozen_base,
+    latest_tag,
+    model_states_file,
+    refusal,
+)
+from more_scale.train.universal import fp32_weights
 
 THUMBNAIL = 64  # px: X-ray thumbnails kept for retrieval grids
 
@@ -32,7 +42,7 @@ class Embeddings:
 
 def load_trained(run_dir: str | Path, tag: str | None = None) -> tuple[MoRE, Config, object]:
     """(model in eval mode, fp32; the run's config; its tokenizer) from a run folder's checkpoint.
-    Works for any ZeRO stage and world size: DeepSpeed's zero_to_fp32 merges the rank shards. The frozen
+    Works for any ZeRO stage and world size (universal.fp32_weights merges the rank shards). The frozen
     text base is not in the checkpoint: it is rebuilt as training built it (its local path, or the seeded
     random init) and must match the fingerprint the checkpoint recorded."""
     run_dir = Path(run_dir)
@@ -40,14 +50,20 @@ def load_trained(run_dir: str | Path, tag: str | None = None) -> tuple[MoRE, Con
     tokenizer = load_tokenizer(run_dir / "tokenizer")
     torch.manual_seed(cfg.train.seed)  # as training did before building the model: the same random base
     model = build_model(cfg.model, len(tokenizer), tokenizer.pad_token_id)
-    tag = tag or latest_tag(run_dir)
-    state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_root(run_dir)), tag)
+    tag = checked_tag(run_dir, tag) if tag else latest_tag(run_dir)
+    try:
+        with data_only_loads():  # a run folder from someone else is data: loading it never runs code
+            state = fp32_weights(checkpoint_root(run_dir) / tag)
+            client = torch.load(model_states_file(checkpoint_root(run_dir) / tag), map_location="cpu",
+                                weights_only=True)
+    except pickle.UnpicklingError as error:  # data_only_loads refused a file that holds more than data
+        raise CheckpointMismatch(f"{checkpoint_root(run_dir) / tag}: refused, a checkpoint file holds more than "
+                                 f"tensors and plain data: {refusal(error)}") from None
     missing, unexpected = model.load_state_dict(state, strict=False)
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
     if unexpected or set(missing) - frozen - _buffers_of(model):
         raise ValueError(f"{run_dir}: checkpoint does not match the config's model "
                          f"(missing {sorted(set(missing) - frozen)[:5]}, unexpected {unexpected[:5]})")
-    client = torch.load(model_states_file(checkpoint_root(run_dir) / tag), map_location="cpu", weights_only=False)
     saved = client.get("frozen_base")
     if saved and saved["sha256"] != frozen_base(model, cfg.model.text.pretrained)["sha256"]:
         raise ValueError(f"{run_dir}: the frozen text base rebuilt from {cfg.model.text.pretrained or 'its seeded random init'} "

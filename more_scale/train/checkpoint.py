@@ -26,6 +26,7 @@ import contextlib
 import errno
 import hashlib
 import os
+import pickle
 import random
 import re
 import shutil
@@ -42,6 +43,7 @@ from deepspeed.checkpoint.constants import (
     UNIVERSAL_CHECKPOINT_VERSION_KEY,
     UNIVERSAL_CHECKPOINT_VERSION_VALUE,
 )
+from deepspeed.utils.tensor_fragment import fragment_address
 
 from more_scale import dist
 
@@ -52,7 +54,8 @@ SPACE_MARGIN = 1.2  # free space wanted beyond the estimate (the filesystem's ow
 
 
 class CheckpointMismatch(ValueError):
-    """The checkpoint cannot continue this run (another frozen base); the message says what differs."""
+    """The checkpoint cannot be used here (another frozen base, a file that is not data, a tag outside the run);
+    the message says what differs."""
 
 
 @dataclass
@@ -212,7 +215,8 @@ def save(engine, output_dir: str | Path, state: TrainState, client: dict, keep: 
         os.rename(partial, final)
         _fsync(root)
         _write_atomic(root / "latest", tag)
-        for old in tags(root)[:-keep]:
+        older = [t for t in tags(root) if t != tag]  # never the tag just written, which `latest` names
+        for old in older[:max(0, len(older) - (keep - 1))]:
             for folder in root.glob(f"{old}*"):  # the tag and any universal-format copy made of it
                 shutil.rmtree(folder, ignore_errors=True)
     dist.barrier()
@@ -249,7 +253,12 @@ def remove_partials(root: Path) -> list[str]:
 
 def load(engine, root: Path, tag: str, base: dict, rank: int, warn) -> TrainState:
     """Load checkpoint `root/tag` into the engine; `base`: this run's frozen_base(), checked against the checkpoint's."""
-    loaded, client = engine.load_checkpoint(str(root), tag=tag, load_module_strict=False)  # frozen base not in it
+    try:
+        with data_only_loads():
+            loaded, client = engine.load_checkpoint(str(root), tag=tag, load_module_strict=False)  # no frozen base
+    except pickle.UnpicklingError as error:  # data_only_loads refused a file that holds more than data
+        raise CheckpointMismatch(f"{root / tag}: refused, a checkpoint file holds more than tensors and plain data "
+                                 f"(unpickling it could run code): {refusal(error)}") from None
     if loaded is None:
         raise RuntimeError(f"DeepSpeed could not load {root / tag}")
     if engine.load_universal_checkpoint() and engine.zero_optimization_stage() == 3:
@@ -263,7 +272,8 @@ def load(engine, root: Path, tag: str, base: dict, rank: int, warn) -> TrainStat
                          f"{describe(base)}. Resume with the same model.text.pretrained (and train.seed for a random one)")
     state = TrainState(**client["train_state"])
     if state.world == dist.world_size() and _rng_file(root / tag, rank).is_file():
-        _set_rng_state(torch.load(_rng_file(root / tag, rank), weights_only=False))
+        with data_only_loads():  # numpy's state is an array
+            _set_rng_state(torch.load(_rng_file(root / tag, rank), weights_only=True))
     else:
         warn(f"resuming a {state.world or '?'}-rank checkpoint on {dist.world_size()} ranks: the "
              "DropToken/DropKey/dropout draws start from fresh per-rank seeds")
@@ -275,7 +285,8 @@ def _repair_zero3_universal_load(engine, universal_dir: Path) -> None:
     dir_stage3), both seen as weights 3e-4 off an uninterrupted run after two steps: it copies parameter group 0's
     hyperparameters to every group (weight decay on the norms, biases and logit scale exempt from it), and hands
     every group one shared Adam `step` tensor, which AdamW then increments once per group per step."""
-    saved = torch.load(universal_dir / "zero" / "optimizer_state.pt", map_location="cpu", weights_only=False)
+    with data_only_loads():
+        saved = torch.load(universal_dir / "zero" / "optimizer_state.pt", map_location="cpu", weights_only=True)
     groups = saved["optimizer_state_dict"]["param_groups"]
     optimizer = engine.optimizer.optimizer
     if len(groups) != len(optimizer.param_groups):
@@ -327,8 +338,61 @@ def find(output_dir: str | Path, how: str, rank: int, warn=print) -> tuple[Path,
     return None
 
 
+def clear_for_fresh_start(output_dir: str | Path, overwrite: bool) -> None:
+    """A run that starts afresh (train.resume=none) in a folder holding another run's checkpoints would write
+    step_1 among them and prune by name: refused, naming the ways on, unless `overwrite` (then they go)."""
+    root = checkpoint_root(output_dir)
+    found = tags(root) if root.is_dir() else []
+    if not found:
+        return
+    if not overwrite:
+        raise FileExistsError(f"output_dir {output_dir} holds checkpoints of an earlier run (newest {found[-1]}): "
+                              "continue it with train.resume=auto, start afresh over it with train.overwrite=true "
+                              "(deletes them), or choose another output_dir")
+    shutil.rmtree(root)
+
+
 def latest_tag(output_dir: str | Path) -> str:
+    """The tag `checkpoints/latest` names: a step_N folder beside it, never a path out of the run folder."""
     latest = checkpoint_root(output_dir) / "latest"
     if not latest.is_file() or not latest.read_text().strip():
         raise FileNotFoundError(f"{output_dir}: no checkpoints/latest (not a finished more_scale run?)")
-    return latest.read_text().strip()
+    return checked_tag(output_dir, latest.read_text().strip())
+
+
+def checked_tag(output_dir: str | Path, tag: str) -> str:
+    """`tag` when it names a checkpoint folder of this run (step_N in its checkpoints/); else CheckpointMismatch."""
+    if not re.fullmatch(r"step_\d+", tag):
+        raise CheckpointMismatch(f"{output_dir}: checkpoint tag {tag!r} is not a step_N folder name of this run")
+    if not (checkpoint_root(output_dir) / tag).is_dir():
+        raise FileNotFoundError(f"{output_dir}: no checkpoint {checkpoint_root(output_dir) / tag}")
+    return tag
+
+
+# what DeepSpeed's checkpoint files hold beside tensors and plain containers, and our RNG states (numpy's state
+# is an array): none of these runs code when unpickled
+FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
+SAFE_GLOBALS = [fragment_address, np._core.multiarray._reconstruct, np.ndarray, np.dtype]
+
+
+def refusal(error: Exception) -> str:
+    """The line of torch's weights-only error that names what the file holds (a global it will not unpickle)."""
+    lines = str(error).splitlines()
+    return next((line.strip() for line in lines if "Unsupported global" in line or "GLOBAL" in line), lines[0])[:300]
+
+
+@contextlib.contextmanager
+def data_only_loads():
+    """Inside, every torch.load (ours, DeepSpeed's, which passes weights_only=False, and zero_to_fp32's) unpickles
+    tensors and plain data only: a checkpoint folder from someone else cannot run code here. A file holding
+    anything else raises pickle.UnpicklingError (torch's `Weights only load failed`, naming the global)."""
+    previous = os.environ.get(FORCE_WEIGHTS_ONLY)
+    os.environ[FORCE_WEIGHTS_ONLY] = "1"  # torch reads it at every load, over the caller's weights_only=False
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            yield
+    finally:
+        if previous is None:
+            os.environ.pop(FORCE_WEIGHTS_ONLY, None)
+        else:
+            os.environ[FORCE_WEIGHTS_ONLY] = previous

@@ -22,6 +22,8 @@ from pathlib import Path
 
 HEARTBEAT_S = 30.0
 STALE_AFTER_S = 300.0  # well beyond a heartbeat, short enough for a requeue after a node failure
+TAKEOVER = ".takeover"  # beside the lock: created exclusively by the one process replacing a stale lock
+STALE_TAKEOVER_S = 60.0  # a takeover takes milliseconds; a guard older than this was left by a dead contender
 PARENT_POLL_S = 2.0
 EXIT_ORPHANED = 70  # EX_SOFTWARE: the launcher is gone
 
@@ -52,36 +54,71 @@ class RunLock:
             return f"its process {holder.get('pid')} is gone"
         if holder.get("slurm_job") and holder.get("slurm_job") == self.me["slurm_job"]:
             return f"it belongs to this SLURM job {holder['slurm_job']} (requeued)"
-        age = time.time() - self.path.stat().st_mtime
+        try:
+            age = time.time() - self.path.stat().st_mtime
+        except FileNotFoundError:
+            return "it is gone"
         if age > STALE_AFTER_S:
             return f"it was last touched {age:.0f} s ago (> {STALE_AFTER_S:.0f} s)"
         return None
 
     def acquire(self, warn=print) -> None:
+        """Hold the lock or raise RunLocked naming the holder. Atomic both ways: a new lock appears whole (a
+        hard link of a complete record: os.link fails when the name exists), and of several processes taking
+        over a stale lock one wins (they race on creating TAKEOVER with O_EXCL)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
+        record = self.path.with_name(f"{self.path.name}.{self.me['host']}.{self.me['pid']}")
+        record.write_text(json.dumps(self.me))
+        try:
+            for _ in range(2):
                 try:
-                    holder = json.loads(self.path.read_text() or "{}")
-                except (OSError, ValueError):
-                    holder = {}
-                reason = self._stale_reason(holder)
-                if reason is None:
-                    raise RunLocked(
-                        f"{self.path.parent} is in use by another run: pid {holder.get('pid', '?')} on host "
-                        f"{holder.get('host', '?')}{', SLURM job ' + holder['slurm_job'] if holder.get('slurm_job') else ''}"
-                        f" since {holder.get('since', '?')} ({self.path}). Use another output_dir, or stop that run; "
-                        f"if it is gone, delete {self.path}.") from None
-                warn(f"taking over {self.path}: {reason}")
-                self.path.unlink(missing_ok=True)
-                continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.me, f)
-            threading.Thread(target=self._heartbeat, daemon=True, name="run-lock-heartbeat").start()
-            return
-        raise RunLocked(f"{self.path}: could not take the lock")
+                    os.link(record, self.path)
+                except FileExistsError:
+                    self._take_over_if_stale(record, warn)
+                    if self._held():
+                        break
+                    continue
+                break
+            else:
+                raise RunLocked(f"{self.path}: could not take the lock")
+        finally:
+            record.unlink(missing_ok=True)
+        threading.Thread(target=self._heartbeat, daemon=True, name="run-lock-heartbeat").start()
+
+    def _holder(self) -> dict:
+        try:
+            holder = json.loads(self.path.read_text() or "{}")
+        except (OSError, ValueError):
+            return {}
+        return holder if isinstance(holder, dict) else {}
+
+    def _held(self) -> bool:
+        return self._holder() == self.me
+
+    def _take_over_if_stale(self, record: Path, warn) -> None:
+        guard = self.path.with_name(self.path.name + TAKEOVER)
+        try:
+            fd = os.open(guard, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            if time.time() - guard.stat().st_mtime > STALE_TAKEOVER_S:  # a contender that died mid-takeover
+                guard.unlink(missing_ok=True)
+            raise RunLocked(f"{self.path.parent}: another process is taking over its stale lock") from None
+        try:
+            holder = self._holder()  # read again under the guard: another contender may have taken it already
+            reason = self._stale_reason(holder) if self.path.exists() else "it is gone"
+            if reason is None:
+                raise RunLocked(
+                    f"{self.path.parent} is in use by another run: pid {holder.get('pid', '?')} on host "
+                    f"{holder.get('host', '?')}{', SLURM job ' + holder['slurm_job'] if holder.get('slurm_job') else ''}"
+                    f" since {holder.get('since', '?')} ({self.path}). Use another output_dir, or stop that run; "
+                    f"if it is gone, delete {self.path}.")
+            warn(f"taking over {self.path}: {reason}")
+            replacement = record.with_name(record.name + ".new")
+            replacement.write_text(json.dumps(self.me))
+            os.replace(replacement, self.path)
+        finally:
+            os.close(fd)
+            guard.unlink(missing_ok=True)
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):

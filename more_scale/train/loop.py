@@ -89,12 +89,16 @@ def train(cfg: Config) -> checkpoint.TrainState:
     if rank == 0:
         try:
             lock.acquire(warn=console.print)
+            if cfg.train.resume == "none":
+                checkpoint.clear_for_fresh_start(out, cfg.train.overwrite)
         except RunLocked as error:
             refused = error
+        except FileExistsError as error:  # a fresh start over an earlier run's checkpoints
+            refused = InputError(str(error))
         except OSError as error:  # read-only or missing parent: say so before anything is built
             refused = InputError(f"output_dir {out} is not writable: {error}")
     if dist.max_over_ranks([int(refused is not None)])[0]:  # every rank stops when rank 0 was refused
-        raise refused or RunLocked(f"{out} is in use by another run (rank 0 was refused the lock)")
+        raise refused or RunLocked(f"rank 0 refused to start in {out} (its message says why)")
     if launched():
         watch_parent(on_orphaned=lock.release if rank == 0 else None)
     try:

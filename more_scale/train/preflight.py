@@ -4,11 +4,14 @@ fails in a second, naming what was given, instead of after minutes of start-up o
 from __future__ import annotations
 
 import hashlib
+import tarfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from more_scale.config import Config
 from more_scale.data.build import INDEX_NAME, read_index
 from more_scale.data.pipeline import source_dirs
+from more_scale.data.shard_reader import ShardTable
 from more_scale.data.tokenizer import load_tokenizer
 
 
@@ -37,6 +40,22 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _check_sample_counts(directory: Path, index: dict) -> None:
+    """Each tar holds the samples shards.json says: read from the tars' member tables (headers only, a few
+    milliseconds a shard), so an index edited or a shard replaced fails here, not as stand-ins or a crash."""
+    paths = [str(directory / e["name"]) for e in index["shards"]]
+    with ThreadPoolExecutor(8) as pool:  # header reads: I/O-bound, so threads overlap them on network filesystems
+        futures = [pool.submit(ShardTable.scan, p) for p in paths]
+        for path, entry, future in zip(paths, index["shards"], futures):
+            try:
+                held = len(future.result())
+            except (OSError, tarfile.TarError) as error:
+                raise InputError(f"data.train: {path} is not a readable tar ({error})") from error
+            if held != entry["samples"]:
+                raise InputError(f"data.train: {path} holds {held} samples, {INDEX_NAME} says {entry['samples']}: "
+                                 "the shard was replaced or the index edited; rebuild the shard set")
+
+
 def check_inputs(cfg: Config, world: int) -> dict[str, int]:
     """Raise InputError naming the first setting that cannot work; returns samples per training source."""
     if not cfg.data.train:
@@ -54,6 +73,7 @@ def check_inputs(cfg: Config, world: int) -> dict[str, int]:
             raise InputError(f"data.train: {error}") from error
         if index["samples"] == 0 or not index["shards"]:
             raise InputError(f"data.train: {directory} holds no samples ({INDEX_NAME} lists {len(index['shards'])} shards)")
+        _check_sample_counts(Path(directory), index)
         if cfg.data.verify_shards:
             for entry in index["shards"]:
                 if entry.get("sha256") and sha256_of(Path(directory) / entry["name"]) != entry["sha256"]:

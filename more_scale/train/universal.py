@@ -19,16 +19,18 @@ import sys
 from pathlib import Path
 
 import torch
+from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
 from more_scale import dist
-from more_scale.train.checkpoint import PARTIAL, fsync_tree, model_states_file, saved_world
+from more_scale.train.checkpoint import PARTIAL, data_only_loads, fsync_tree, model_states_file, saved_world
 
 UNIVERSAL = ".universal"
 
 
 def saved_global_batch(tag_dir: Path) -> int:
     """Samples per step of the run that wrote `tag_dir`, from the config and world size it stored."""
-    client = torch.load(model_states_file(tag_dir), map_location="cpu", weights_only=False)
+    with data_only_loads():
+        client = torch.load(model_states_file(tag_dir), map_location="cpu", weights_only=True)
     train, data = client["config"]["train"], client["config"]["data"]
     return data["batch_size"] * train.get("grad_accum", 1) * client["train_state"]["world"]
 
@@ -41,7 +43,7 @@ def convert(tag_dir: Path) -> Path:
     partial = out.with_name(out.name + PARTIAL)
     shutil.rmtree(partial, ignore_errors=True)
     # --inject_missing_state: checkpoints written before they carried the universal marker convert too
-    command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
+    command = [sys.executable, "-m", "more_scale.train.to_universal", "--input_folder", str(tag_dir),
                "--output_folder", str(partial), "--num_extract_workers", "1", "--num_merge_workers", "1",
                "--inject_missing_state"]
     result = subprocess.run(command, capture_output=True, text=True)
@@ -51,6 +53,20 @@ def convert(tag_dir: Path) -> Path:
     fsync_tree(partial)
     os.rename(partial, out)
     return out
+
+
+def fp32_weights(tag_dir: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint's fp32 master weights, merged over its ranks. DeepSpeed's zero_to_fp32 reads ZeRO's files but
+    refuses those of its BF16_Optimizer (ZeRO-1 with fp32 gradient accumulation, `bf16_zero_*` files), which go
+    through the universal format instead (one fp32 file per parameter), converted by rank 0 while the others wait."""
+    if not any(tag_dir.glob("bf16_zero_pp_rank_*_optim_states.pt")):
+        return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag_dir.name)
+    if dist.rank() == 0:
+        convert(tag_dir)
+    dist.barrier()
+    folder = tag_dir.with_name(tag_dir.name + UNIVERSAL) / "zero"
+    return {p.name: torch.load(p / "fp32.pt", map_location="cpu", weights_only=True)["param"]
+            for p in sorted(folder.iterdir()) if (p / "fp32.pt").is_file()}
 
 
 def prepare(root: Path, tag: str, world: int, ds: dict, rank: int, warn) -> tuple[Path, str]:
