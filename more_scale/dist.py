@@ -44,6 +44,9 @@ def init_distributed(timeout_s: float = 600.0) -> tuple[int, int, int]:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local_rank))
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29500")
+    # NCCL's watchdog tears a process down when a collective outlives `timeout_s` (3: the torch default, said
+    # here so a site-wide 0 cannot turn a wedged peer into a hang); train/watchdog.py covers what it cannot see
+    os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3")
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(device_index(local_rank, torch.cuda.device_count()))

@@ -7,18 +7,22 @@ from __future__ import annotations
 
 import io
 import json
-import multiprocessing
 import os
 import shutil
+import socket
+import subprocess
+import sys
 import tarfile
+import time
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 import webdataset as wds
+from conftest import ROOT
 from faults import record
-from test_faults_train import _command, _run, _single
+from test_faults_train import ENV, _command, _run, _single
 
 from more_scale.config import ConfigError, input_shape, load_config
 from more_scale.data.build import INDEX_NAME, read_index, write_tar
@@ -255,41 +259,41 @@ def test_a_fresh_run_over_an_earlier_runs_checkpoints_is_refused_unless_told(sha
            f"exit {over.returncode}; only the new run's step_00000001 is left")
 
 
-def _contend(folder: str, start, done, results) -> None:
-    from more_scale.train.guard import RunLock, RunLocked
-
-    lock = RunLock(folder)
-    start.wait()
-    try:
-        lock.acquire(warn=lambda message: None)
-        results.put("held")
-    except RunLocked:
-        results.put("refused")
-    done.wait(30)  # a holder stays alive while the other contends (a dead one's lock is stale, rightly)
+CONTENDER = """
+import pathlib, sys, time
+from more_scale.train.guard import RunLock, RunLocked
+folder = pathlib.Path(sys.argv[1])
+lock = RunLock(folder)
+while not (folder / "go").exists():
+    time.sleep(0.001)
+try:
+    lock.acquire(warn=lambda message: None)
+    print("held", flush=True)
+except RunLocked:
+    print("refused", flush=True)
+while not (folder / "done").exists():  # a holder stays alive while the other contends (a dead one's lock is stale)
+    time.sleep(0.01)
+"""
 
 
 def test_two_processes_taking_over_a_stale_lock_never_both_hold_it(tmp_path):
     """The stale holder is a pid that has exited on this host; 40 trials of two contenders started together."""
-    dead = multiprocessing.get_context("fork").Process(target=lambda: None)
-    dead.start()
-    dead.join()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     both = 0
     for trial in range(40):
         folder = tmp_path / str(trial)
         folder.mkdir()
-        (folder / "run.lock").write_text(json.dumps({"host": os.uname().nodename, "pid": dead.pid}))
-        ctx = multiprocessing.get_context("fork")
-        start, done, results = ctx.Event(), ctx.Event(), ctx.Queue()
-        procs = [ctx.Process(target=_contend, args=(str(folder), start, done, results)) for _ in range(2)]
+        (folder / "run.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": int(dead.stdout)}))
+        procs = [subprocess.Popen([sys.executable, "-c", CONTENDER, str(folder)], cwd=ROOT, env=ENV,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+        time.sleep(0.3)  # both started and polling
+        (folder / "go").touch()
+        outcomes = sorted(p.stdout.readline().strip() for p in procs)
+        (folder / "done").touch()
         for p in procs:
-            p.start()
-        start.set()
-        outcomes = sorted(results.get(timeout=30) for _ in procs)
-        done.set()
-        for p in procs:
-            p.join(30)
+            p.wait(30)
         both += outcomes == ["held", "held"]
-        assert outcomes in (["held", "refused"], ["held", "held"]), outcomes
+        assert outcomes in (["held", "refused"], ["held", "held"]), [p.stderr.read()[-2000:] for p in procs]
     record("train", "two processes take over one stale run.lock at once (40 trials)",
            "never both hold it (0 of 40)", f"{'never' if both == 0 else 'both held it'} both hold it ({both} of 40)")
 
@@ -334,3 +338,28 @@ def test_unreadable_config_files_fail_naming_the_file(tmp_path, text, message):
         observed = f"{named}: {message}" if str(error).startswith(named) and message in str(error) else str(error)
     record("inputs", f"a {'DeepSpeed JSON' if deepspeed else 'YAML config'} that is {text!r:.40}",
            f"{named}: {message}", observed)
+
+
+WATCHED = """
+import sys, time
+from more_scale.train.watchdog import StepWatchdog
+watch = StepWatchdog(1.0, rank=3)
+watch.step_done(5)
+with watch.paused():  # a save or validation longer than the timeout is not a stall
+    time.sleep(2.5)
+watch.step_done(6)
+if sys.argv[1] == "stall":
+    time.sleep(10)  # as a rank waiting on a stopped peer inside a collective that has no timeout
+print("finished", flush=True)
+"""
+
+
+@pytest.mark.parametrize("how", ["stall", "steady"])
+def test_the_step_watchdog_ends_a_stalled_rank_and_only_that(how):
+    result = subprocess.run([sys.executable, "-c", WATCHED, how], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                            timeout=60)
+    expected = {"stall": "exit 72: rank 3: no training step finished in 1 s after step 6",
+                "steady": "exit 0: finished"}[how]
+    said = result.stderr.strip().split(" (")[0] if result.returncode else result.stdout.strip()
+    record("train", f"the step watchdog (timeout 1 s) over a rank that is {how} after a 2.5 s paused save",
+           expected, f"exit {result.returncode}: {said}")

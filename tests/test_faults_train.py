@@ -129,6 +129,46 @@ def test_killing_one_rank_ends_the_job(shards, tmp_path):
            f"the job ends within {'30 s' if ended < 30 else f'{ended:.0f} s'} with a {'non-zero' if code else 'zero'} exit")
 
 
+def test_a_wedged_rank_ends_the_job(shards, tmp_path):
+    """SIGSTOP on one rank after step 3: the other waits either inside DeepSpeed's gradient all-reduce (on CPU
+    its shared-memory op, which no process-group timeout bounds) until its step watchdog ends it, or in gloo's
+    all-reduce of the preemption flag until gloo's timeout does; the launcher then ends the stopped one
+    (SIGTERM, then SIGKILL after its grace period)."""
+    import threading
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen(_command(shards, out, "train.steps=2000", "train.log_every=1000", "train.save_every=1000",
+                                     "train.sync_audit_steps=1", "train.collective_timeout_s=20"),
+                            cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
+    reader.start()
+    stopped = None
+    try:
+        deadline = time.monotonic() + 180
+        while not any("host-device syncs per step" in line for line in lines):  # printed after step 3
+            assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)[-3000:]
+            time.sleep(0.1)
+        stopped = psutil.Process(proc.pid).children()[1]
+        stopped.send_signal(signal.SIGSTOP)
+        start = time.monotonic()
+        code = proc.wait(timeout=150)
+        ended = time.monotonic() - start
+    finally:
+        if stopped is not None and stopped.is_running():
+            stopped.kill()
+        proc.kill()
+        reader.join(10)
+    log = "".join(lines)
+    # whichever waits first names the 20 s: the step watchdog (inside DeepSpeed's all-reduce) or gloo's own
+    # timeout (the preemption flag's all-reduce, each step)
+    said = "no training step finished in 20 s" in log or "Timed out waiting 20000ms" in log
+    record("train", "SIGSTOP of one rank mid-run (train.collective_timeout_s=20)",
+           "the job ends within 90 s with a non-zero exit, naming the 20 s timeout",
+           f"the job ends within {'90 s' if ended < 90 else f'{ended:.0f} s'} with a {'non-zero' if code else 'zero'} "
+           f"exit, {'naming' if said else 'not naming'} the 20 s timeout")
+
+
 def test_sigterm_during_a_save_leaves_the_previous_checkpoint_whole(shards, tmp_path):
     out = tmp_path / "run"
     root = out / "checkpoints"

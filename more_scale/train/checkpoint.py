@@ -43,6 +43,8 @@ from deepspeed.checkpoint.constants import (
     UNIVERSAL_CHECKPOINT_VERSION_KEY,
     UNIVERSAL_CHECKPOINT_VERSION_VALUE,
 )
+from deepspeed.runtime.fp16.loss_scaler import LossScaler
+from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils.tensor_fragment import fragment_address
 
 from more_scale import dist
@@ -369,10 +371,12 @@ def checked_tag(output_dir: str | Path, tag: str) -> str:
     return tag
 
 
-# what DeepSpeed's checkpoint files hold beside tensors and plain containers, and our RNG states (numpy's state
-# is an array): none of these runs code when unpickled
+# what DeepSpeed's checkpoint files hold beside tensors and plain containers (found by loading ZeRO 1-3 and
+# universal checkpoints with weights_only=True), and our RNG states (numpy's state is a uint32 array): classes
+# and functions of DeepSpeed and numpy, rebuilt from plain values; none runs code from the file
 FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
-SAFE_GLOBALS = [fragment_address, np._core.multiarray._reconstruct, np.ndarray, np.dtype]
+SAFE_GLOBALS = [fragment_address, LossScaler, ZeroStageEnum,
+                np._core.multiarray._reconstruct, np.ndarray, np.dtype, np.dtypes.UInt32DType]
 
 
 def refusal(error: Exception) -> str:

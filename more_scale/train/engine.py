@@ -10,6 +10,7 @@ from pathlib import Path
 import deepspeed
 import torch
 import torch.nn as nn
+from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
 
 from more_scale.config import TrainConfig, resolve_path
 
@@ -97,4 +98,8 @@ def build_engine(cfg: TrainConfig, model: nn.Module, ds: dict):
         model=model, optimizer=optimizer, config=ds,
         # a callable: DeepSpeed hands it the optimizer it wraps, and saves/loads the schedule state
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, cfg)))
+    if isinstance(engine.optimizer, BF16_Optimizer) and engine.dp_world_size == 1:
+        # one rank: the gradient all-reduce is an identity that still flattens the fp32 gradient buffer, casts it
+        # to bf16 and copies it back (BF16_Optimizer has no partition bookkeeping in it, unlike ZeRO's)
+        engine.enable_backward_allreduce = False
     return engine

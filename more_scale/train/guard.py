@@ -12,6 +12,7 @@ training on and writing checkpoints beside a restarted run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -100,8 +101,9 @@ class RunLock:
         try:
             fd = os.open(guard, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
-            if time.time() - guard.stat().st_mtime > STALE_TAKEOVER_S:  # a contender that died mid-takeover
-                guard.unlink(missing_ok=True)
+            with contextlib.suppress(FileNotFoundError):  # the other contender may just have finished
+                if time.time() - guard.stat().st_mtime > STALE_TAKEOVER_S:  # a contender that died mid-takeover
+                    guard.unlink(missing_ok=True)
             raise RunLocked(f"{self.path.parent}: another process is taking over its stale lock") from None
         try:
             holder = self._holder()  # read again under the guard: another contender may have taken it already

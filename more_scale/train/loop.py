@@ -33,6 +33,7 @@ from more_scale.train.skips import SkipLedger
 from more_scale.train.syncs import SyncAudit
 from more_scale.train.universal import prepare as prepare_resume
 from more_scale.train.validate import Validator
+from more_scale.train.watchdog import StepWatchdog
 
 
 def train_step(engine, loss_fn: ContrastiveLoss, batch: Batch) -> dict[str, torch.Tensor]:
@@ -170,6 +171,7 @@ def _train(cfg: Config, rank: int, world: int, console: Console, out: Path) -> c
     # from the third step on: the first two do once-per-run work (kernel tuning, attention backend checks, and
     # ZeRO-3's parameter trace, recorded in step 1 and compared across ranks element by element in step 2)
     audit = SyncAudit(cfg.train.sync_audit_steps, first=state.step + 3)
+    watchdog = StepWatchdog(cfg.train.collective_timeout_s, rank)  # a wedged rank ends the job, CPU and GPU alike
     columns = (TextColumn("step"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.fields[info]}"),
                TimeRemainingColumn())
     with Progress(*columns, console=console, disable=rank != 0) as progress:
@@ -193,6 +195,7 @@ def _train(cfg: Config, rank: int, world: int, console: Console, out: Path) -> c
                 meter.add_step(ds["train_batch_size"])
                 health.after_step(values["loss"], engine.skipped_steps)
                 preempted = preemption.requested()
+            watchdog.step_done(state.step)
             if (audited := audit.result()) is not None:
                 metrics.log(state.step, audited)
                 console.print(f"host-device syncs per step: {audited['host_syncs_per_step']:g} "
@@ -211,14 +214,17 @@ def _train(cfg: Config, rank: int, world: int, console: Console, out: Path) -> c
                                            f"MFU {logged['mfu']:.1%}  data wait {logged['data_wait_share']:.0%}")
                 skips.check(skipped, used)
             if validator is not None and state.step % cfg.train.eval_every == 0:
-                metrics.log(state.step, validator(engine))  # a line of its own: val/loss, val/R@5, val/zero-shot
+                with watchdog.paused():
+                    metrics.log(state.step, validator(engine))  # a line of its own: val/loss, val/R@5, val/zero-shot
                 meter.restart()  # validation time is not training time
                 batches.wait_s = 0.0
             progress.update(task, completed=state.step)
             if state.step % cfg.train.save_every == 0 or state.step == end or preempted:
                 if health.healthy_now():
                     state.stream = stream.state(state.samples)
-                    path = checkpoint.save(engine, out, state, client, cfg.train.keep_checkpoints, rank, checkpoint_bytes)
+                    with watchdog.paused():
+                        path = checkpoint.save(engine, out, state, client, cfg.train.keep_checkpoints, rank,
+                                               checkpoint_bytes)
                     console.print(f"checkpoint {path}")
                 else:
                     health.check(state.step)  # diverged: raises
@@ -229,6 +235,7 @@ def _train(cfg: Config, rank: int, world: int, console: Console, out: Path) -> c
                 metrics.close()
                 console.print(f"[yellow]preempted: checkpoint at step {state.step}, exiting {EXIT_REQUEUE} to be requeued")
                 raise Preempted(state.step)
+    watchdog.close()  # no more steps; the checks below may wait on the other ranks' last save
     if not health.healthy_now():
         metrics.close()
         raise Diverged(f"training ended at step {state.step} with a non-finite loss or gradients "
