@@ -11,7 +11,7 @@ DEST=.whl
 rm -rf "$DEST" && mkdir -p "$DEST"
 # pure-Python wheels (py3-none-any) and binary ones for CPython 3.12; versions as in this project's CPU venv
 WHEELS=(hjson==3.1.0 pydantic==2.14.4 pydantic_core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5
-        webdataset==1.0.2 wids==0.1.11 braceexpand==0.1.7 wfdb==4.3.1 soundfile==0.14.0 cffi==2.1.1 pycparser==3.12
+        webdataset==1.0.2 braceexpand==0.1.7 wfdb==4.3.1 soundfile==0.14.0 cffi==2.1.1 pycparser==3.12
         albumentations==2.0.8 albucore==0.0.24 stringzilla==5.3.2 simsimd==6.5.16
         msgpack==1.2.4 py-cpuinfo==9.0.0 einops==0.8.2)
 PLATFORMS=()

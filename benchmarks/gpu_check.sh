@@ -26,7 +26,7 @@ PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$WORK/torch_extensions}
 
-if ! "$PY" -c "import deepspeed, webdataset, wids, wfdb, albumentations" 2>/dev/null; then
+if ! "$PY" -c "import deepspeed, webdataset, wfdb, albumentations" 2>/dev/null; then
   [[ -d .whl ]] || { echo "missing packages and no .whl/ (run benchmarks/fetch_gpu_wheels.sh where PyPI is reachable)"; exit 1; }
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site

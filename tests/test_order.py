@@ -56,3 +56,22 @@ def test_rank_positions_tile_the_stream_for_any_world_size():
 def test_sample_seeds_depend_on_position_and_attempt_only():
     assert sample_seed(0, 5) == sample_seed(0, 5)
     assert len({sample_seed(0, 5), sample_seed(0, 6), sample_seed(0, 5, 1), sample_seed(1, 5)}) == 4
+
+
+@pytest.mark.parametrize("world, workers, batch", [(3, 2, 5), (5, 3, 2), (7, 1, 3), (8, 3, 1)])
+def test_odd_worlds_with_loader_workers_read_every_sample_once_per_epoch(world, workers, batch):
+    """TrainStream's split: rank r's loader worker w builds local micro-batches w, w + W, ...; over as many
+    micro-steps as cover three epochs of 37 samples in 5 uneven shards, started mid-stream, each position is
+    read by exactly one (rank, worker), and each epoch's positions are every sample once."""
+    order = _order("epoch", shard_sizes=(9, 3, 11, 7, 7), source_sizes=(37,), shuffle_block=4)
+    start, steps = 11, -(-3 * 37 // (world * batch)) + 1
+    read: dict[int, tuple[int, int]] = {}
+    for rank in range(world):
+        for worker in range(workers):
+            for local_step in range(worker, steps, workers):
+                for p in rank_positions(start, local_step, rank, world, batch):
+                    assert p not in read, (p, read[p], (rank, worker))
+                    read[p] = (rank, worker)
+    assert sorted(read) == list(range(start, start + steps * world * batch))
+    for epoch in range(1, 3):  # the epochs the read span covers whole
+        assert sorted(order.sample_at(p) for p in range(epoch * 37, (epoch + 1) * 37)) == list(range(37))
