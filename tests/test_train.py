@@ -148,17 +148,18 @@ def test_evaluate_writes_the_full_report_beside_chance(stopped_and_resumed, shar
         assert (tmp_path / path).stat().st_size > 10_000 and f"src='{path}'" in page  # drawn, and on the page
 
 
-def test_evaluation_shared_by_two_ranks_equals_one_process(stopped_and_resumed, shards, tmp_path):
-    """torchrun --nproc_per_node 2 launch/evaluate.py: each rank embeds every other sample, rank 0 merges them
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_evaluation_shared_by_ranks_equals_one_process(stopped_and_resumed, shards, tmp_path, ranks):
+    """torchrun --nproc_per_node N launch/evaluate.py: rank r embeds samples r, r + N, ..., rank 0 merges them
     back into index order and alone scores and writes. The metrics equal a single process's: only the
-    batches' make-up differs (samples 0, 2, 4, ... together), which moves fp32 embeddings by round-off."""
+    batches' make-up differs (samples 0, N, 2N, ... together), which moves fp32 embeddings by round-off."""
     from launch_helpers import evaluate_main
 
     out, _, _ = stopped_and_resumed
     args = ["--checkpoint", str(out), "--shards", str(shards / "test"), "--train-shards", str(shards / "train"),
             "--no-figures"]
     assert evaluate_main([*args, "--out", str(tmp_path / "one")]) == 0
-    shared = run_launcher([launcher("torchrun"), "--nproc_per_node", "2", "--master_port", _free_port(),
+    shared = run_launcher([launcher("torchrun"), "--nproc_per_node", str(ranks), "--master_port", _free_port(),
                            "launch/evaluate.py", *args, "--out", str(tmp_path / "two")])
     assert shared.stdout.count("wrote ") == 1  # rank 0 alone reports
     one, two = (json.loads((tmp_path / name / "results.json").read_text()) for name in ("one", "two"))
