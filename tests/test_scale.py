@@ -4,10 +4,7 @@ import json
 
 import pytest
 from conftest import ROOT, launcher, run_launcher
-
-
-def _worst_relative(run: list[float], reference: list[float]) -> float:
-    return max(abs(a - b) / abs(b) for a, b in zip(run, reference))
+from test_train import _worst_relative
 
 
 @pytest.fixture(scope="module")

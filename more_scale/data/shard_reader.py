@@ -78,8 +78,9 @@ class ShardReader:
         if shard not in self.tables:
             table = ShardTable.scan(self.paths[shard])
             if self.samples is not None and len(table) != self.samples[shard]:
-                raise ShardMismatch(f"{self.paths[shard]} holds {len(table)} samples, its shard index (shards.json) "
-                                    f"says {self.samples[shard]}: the shard was replaced or the index edited; rebuild")
+                raise ShardMismatch(f"{self.paths[shard]} holds {len(table)} samples, shards.json says "
+                                    f"{self.samples[shard]}: the shard was replaced or the index edited; rebuild the "
+                                    "shard set")
             self.tables[shard] = table
         return self.tables[shard]
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,14 +15,12 @@ from more_scale.data.pipeline import iter_batches
 from more_scale.data.tokenizer import load_tokenizer
 from more_scale.models.more import MODALITIES, MoRE, build_model
 from more_scale.train.checkpoint import (
-    CheckpointMismatch,
     checked_tag,
     checkpoint_root,
     data_only_loads,
     frozen_base,
     latest_tag,
     model_states_file,
-    refusal,
 )
 from more_scale.train.universal import fp32_weights
 
@@ -51,14 +48,10 @@ def load_trained(run_dir: str | Path, tag: str | None = None) -> tuple[MoRE, Con
     torch.manual_seed(cfg.train.seed)  # as training did before building the model: the same random base
     model = build_model(cfg.model, len(tokenizer), tokenizer.pad_token_id)
     tag = checked_tag(run_dir, tag) if tag else latest_tag(run_dir)
-    try:
-        with data_only_loads():  # a run folder from someone else is data: loading it never runs code
-            state = fp32_weights(checkpoint_root(run_dir) / tag)
-            client = torch.load(model_states_file(checkpoint_root(run_dir) / tag), map_location="cpu",
-                                weights_only=True)
-    except pickle.UnpicklingError as error:  # data_only_loads refused a file that holds more than data
-        raise CheckpointMismatch(f"{checkpoint_root(run_dir) / tag}: refused, a checkpoint file holds more than "
-                                 f"tensors and plain data: {refusal(error)}") from None
+    tag_dir = checkpoint_root(run_dir) / tag
+    with data_only_loads(tag_dir):  # a run folder from someone else is data: loading it never runs code
+        state = fp32_weights(tag_dir)
+        client = torch.load(model_states_file(tag_dir), map_location="cpu", weights_only=True)
     missing, unexpected = model.load_state_dict(state, strict=False)
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
     if unexpected or set(missing) - frozen - _buffers_of(model):

@@ -255,12 +255,8 @@ def remove_partials(root: Path) -> list[str]:
 
 def load(engine, root: Path, tag: str, base: dict, rank: int, warn) -> TrainState:
     """Load checkpoint `root/tag` into the engine; `base`: this run's frozen_base(), checked against the checkpoint's."""
-    try:
-        with data_only_loads():
-            loaded, client = engine.load_checkpoint(str(root), tag=tag, load_module_strict=False)  # no frozen base
-    except pickle.UnpicklingError as error:  # data_only_loads refused a file that holds more than data
-        raise CheckpointMismatch(f"{root / tag}: refused, a checkpoint file holds more than tensors and plain data "
-                                 f"(unpickling it could run code): {refusal(error)}") from None
+    with data_only_loads(root / tag):
+        loaded, client = engine.load_checkpoint(str(root), tag=tag, load_module_strict=False)  # frozen base not in it
     if loaded is None:
         raise RuntimeError(f"DeepSpeed could not load {root / tag}")
     if engine.load_universal_checkpoint() and engine.zero_optimization_stage() == 3:
@@ -379,22 +375,21 @@ SAFE_GLOBALS = [fragment_address, LossScaler, ZeroStageEnum,
                 np._core.multiarray._reconstruct, np.ndarray, np.dtype, np.dtypes.UInt32DType]
 
 
-def refusal(error: Exception) -> str:
-    """The line of torch's weights-only error that names what the file holds (a global it will not unpickle)."""
-    lines = str(error).splitlines()
-    return next((line.strip() for line in lines if "Unsupported global" in line or "GLOBAL" in line), lines[0])[:300]
-
-
 @contextlib.contextmanager
-def data_only_loads():
+def data_only_loads(where: Path | None = None):
     """Inside, every torch.load (ours, DeepSpeed's, which passes weights_only=False, and zero_to_fp32's) unpickles
     tensors and plain data only: a checkpoint folder from someone else cannot run code here. A file holding
-    anything else raises pickle.UnpicklingError (torch's `Weights only load failed`, naming the global)."""
+    anything else raises CheckpointMismatch naming `where` and the global torch would not unpickle."""
     previous = os.environ.get(FORCE_WEIGHTS_ONLY)
     os.environ[FORCE_WEIGHTS_ONLY] = "1"  # torch reads it at every load, over the caller's weights_only=False
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             yield
+    except pickle.UnpicklingError as error:
+        lines = str(error).splitlines()
+        named = next((line.strip() for line in lines if "Unsupported global" in line or "GLOBAL" in line), lines[0])
+        raise CheckpointMismatch(f"{where or 'checkpoint'}: refused, a checkpoint file holds more than tensors and "
+                                 f"plain data (unpickling it could run code): {named[:300]}") from None
     finally:
         if previous is None:
             os.environ.pop(FORCE_WEIGHTS_ONLY, None)

@@ -74,12 +74,11 @@ class RunLock:
             for _ in range(2):
                 try:
                     os.link(record, self.path)
+                    break
                 except FileExistsError:
                     self._take_over_if_stale(record, warn)
                     if self._held():
                         break
-                    continue
-                break
             else:
                 raise RunLocked(f"{self.path}: could not take the lock")
         finally:

@@ -11,7 +11,7 @@ from pathlib import Path
 from more_scale.config import Config
 from more_scale.data.build import INDEX_NAME, read_index
 from more_scale.data.pipeline import source_dirs
-from more_scale.data.shard_reader import ShardTable
+from more_scale.data.shard_reader import ShardMismatch, ShardReader
 from more_scale.data.tokenizer import load_tokenizer
 
 
@@ -41,19 +41,18 @@ def sha256_of(path: Path) -> str:
 
 
 def _check_sample_counts(directory: Path, index: dict) -> None:
-    """Each tar holds the samples shards.json says: read from the tars' member tables (headers only, a few
-    milliseconds a shard), so an index edited or a shard replaced fails here, not as stand-ins or a crash."""
-    paths = [str(directory / e["name"]) for e in index["shards"]]
+    """Each tar holds the samples shards.json says (the reader's own check, ShardMismatch), read from the tars'
+    member tables (headers only, a few milliseconds a shard): an index edited or a shard replaced fails here,
+    not as stand-ins or a crash."""
+    reader = ShardReader([str(directory / e["name"]) for e in index["shards"]], [e["samples"] for e in index["shards"]])
     with ThreadPoolExecutor(8) as pool:  # header reads: I/O-bound, so threads overlap them on network filesystems
-        futures = [pool.submit(ShardTable.scan, p) for p in paths]
-        for path, entry, future in zip(paths, index["shards"], futures):
+        for shard, future in enumerate([pool.submit(reader.table, i) for i in range(len(reader.paths))]):
             try:
-                held = len(future.result())
+                future.result()
             except (OSError, tarfile.TarError) as error:
-                raise InputError(f"data.train: {path} is not a readable tar ({error})") from error
-            if held != entry["samples"]:
-                raise InputError(f"data.train: {path} holds {held} samples, {INDEX_NAME} says {entry['samples']}: "
-                                 "the shard was replaced or the index edited; rebuild the shard set")
+                raise InputError(f"data.train: {reader.paths[shard]} is not a readable tar ({error})") from error
+            except ShardMismatch as error:
+                raise InputError(f"data.train: {error}") from None
 
 
 def check_inputs(cfg: Config, world: int) -> dict[str, int]:
