@@ -7,14 +7,18 @@ corrupted on purpose. Writes benchmarks/results/soak_cpu.md|json.
   python benchmarks/soak.py --minutes 10 [--seed 0]
 
 Faults: kill -9 of one rank; SIGTERM to both ranks (often mid-save: saves run every step or two);
-SIGUSR1 (preemption: checkpoint, exit 75); a few corrupt bytes in a random shard (deliberate: those
-samples are lost and counted); a full disk (a filler file leaves less room than a checkpoint needs;
+SIGUSR1 (preemption: checkpoint, exit 75); SIGSTOP of one rank (wedged: the step watchdog or gloo's
+timeout ends the job after train.collective_timeout_s=20); a few corrupt bytes in a random shard, and a
+shard whose first samples are replaced by bad ones of every decoding class the fault suite knows (a JPEG
+claiming 65000 x 65000 pixels, a deeply nested meta.json, structured and complex ECG arrays): deliberate,
+those samples are lost and counted; a full disk (a filler file leaves less room than a checkpoint needs;
 removed after the run fails). The output folder lives on its own tmpfs so the disk can be filled.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import random
@@ -23,6 +27,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from collections import Counter
@@ -32,10 +37,13 @@ import psutil
 from common import write
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+from faults import BAD_SAMPLES  # noqa: E402
+
 from more_scale.train.checkpoint import problem_with  # noqa: E402
 
-FAULTS = ("kill_rank", "sigterm", "preempt", "corrupt_shard", "full_disk")
+FAULTS = ("kill_rank", "sigterm", "preempt", "wedged_rank", "corrupt_shard", "bad_samples", "full_disk")
+DATA_FAULTS = ("corrupt_shard", "bad_samples")  # the run goes on: samples skipped and counted
 GLOBAL_BATCH = 8  # 2 ranks x micro-batch 4
 
 
@@ -62,7 +70,7 @@ def start(shards: Path, out: Path, log) -> subprocess.Popen:
                "launch/train.py", "--config", "tiny-cpu", f"data.train={shards / 'train'}", f"output_dir={out}",
                "data.batch_size=4", "data.workers=1", "data.augment=true", "data.max_skip_rate=0.5",
                "train.steps=1000000", "train.warmup_steps=10", "train.log_every=1", "train.save_every=2",
-               "train.keep_checkpoints=2", "train.resume=auto"]
+               "train.keep_checkpoints=2", "train.resume=auto", "train.collective_timeout_s=20"]
     return subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -80,6 +88,12 @@ def inject(fault: str, proc: subprocess.Popen, shards: Path, out: Path, rng: ran
             rank.send_signal(signal.SIGTERM)
     elif fault == "preempt":
         os.kill(rng.choice(ranks).pid, signal.SIGUSR1)
+    elif fault == "wedged_rank":
+        os.kill(rng.choice(ranks).pid, signal.SIGSTOP)
+    elif fault == "bad_samples":
+        shard = rng.choice(sorted((shards / "train").glob("*.tar")))
+        _replace_first_samples(shard)
+        corrupted.add(shard.name)
     elif fault == "corrupt_shard":
         shard = rng.choice(sorted((shards / "train").glob("*.tar")))
         data = bytearray(shard.read_bytes())
@@ -96,6 +110,24 @@ def inject(fault: str, proc: subprocess.Popen, shards: Path, out: Path, rng: ran
                     size += 1 << 20
             except OSError:
                 f.truncate(max(0, size - (1 << 20)))
+
+
+def _replace_first_samples(shard: Path) -> None:
+    """The shard's first samples become the bad samples (same keys, so the shard's count holds), written beside
+    it and renamed over it (a reader with the old member table then reads misplaced bytes: skipped too)."""
+    with tarfile.open(shard) as tar:
+        members = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers() if m.isfile()]
+    keys = list(dict.fromkeys(name.split(".", 1)[0] for name, _ in members))
+    bad = dict(zip(keys, (sample for sample, _ in BAD_SAMPLES.values())))
+    tmp = shard.with_name(shard.name + ".tmp")
+    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for key in keys:
+            sample = bad.get(key) or {n.split(".", 1)[1]: d for n, d in members if n.split(".", 1)[0] == key}
+            for ext, data in sample.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    os.replace(tmp, shard)
 
 
 def main() -> None:
@@ -133,9 +165,10 @@ def main() -> None:
                 inject(fault, proc, shards, out, rng, corrupted)
             if proc.poll() is None:
                 try:
-                    proc.wait(timeout=90 if fault not in (None, "corrupt_shard") else 15)
+                    proc.wait(timeout=90 if fault not in (None, *DATA_FAULTS) else 15)
                 except subprocess.TimeoutExpired:  # a corrupt shard does not stop the run: end this round
                     os.killpg(proc.pid, signal.SIGTERM)
+                    os.killpg(proc.pid, signal.SIGCONT)  # a stopped rank acts on the SIGTERM only once continued
                     proc.wait(timeout=60)
             outcomes[f"{fault or 'end of round'}: exit {proc.returncode}"] += 1
             (out / "filler").unlink(missing_ok=True)

@@ -199,6 +199,7 @@ rank), linear probes, each beside chance; figures and an HTML report.
 def evaluate_main(argv: list[str] | None = None) -> int:
     from more_scale import dist
     from more_scale.eval.evaluate import evaluate, print_results
+    from more_scale.eval.tasks import TasksError
     from more_scale.train.checkpoint import CheckpointMismatch
 
     parser = argparse.ArgumentParser(description=EVALUATE_DOC, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -215,6 +216,9 @@ def evaluate_main(argv: list[str] | None = None) -> int:
         results = evaluate(args.checkpoint, args.shards, args.out, args.tasks, args.train_shards, not args.no_figures)
     except CheckpointMismatch as error:
         print(f"checkpoint error: {error}", file=sys.stderr)
+        return 2
+    except TasksError as error:
+        print(f"tasks error: {error}", file=sys.stderr)
         return 2
     finally:
         dist.close()

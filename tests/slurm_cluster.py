@@ -36,7 +36,8 @@ NODE_IFNAME = "eth0"  # the veth end inside each node's namespace (GLOO_SOCKET_I
 
 class LocalSlurm:
     """nodes=0: one node, this host, `cpus` CPUs. nodes=N: N emulated nodes (node1..), each a slurmd in its
-    own network namespace (address on a bridge) and UTS namespace (own host name), 1 CPU each."""
+    own network namespace (address on a bridge) and UTS namespace (own host name), declaring `cpus` CPUs
+    each (they share this host's cores: 2 x 2 tasks oversubscribe 2 cores, slow but real)."""
 
     def __init__(self, root: Path, cpus: int = 2, nodes: int = 0):
         self.root, self.cpus, self.nodes = root, cpus, nodes
@@ -58,7 +59,7 @@ class LocalSlurm:
             self._make_network()
         controller = f"{self.host}({SUBNET}.1)" if self.nodes else self.host
         suffix = "-%n" if self.nodes else ""
-        node_lines = "\n".join(f"NodeName=node{i} NodeAddr={SUBNET}.{10 + i} CPUs=1 State=UNKNOWN"
+        node_lines = "\n".join(f"NodeName=node{i} NodeAddr={SUBNET}.{10 + i} CPUs={self.cpus} State=UNKNOWN"
                                for i in range(1, self.nodes + 1)) if self.nodes else \
             f"NodeName={self.host} CPUs={self.cpus} State=UNKNOWN"
         self.conf.write_text(f"""ClusterName=moretest

@@ -16,12 +16,10 @@ import tarfile
 import time
 from pathlib import Path
 
-import cv2
-import numpy as np
 import pytest
 import webdataset as wds
 from conftest import ROOT
-from faults import record
+from faults import BAD_SAMPLES, REPORT, record
 from test_faults_train import ENV, _command, _run, _single
 
 from more_scale.config import ConfigError, input_shape, load_config
@@ -29,32 +27,6 @@ from more_scale.data.build import INDEX_NAME, read_index, write_tar
 from more_scale.data.pipeline import ModelInputs, SkipCounter, TrainStream, decode_sample, iter_batches
 from more_scale.data.shard_reader import ShardReader, ShardTable
 from more_scale.train.preflight import InputError, check_inputs
-
-REPORT = b"Heart size is normal. No acute process."
-
-
-def _npy(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, array)
-    return buffer.getvalue()
-
-
-def _jpeg_claiming(height: int, width: int) -> bytes:
-    """A real 32 x 32 JPEG whose frame header (SOF0) claims another size."""
-    data = bytearray(cv2.imencode(".jpg", np.full((32, 32), 128, np.uint8))[1].tobytes())
-    sof = data.index(b"\xff\xc0")
-    data[sof + 5:sof + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
-    return bytes(data)
-
-
-BAD_SAMPLES = {  # key -> (members, the skip reason counted)
-    "huge": ({"cxr.jpg": _jpeg_claiming(65000, 65000), "rad.txt": REPORT}, "error"),  # cv2.error
-    "nested": ({"ecg.npy": _npy(np.zeros((12, 1000), np.float16)), "ecg.txt": REPORT,
-                "meta.json": b"[" * 100_000 + b"]" * 100_000}, "RecursionError"),
-    "structured": ({"ecg.npy": _npy(np.zeros((12, 1000), [("a", "f4"), ("b", "f4")])), "ecg.txt": REPORT},
-                   "ValueError"),
-    "complex": ({"ecg.npy": _npy(np.ones((12, 1000), np.complex64)), "ecg.txt": REPORT}, "ValueError"),
-}
 
 
 def _bad_shard_set(shards: Path, folder: Path) -> Path:
@@ -241,6 +213,32 @@ def test_latest_naming_another_run_is_refused(shards, finished_run, tmp_path):
                           "--no-figures"])
     record("checkpoint", "checkpoints/latest names ../../other/checkpoints/step_00000002", "evaluation exits 2",
            f"evaluation exits {code}")
+
+
+TASKS_FILES = {  # --tasks fault -> (file text, the words the error must hold)
+    "a YAML error": ("cxr:\n  Edema: {labels: [\n", "is not valid YAML"),
+    "an empty file": ("", "holds no tasks"),
+    "a misspelt label field": ("cxr:\n  Edema:\n    labels: {field: chexpert.Edemma, blank: negative}\n"
+                               "    positive: [Edema.]\n    negative: [No edema.]\n",
+                               "labels.field 'chexpert.Edemma' is in no sample's meta.json"),
+    "a task without negative prompts": ("ecg:\n  AF:\n    labels: {field: machine_report, contains: [fib]}\n"
+                                        "    positive: [AF.]\n", "missing or empty: ['negative']"),
+}
+
+
+@pytest.mark.parametrize("fault", list(TASKS_FILES))
+def test_a_bad_tasks_file_fails_naming_the_task_and_field(shards, finished_run, tmp_path, capsys, fault):
+    from launch_helpers import evaluate_main
+
+    text, words = TASKS_FILES[fault]
+    tasks = tmp_path / "tasks.yaml"
+    tasks.write_text(text)
+    code = evaluate_main(["--checkpoint", str(finished_run), "--shards", str(shards / "test"), "--out",
+                          str(tmp_path / "eval"), "--tasks", str(tasks), "--no-figures"])
+    said = capsys.readouterr().err
+    record("evaluation", f"--tasks with {fault}", f"exit 2: tasks error naming {tasks.name} ({words})",
+           f"exit {code}: " + (f"tasks error naming {tasks.name} ({words})" if words in said and str(tasks) in said
+                               else said[-300:]))
 
 
 def test_a_fresh_run_over_an_earlier_runs_checkpoints_is_refused_unless_told(shards, finished_run, tmp_path):

@@ -243,6 +243,40 @@ def test_an_empty_latest_file_falls_back_to_the_newest_good_tag(shards, three_ch
            f"{'resumes from the newest good tag (step 6)' if 'start step 6 of' in log and result.returncode == 0 else 'fails'}")
 
 
+def _how_it_ended(result: subprocess.CompletedProcess, expected: str) -> str:
+    """A refused resume as the user sees it: the ranks' own exit code (torchrun's is 1 whenever one fails),
+    whether our code printed a traceback, and whether the expected message is there."""
+    rank_exit = re.search(r"Root Cause.*?exitcode\s*:\s*(-?\d+)", result.stderr, re.S)
+    ours_crashed = re.search(r'File "[^"]*more_scale/', result.stderr)
+    return (f"a rank exits {rank_exit.group(1) if rank_exit else result.returncode}"
+            f"{' with a traceback' if ours_crashed else ''}: " +
+            (f'"{expected}"' if expected in result.stderr else result.stderr[-300:]))
+
+
+def test_resuming_with_another_model_size_names_the_setting(shards, three_checkpoints, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(three_checkpoints, out)
+    result = _run(_command(shards, out, "train.steps=8", "train.resume=auto", "model.cxr.depth=1"))
+    expected = "config differs: model.cxr.depth 2 -> 1. 12 parameters do not fit"
+    record("checkpoint", "resume with another model size (model.cxr.depth 2 -> 1)",
+           f'a rank exits 2: "{expected}"', _how_it_ended(result, expected))
+
+
+def test_a_checkpoint_with_a_negative_step_is_refused(shards, three_checkpoints, tmp_path):
+    import torch
+
+    out = tmp_path / "run"
+    shutil.copytree(three_checkpoints, out)
+    states = out / "checkpoints" / "step_00000006" / "mp_rank_00_model_states.pt"
+    saved = torch.load(states, weights_only=False)  # the test's own file
+    saved["train_state"]["step"] = -3
+    torch.save(saved, states)
+    result = _run(_command(shards, out, "train.steps=8", "train.resume=auto"))
+    expected = "train_state.step is -3, expected an integer >= 0"
+    record("checkpoint", "a checkpoint whose TrainState says step -3", f'a rank exits 2: "{expected}"',
+           _how_it_ended(result, expected))
+
+
 def _tmpfs(path: Path, size: str, *options: str) -> bool:
     path.mkdir(parents=True, exist_ok=True)
     return subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join((f"size={size}", *options)), "tmpfs", str(path)],

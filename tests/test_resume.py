@@ -101,12 +101,13 @@ SAME_ON_ANY_WORLD = ["model.ecg.stem_norm=group", "model.text.dropout=0.0", "mod
                      "train.precision=fp32", "train.steps=4", "train.warmup_steps=1", "train.log_every=1"]
 
 
-def _run_on(shards, out, ranks, zero, *extra) -> subprocess.CompletedProcess:
-    """The tiny config on `ranks` ranks at a global batch of 8, identical on any world size but for round-off."""
+def _run_on(shards, out, ranks, zero, *extra, global_batch: int = 8) -> subprocess.CompletedProcess:
+    """The tiny config on `ranks` ranks at one global batch, identical on any world size but for round-off."""
     command = [launcher("torchrun"), "--nproc_per_node", str(ranks), "--master_port", _port(), "launch/train.py",
                "--config", "tiny-cpu", f"data.train={shards / 'train'}", f"output_dir={out}", "data.workers=1",
-               f"data.batch_size={8 // ranks}", f"train.deepspeed_config=zero{zero}", *SAME_ON_ANY_WORLD, *extra]
-    result = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+               f"data.batch_size={global_batch // ranks}", f"train.deepspeed_config=zero{zero}", *SAME_ON_ANY_WORLD,
+               *extra]
+    result = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     return result
 

@@ -123,14 +123,17 @@ def two_nodes(tmp_path_factory):
     slurm.stop()
 
 
-def test_two_nodes_one_task_each(two_nodes, shards, tmp_path):
-    """node1 and node2: separate hosts (network + UTS namespaces), one rank each, gloo across the bridge."""
+def test_two_nodes_two_tasks_each(two_nodes, shards, tmp_path):
+    """node1 and node2: separate hosts (network + UTS namespaces), two ranks each (local ranks 0 and 1 on
+    both), gloo across the bridge; the four ranks rendezvous, train and checkpoint."""
     out = tmp_path / "run"
     job, log = _submit(two_nodes, out, _overrides(shards, out) + ["train.steps=4", "train.warmup_steps=1"],
-                       "--nodes=2", tasks_per_node=1, GLOO_SOCKET_IFNAME=NODE_IFNAME)
-    assert two_nodes.wait_job(job, timeout=300) == "COMPLETED", log.read_text()[-4000:]
+                       "--nodes=2", tasks_per_node=2, GLOO_SOCKET_IFNAME=NODE_IFNAME)
+    assert two_nodes.wait_job(job, timeout=420) == "COMPLETED", log.read_text()[-4000:]
     text = log.read_text()
-    assert "on node[1-2]: 2 tasks, master node1:" in text
-    assert "0: rank 0/2 on node1" in text and "1: rank 1/2 on node2" in text
+    assert "on node[1-2]: 4 tasks, master node1:" in text
+    for rank, node, local in ((0, 1, 0), (1, 1, 1), (2, 2, 0), (3, 2, 1)):
+        assert f"{rank}: rank {rank}/4 on node{node} (local rank {local})" in text, text[-3000:]
+    assert "0: more_scale world 4 | global batch 16 = micro 4 x accum 1 x dp 4" in text
     assert "0: done: step 4" in text
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000004"

@@ -21,7 +21,7 @@ from more_scale.eval import figures
 from more_scale.eval.embed import embed, embed_texts, load_trained
 from more_scale.eval.explain import cxr_map, ecg_map
 from more_scale.eval.metrics import linear_probe, retrieval, zero_shot
-from more_scale.eval.tasks import Task, load_tasks
+from more_scale.eval.tasks import Task, check_fields, load_tasks
 from more_scale.train.engine import engine_device
 
 RETRIEVAL_PAIRS = (("text", "cxr"), ("text", "ecg"), ("cxr", "ecg"), ("ecg", "cxr"))
@@ -33,6 +33,7 @@ def evaluate(run_dir: str | Path, shards: str | Path, out_dir: str | Path, tasks
     """Launched distributed (process group started), the ranks share the embedding of both shard sets and
     rank 0 alone scores, draws and writes; the other ranks return None."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
+    tasks = load_tasks(tasks_file)  # a bad tasks file fails in a second, not after the embedding
     model, cfg, tokenizer = load_trained(run_dir)
     model.to(engine_device())
     shape = input_shape(cfg.model)
@@ -40,7 +41,7 @@ def evaluate(run_dir: str | Path, shards: str | Path, out_dir: str | Path, tasks
     train_emb = embed(model, train_shards, cfg.data, shape, tokenizer) if train_shards else None
     if dist.rank() != 0:
         return None
-    tasks = load_tasks(tasks_file)
+    check_fields(tasks, emb.meta, shards, tasks_file)
     scale = float(model.scale().detach())
     results = {"run": str(run_dir), "shards": str(shards), "samples": len(emb.keys),
                "tasks_file": str(tasks_file or "shipped eval/tasks.yaml"), "zero_shot": {}, "retrieval": {}}

@@ -4,6 +4,7 @@ meta.json holds, and the prompt ensembles that stand for each answer."""
 from __future__ import annotations
 
 import ast
+import difflib
 import itertools
 import re
 from dataclasses import dataclass
@@ -15,14 +16,25 @@ from more_scale.data.reports import joined_report
 
 DEFAULT_TASKS_FILE = Path(__file__).with_name("tasks.yaml")
 KINDS = ("binary", "multilabel", "ordinal")
+ANSWER_KEYS = {"binary": ("positive", "negative"), "multilabel": ("classes",), "ordinal": ("levels",)}
+
+
+class TasksError(ValueError):
+    """A tasks file that cannot be scored as written; the message names the file, the task and the field."""
 
 
 def expand(prompts) -> tuple[str, ...]:
     """A list of sentences, or a {template, slot: [values]} mapping expanded into every combination."""
     if isinstance(prompts, (list, tuple)):
         return tuple(str(p) for p in prompts)
+    if not isinstance(prompts, dict) or not isinstance(prompts.get("template"), str):
+        raise TasksError(f"prompts must be a list of sentences or a {{template: ..., slot: [values]}} mapping, "
+                         f"got {prompts!r:.80}")
     template, slots = prompts["template"], {k: v for k, v in prompts.items() if k != "template"}
     names = re.findall(r"{(\w+)}", template)
+    missing = [n for n in names if not isinstance(slots.get(n), list)]
+    if missing:
+        raise TasksError(f"template {template!r} names slots without a list of values: {missing}")
     sentences = []
     for values in itertools.product(*(slots[n] for n in names)):
         text = re.sub(r"\s+", " ", template.format(**dict(zip(names, values)))).strip()
@@ -99,30 +111,93 @@ class Task:
 
 
 def load_tasks(path: str | Path | None = None) -> list[Task]:
-    """Every task of a tasks YAML (default: the shipped eval/tasks.yaml); errors name the task and field."""
+    """Every task of a tasks YAML (default: the shipped eval/tasks.yaml); TasksError names the file, task and field."""
     path = Path(path) if path else DEFAULT_TASKS_FILE
-    tree = yaml.safe_load(path.read_text())
+    try:
+        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise TasksError(f"tasks file {path}: {error.strerror or error}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise TasksError(f"tasks file {path} is not valid YAML: {' '.join(str(error).split())}") from None
+    if not isinstance(tree, dict) or not set(tree) & {"cxr", "ecg"}:
+        raise TasksError(f"tasks file {path} holds no tasks: expected top-level cxr: and/or ecg: mappings of "
+                         "task name -> {labels, prompts} (see the shipped more_scale/eval/tasks.yaml)")
+    unknown = sorted(set(tree) - {"cxr", "ecg"})
+    if unknown:
+        raise TasksError(f"tasks file {path}: unknown top-level keys {unknown} (expected cxr and ecg)")
     tasks = []
     for modality in ("cxr", "ecg"):
-        for name, spec in (tree.get(modality) or {}).items():
-            where = f"{path}: {modality}.{name}"
-            kind = spec.get("kind", "binary")
-            if kind not in KINDS:
-                raise ValueError(f"{where}: kind {kind!r}, expected one of {KINDS}")
-            if "labels" not in spec or "field" not in spec["labels"]:
-                raise ValueError(f"{where}: needs labels: {{field: ...}}")
-            if kind == "binary":
-                answers = {"positive": expand(spec["positive"]), "negative": expand(spec["negative"])}
-            elif kind == "multilabel":
-                answers = {str(c): expand(p) for c, p in spec["classes"].items()}
-            else:
-                answers = {str(level): expand(p) for level, p in spec["levels"].items()}
-            empty = [a for a, p in answers.items() if not p]
-            if empty:
-                raise ValueError(f"{where}: no prompts for {empty}")
-            priority = tuple(spec.get("priority", ()))
-            unknown = [c for c in priority if c not in answers]
-            if unknown:
-                raise ValueError(f"{where}: priority names classes without prompts: {unknown}")
-            tasks.append(Task(name, modality, kind, dict(spec["labels"]), answers, priority))
+        group = tree.get(modality) or {}
+        if not isinstance(group, dict):
+            raise TasksError(f"tasks file {path}: {modality} must map task names to tasks, got {type(group).__name__}")
+        for name, spec in group.items():
+            where = f"tasks file {path}: {modality}.{name}"
+            try:
+                tasks.append(_task(str(name), modality, spec))
+            except TasksError as error:
+                raise TasksError(f"{where}: {error}") from None
+    if not tasks:
+        raise TasksError(f"tasks file {path} holds no tasks under cxr: or ecg:")
     return tasks
+
+
+def _task(name: str, modality: str, spec) -> Task:
+    if not isinstance(spec, dict):
+        raise TasksError(f"expected a mapping (kind, labels, prompts), got {type(spec).__name__}")
+    kind = spec.get("kind", "binary")
+    if kind not in KINDS:
+        raise TasksError(f"kind {kind!r}, expected one of {KINDS}")
+    labels = spec.get("labels")
+    if not isinstance(labels, dict) or not isinstance(labels.get("field"), (str, list)) or not labels["field"]:
+        raise TasksError("needs labels: {field: NAME} (a meta.json field, dotted for nested ones, or a list of them)")
+    missing = [key for key in ANSWER_KEYS[kind] if not spec.get(key)]
+    if missing:
+        raise TasksError(f"a {kind} task needs prompts under {list(ANSWER_KEYS[kind])}; missing or empty: {missing}")
+    if kind == "binary":
+        answers = {"positive": expand(spec["positive"]), "negative": expand(spec["negative"])}
+    else:
+        table = spec[ANSWER_KEYS[kind][0]]
+        if not isinstance(table, dict):
+            raise TasksError(f"{ANSWER_KEYS[kind][0]} must map each answer to its prompts, got {type(table).__name__}")
+        answers = {str(answer): expand(prompts) for answer, prompts in table.items()}
+    empty = [a for a, p in answers.items() if not p]
+    if empty:
+        raise TasksError(f"no prompts for {empty}")
+    priority = tuple(spec.get("priority", ()))
+    unknown = [c for c in priority if c not in answers]
+    if unknown:
+        raise TasksError(f"priority names classes without prompts: {unknown}")
+    return Task(name, modality, kind, dict(labels), answers, priority)
+
+
+def check_fields(tasks: list[Task], metas: list[dict], shards: str | Path, tasks_file: str | Path | None) -> None:
+    """Refuse a task whose labels would all come from the blank rule: its field is in no sample's meta.json
+    although labels are drawn (a misspelt column reads as all negative). A task whose label table is absent
+    altogether (a PTB-XL task on MIMIC shards) has no labels here and is reported as such, not refused."""
+    for task in tasks:
+        names = [task.labels["field"]] if isinstance(task.labels["field"], str) else task.labels["field"]
+        if any(_holds(m, name) for m in metas for name in names):  # present, if only blank (CheXpert's unmentioned)
+            continue
+        if any(task.label(m) is not None for m in metas):
+            fields = sorted({key for m in metas for key in _dotted_keys(m)})
+            near = difflib.get_close_matches(names[0], fields, n=3)
+            raise TasksError(f"tasks file {tasks_file or DEFAULT_TASKS_FILE}: {task.modality}.{task.name}: labels.field "
+                             f"{task.labels['field']!r} is in no sample's meta.json of {shards}, so every label would "
+                             "be a blank read as negative; " + (f"did you mean {' or '.join(near)}?" if near else
+                                                                f"fields there: {', '.join(fields[:40])}"))
+
+
+def _holds(meta: dict, field: str) -> bool:
+    node = meta
+    for part in field.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def _dotted_keys(meta: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in meta.items():
+        keys += _dotted_keys(value, f"{prefix}{key}.") if isinstance(value, dict) else [f"{prefix}{key}"]
+    return keys

@@ -67,6 +67,21 @@ class TrainState:
     stream: dict = field(default_factory=dict)  # the stream's state at `samples` (TrainStream.state)
     world: int = 0  # ranks that wrote it (per-rank RNG states restore only at the same world size)
 
+    @classmethod
+    def saved(cls, fields: dict, where: Path) -> TrainState:
+        """The TrainState a checkpoint stored, checked: counts are non-negative integers, the stream a mapping."""
+        try:
+            state = cls(**fields)
+        except TypeError as error:
+            raise CheckpointMismatch(f"{where}: train_state is not a more_scale TrainState ({error})") from None
+        for name in ("step", "samples", "world"):
+            value = getattr(state, name)
+            if type(value) is not int or value < 0:
+                raise CheckpointMismatch(f"{where}: train_state.{name} is {value!r}, expected an integer >= 0")
+        if not isinstance(state.stream, dict):
+            raise CheckpointMismatch(f"{where}: train_state.stream is {type(state.stream).__name__}, expected a mapping")
+        return state
+
 
 def frozen_base(model: torch.nn.Module, pretrained: str) -> dict:
     """Identity of the frozen (never checkpointed) parameters: the local path they came from, their count,
@@ -268,7 +283,7 @@ def load(engine, root: Path, tag: str, base: dict, rank: int, warn) -> TrainStat
 
         raise CheckpointMismatch(f"{root / tag} was trained on another frozen text base: checkpoint {describe(saved)}, now "
                          f"{describe(base)}. Resume with the same model.text.pretrained (and train.seed for a random one)")
-    state = TrainState(**client["train_state"])
+    state = TrainState.saved(client["train_state"], root / tag)
     if state.world == dist.world_size() and _rng_file(root / tag, rank).is_file():
         with data_only_loads():  # numpy's state is an array
             _set_rng_state(torch.load(_rng_file(root / tag, rank), weights_only=True))
@@ -276,6 +291,42 @@ def load(engine, root: Path, tag: str, base: dict, rank: int, warn) -> TrainStat
         warn(f"resuming a {state.world or '?'}-rank checkpoint on {dist.world_size()} ranks: the "
              "DropToken/DropKey/dropout draws start from fresh per-rank seeds")
     return state
+
+
+def check_fits(model: torch.nn.Module, tag_dir: Path, config: dict) -> None:
+    """Refuse, before DeepSpeed tries, a checkpoint whose trainable parameters are not this model's (another
+    depth, width, LoRA rank or target set): the message names the model settings that changed, read from the
+    config the checkpoint stored, and the first parameters that differ. `config`: this run's, as a dict."""
+    with data_only_loads(tag_dir):
+        saved = torch.load(model_states_file(tag_dir), map_location="cpu", weights_only=True, mmap=True)
+    if saved.get("param_shapes"):  # ZeRO 1-3: per optimizer group, name -> full shape
+        theirs = {name: tuple(shape) for group in saved["param_shapes"] for name, shape in group.items()}
+    else:  # no ZeRO partitioning: the module's state holds every trainable tensor
+        theirs = {name: tuple(t.shape) for name, t in saved["module"].items()}
+    ours = {name: tuple(getattr(p, "ds_shape", p.shape)) for name, p in model.named_parameters() if p.requires_grad}
+    if theirs == ours:
+        return
+    changed = [f"{name} {tuple(theirs[name])} -> {ours[name]}" for name in ours if name in theirs and theirs[name] != ours[name]]
+    changed += [f"{name} only in the checkpoint" for name in theirs if name not in ours]
+    changed += [f"{name} only in this model" for name in ours if name not in theirs]
+    settings = _differences(saved.get("config", {}).get("model", {}), config["model"], "model")
+    raise CheckpointMismatch(
+        f"{tag_dir} was trained with another model: config differs: "
+        f"{'; '.join(settings) or 'no model setting (the code that builds the model changed)'}. "
+        f"{len(changed)} parameters do not fit, e.g. {'; '.join(changed[:3])}. Resume with the checkpoint's model "
+        "settings (its run folder's config.yaml), or start a fresh run in another output_dir")
+
+
+def _differences(before: dict, now: dict, prefix: str) -> list[str]:
+    """Dotted `key old -> new` for every leaf that differs between two config trees."""
+    found = []
+    for key in sorted(set(before) | set(now)):
+        old, new = before.get(key), now.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            found += _differences(old, new, f"{prefix}.{key}")
+        elif old != new:
+            found.append(f"{prefix}.{key} {old} -> {new}")
+    return found
 
 
 def _repair_zero3_universal_load(engine, universal_dir: Path) -> None:

@@ -140,6 +140,7 @@ def _train(cfg: Config, rank: int, world: int, console: Console, out: Path) -> c
     # format, which the engine's config must name
     resume_from = checkpoint.find(out, cfg.train.resume, rank, warn)
     if resume_from is not None:
+        checkpoint.check_fits(model, resume_from[0] / resume_from[1], config_to_dict(cfg))
         resume_from = prepare_resume(*resume_from, world, ds, rank, warn)
     engine = build_engine(cfg.train, model, ds)
     torch.manual_seed(cfg.train.seed + 1 + rank)  # same weights above; from here DropToken/DropKey/dropout differ per rank
