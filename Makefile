@@ -31,7 +31,9 @@ demo: install
 	$(BIN)/python launch/build_shards.py --source mimic --root $(DEMO)/raw --out $(DEMO)/shards --short-side 80 --workers 2
 	$(BIN)/torchrun --nproc_per_node 2 launch/train.py --config configs/tiny-cpu.yaml \
 		data.train=$(DEMO)/shards/train output_dir=$(DEMO)/run
-	$(BIN)/python launch/evaluate.py --checkpoint $(DEMO)/run --shards $(DEMO)/shards/test --out $(DEMO)/eval
+	$(BIN)/python launch/evaluate.py --checkpoint $(DEMO)/run --shards $(DEMO)/shards/test --out $(DEMO)/eval \
+		--train-shards $(DEMO)/shards/train
+	$(BIN)/python launch/export.py --checkpoint $(DEMO)/run --out $(DEMO)/export --results $(DEMO)/eval/results.json
 
 test: install
 	$(BIN)/python -m pytest -q tests

@@ -45,6 +45,14 @@ from more_scale.train.checkpoint import problem_with  # noqa: E402
 FAULTS = ("kill_rank", "sigterm", "preempt", "wedged_rank", "corrupt_shard", "bad_samples", "full_disk")
 DATA_FAULTS = ("corrupt_shard", "bad_samples")  # the run goes on: samples skipped and counted
 GLOBAL_BATCH = 8  # 2 ranks x micro-batch 4
+EXTENSIONS = ROOT / ".cache" / "torch_extensions"  # as the tests and the Makefile
+
+
+def build_shm_op() -> None:
+    """DeepSpeed's CPU shared-memory op compiled before the first round, never inside one a fault may kill."""
+    subprocess.run([sys.executable, "-c", "from deepspeed.ops.op_builder import ShareMemCommBuilder; "
+                    "ShareMemCommBuilder().load()"], cwd=ROOT, check=True, capture_output=True,
+                   env=dict(os.environ, DS_ACCELERATOR="cpu", TORCH_EXTENSIONS_DIR=str(EXTENSIONS)))
 
 
 def _port() -> str:
@@ -65,7 +73,10 @@ def build_shards(work: Path) -> Path:
 
 
 def start(shards: Path, out: Path, log) -> subprocess.Popen:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), DS_ACCELERATOR="cpu")
+    # the shm op built once, up front (build_shm_op): a run killed while torch compiles it would leave the build's
+    # lock file behind, on which every later start waits (dist.warn_of_stale_build_lock says so)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), DS_ACCELERATOR="cpu",
+               TORCH_EXTENSIONS_DIR=str(EXTENSIONS))
     command = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master_port", _port(),
                "launch/train.py", "--config", "tiny-cpu", f"data.train={shards / 'train'}", f"output_dir={out}",
                "data.batch_size=4", "data.workers=1", "data.augment=true", "data.max_skip_rate=0.5",
@@ -142,6 +153,7 @@ def main() -> None:
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(out)], capture_output=True).returncode:
         sys.exit("soak needs root to mount a tmpfs for the output folder (the full-disk fault)")
     shards = build_shards(work)
+    build_shm_op()
     faults, outcomes, integrity, corrupted = Counter(), Counter(), [], set()
     gaps = restarts = lost = deliberate = 0
     proc = None
@@ -154,7 +166,11 @@ def main() -> None:
             logged_before = len(metrics(out))
             proc = start(shards, out, log)
             restarts += 1
-            wait = rng.uniform(8, 25)
+            started = time.monotonic()  # start-up (imports, rendezvous, engine) varies with the machine's load:
+            while (proc.poll() is None and len(metrics(out)) <= logged_before and time.monotonic() < deadline
+                   and time.monotonic() - started < 180):  # every round reaches a step before its fault
+                time.sleep(0.5)
+            wait = rng.uniform(2, 12)
             while proc.poll() is None and wait > 0 and time.monotonic() < deadline:
                 time.sleep(0.5)
                 wait -= 0.5
@@ -163,14 +179,16 @@ def main() -> None:
                 fault = rng.choice(FAULTS)
                 faults[fault] += 1
                 inject(fault, proc, shards, out, rng, corrupted)
+            outcome = None
             if proc.poll() is None:
                 try:
                     proc.wait(timeout=90 if fault not in (None, *DATA_FAULTS) else 15)
-                except subprocess.TimeoutExpired:  # a corrupt shard does not stop the run: end this round
+                except subprocess.TimeoutExpired:  # bad data does not stop the run: end this round
+                    outcome = "still training 15 s later, then ended by the soak"
                     os.killpg(proc.pid, signal.SIGTERM)
                     os.killpg(proc.pid, signal.SIGCONT)  # a stopped rank acts on the SIGTERM only once continued
                     proc.wait(timeout=60)
-            outcomes[f"{fault or 'end of round'}: exit {proc.returncode}"] += 1
+            outcomes[f"{fault or 'end of round'}: {outcome or f'exit {proc.returncode}'}"] += 1
             (out / "filler").unlink(missing_ok=True)
             new = metrics(out)[logged_before:]
             if new:  # the resumed run's first step continues exactly after the checkpoint it loaded

@@ -1,6 +1,7 @@
-"""Export a trained run as a from_pretrained directory (encoders, heads, LoRA adapter, tokenizer).
+"""Export a trained run as a from_pretrained directory (encoders, heads, LoRA adapter, tokenizer, input format,
+model card).
 
-  python launch/export.py --checkpoint OUT --out EXPORT [--merge-lora]
+  python launch/export.py --checkpoint OUT --out EXPORT [--merge-lora] [--results EVAL/results.json]
 """
 
 import sys

@@ -1,10 +1,11 @@
 """Command-line entry points (console scripts more-synthetic, more-build-shards, more-train,
-more-evaluate; launch/*.py call the same functions)."""
+more-evaluate, more-export, more-embed, more-retrieve, more-plan; launch/*.py call the same functions)."""
 
 from __future__ import annotations
 
 import argparse
 import errno
+import functools
 import sys
 import warnings
 from pathlib import Path
@@ -229,23 +230,164 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     return 0
 
 
-EXPORT_DOC = """Export a trained run as a from_pretrained directory (encoders, heads, LoRA adapter, tokenizer).
+EXPORT_DOC = """Export a trained run as a from_pretrained directory (encoders, heads, LoRA adapter, tokenizer, the
+input format, a model card), which more_scale.load, transformers, peft and safetensors open as it is.
 
-  python launch/export.py --checkpoint OUT --out EXPORT [--merge-lora]
+  python launch/export.py --checkpoint OUT --out EXPORT [--merge-lora] [--results EVAL/results.json]
 """
 
 
 def export_main(argv: list[str] | None = None) -> int:
+    import json
+    from datetime import datetime, timezone
+
     from more_scale.eval.embed import load_trained
     from more_scale.export import save_pretrained
+    from more_scale.inference import run_inputs
+    from more_scale.train.checkpoint import CheckpointMismatch, latest_tag
 
     parser = argparse.ArgumentParser(description=EXPORT_DOC, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="run folder (output_dir of training)")
     parser.add_argument("--out", required=True)
     parser.add_argument("--merge-lora", action="store_true", help="fold LoRA into the LM weights (no peft needed)")
+    parser.add_argument("--results", type=Path, help="an evaluation's results.json, summarised in the model card")
     args = parser.parse_args(argv)
-    model, cfg, tokenizer = load_trained(args.checkpoint)
-    print(f"exported to {save_pretrained(model, cfg.model, tokenizer, args.out, args.merge_lora)}")
+    results = json.loads(args.results.read_text()) if args.results else None
+    try:
+        model, cfg, tokenizer = load_trained(args.checkpoint)
+        tag = latest_tag(args.checkpoint)
+    except CheckpointMismatch as error:
+        print(f"checkpoint error: {error}", file=sys.stderr)
+        return 2
+    inputs = run_inputs(Path(args.checkpoint))
+    if inputs is None:
+        print(f"warning: {args.checkpoint} records no input format (trained before it was recorded): the export "
+              "will not open with more_scale.load", file=sys.stderr)
+    trained = {"run": str(Path(args.checkpoint).resolve()), "checkpoint": tag, "step": int(tag.removeprefix("step_")),
+               "exported": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), **provenance_of(args.checkpoint, tag)}
+    out = save_pretrained(model, cfg.model, tokenizer, args.out, args.merge_lora, inputs, trained, results)
+    print(f"exported to {out}")
+    return 0
+
+
+def provenance_of(run_dir: str, tag: str) -> dict:
+    """The git revision and config digest a checkpoint was trained with (from the config it stored)."""
+    import hashlib
+    import json
+
+    from more_scale.train.checkpoint import checkpoint_root, client_state
+
+    client = client_state(checkpoint_root(run_dir) / tag)
+    config = json.dumps(client.get("config", {}), sort_keys=True).encode()
+    return {"git_revision": (client.get("provenance") or {}).get("git_revision"),
+            "config_sha256": hashlib.sha256(config).hexdigest()[:16]}
+
+
+EMBED_DOC = """Embed a folder of X-ray images, a folder of WFDB ECG records, or a file of reports (one per line) with a
+trained model: OUT.npy (N x D float32, unit norm) and OUT.csv (row, source: the file or line of each row).
+Files that cannot be read are skipped and listed in OUT.skipped.csv with the reason.
+
+  more-embed --model EXPORT_OR_RUN --images DIR --out xrays
+  more-embed --model EXPORT_OR_RUN --ecgs DIR --out ecgs
+  more-embed --model EXPORT_OR_RUN --texts reports.txt [--report cardiology] --out reports
+"""
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+def embed_main(argv: list[str] | None = None) -> int:
+    import csv
+
+    import numpy as np
+    from rich.progress import track
+
+    from more_scale.inference import load
+
+    parser = argparse.ArgumentParser(description=EMBED_DOC, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="an export (more-export) or a run folder")
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--images", type=Path, help="folder searched recursively for .jpg / .jpeg / .png")
+    what.add_argument("--ecgs", type=Path, help="folder searched recursively for WFDB records (.hea)")
+    what.add_argument("--texts", type=Path, help="UTF-8 text file, one report per line")
+    parser.add_argument("--report", choices=["radiology", "cardiology"], default="radiology",
+                        help="--texts: which report the lines are")
+    parser.add_argument("--out", type=Path, required=True, help="output prefix: OUT.npy, OUT.csv")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch-size", type=int, default=32)
+    args = parser.parse_args(argv)
+    model = load(args.model, args.device)
+    if args.texts:
+        lines = [(n, line.strip()) for n, line in enumerate(args.texts.read_text(encoding="utf-8").splitlines(), 1)]
+        items = [line for _, line in lines if line]
+        sources = [f"{args.texts}:{n}" for n, line in lines if line]
+        embed_one = functools.partial(model.embed_text, report=args.report)
+    elif args.images:
+        items = sorted(p for p in args.images.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        sources, embed_one = [str(p) for p in items], model.embed_cxr
+    else:
+        items = sorted(p.with_suffix("") for p in args.ecgs.rglob("*.hea"))
+        sources, embed_one = [str(p) for p in items], model.embed_ecg
+    if not items:
+        parser.error(f"nothing to embed in {args.images or args.ecgs or args.texts}")
+    vectors, kept, skipped = [], [], []
+    chunks = range(0, len(items), args.batch_size)
+    for start in track(chunks, description=f"embedding {len(items)} items"):
+        chunk = list(range(start, min(start + args.batch_size, len(items))))
+        try:
+            vectors.append(embed_one([items[i] for i in chunk]))
+            kept += chunk
+        except ValueError:  # one bad file: embed the rest one by one and name it
+            for i in chunk:
+                try:
+                    vectors.append(embed_one([items[i]]))
+                    kept.append(i)
+                except ValueError as error:
+                    skipped.append((sources[i], str(error)))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    if vectors:
+        np.save(args.out.with_suffix(".npy"), np.concatenate(vectors))
+    with open(args.out.with_suffix(".csv"), "w", newline="") as f:
+        csv.writer(f).writerows([("row", "source"), *((row, sources[i]) for row, i in enumerate(kept))])
+    if skipped:
+        with open(args.out.with_name(args.out.name + ".skipped.csv"), "w", newline="") as f:
+            csv.writer(f).writerows([("source", "reason"), *skipped])
+    print(f"embedded {len(kept)} of {len(items)} into {args.out.with_suffix('.npy')} (+ .csv)"
+          + (f"; {len(skipped)} skipped, listed in {args.out.name}.skipped.csv" if skipped else ""))
+    return 0 if kept else 1
+
+
+RETRIEVE_DOC = """Rank what more-embed embedded (X-rays or ECGs) against a text query: the top K with their
+cosine similarity.
+
+  more-retrieve --model EXPORT_OR_RUN --index xrays --query "Enlarged cardiac silhouette." [--top 5]
+"""
+
+
+def retrieve_main(argv: list[str] | None = None) -> int:
+    import csv
+
+    import numpy as np
+
+    from more_scale.inference import load
+
+    parser = argparse.ArgumentParser(description=RETRIEVE_DOC, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="the export or run folder that made the index")
+    parser.add_argument("--index", type=Path, required=True, help="more-embed's output prefix (INDEX.npy, INDEX.csv)")
+    parser.add_argument("--query", required=True, action="append", help="report text; repeat for several")
+    parser.add_argument("--report", choices=["radiology", "cardiology"], default="radiology",
+                        help="which report the query is (cardiology for an ECG index)")
+    parser.add_argument("--top", type=int, default=5)
+    args = parser.parse_args(argv)
+    vectors = np.load(args.index.with_suffix(".npy"))
+    with open(args.index.with_suffix(".csv"), newline="") as f:
+        sources = [row["source"] for row in csv.DictReader(f)]
+    if len(sources) != len(vectors):
+        parser.error(f"{args.index}: {len(vectors)} vectors but {len(sources)} index rows (not one more-embed output)")
+    queries = load(args.model).embed_text(args.query, report=args.report)
+    for query, q in zip(args.query, queries):
+        similarity = vectors @ q
+        print(f"{query}")
+        for rank, i in enumerate(np.argsort(-similarity, kind="stable")[:args.top], 1):
+            print(f"  {rank}. {similarity[i]:+.3f}  {sources[i]}")
     return 0
 
 

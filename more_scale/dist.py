@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
+import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 import torch.distributed as tdist
@@ -50,9 +53,36 @@ def init_distributed(timeout_s: float = 600.0) -> tuple[int, int, int]:
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(device_index(local_rank, torch.cuda.device_count()))
+    else:
+        explain_shm_build()
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
                                timeout=datetime.timedelta(seconds=timeout_s))
     return rank, world, local_rank
+
+
+STALE_BUILD_LOCK_S = 60  # DeepSpeed's CPU shm op compiles in 20-60 s; an older lock was left by a killed build
+
+
+def explain_shm_build() -> str | None:
+    """On CPU, init_distributed compiles DeepSpeed's shared-memory op once (torch's JIT build, cached under
+    TORCH_EXTENSIONS_DIR): minutes without output. Say so first, and name a build lock a killed build left
+    behind (it records no owner: every later start would wait on it without end, silently). Returns the notice."""
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
+    builds = [*root.glob("deepspeed_shm_comm"), *root.glob("*/deepspeed_shm_comm")]
+    notice = None
+    if not any(folder.glob("*.so") for folder in builds) and discover()[2] == 0:  # once per node
+        notice = f"building DeepSpeed's shared-memory op for CPU collectives (once; a minute or more, cached in {root})"
+    for lock in (folder / "lock" for folder in builds):
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except FileNotFoundError:  # no build under way, or it just finished
+            continue
+        if age > STALE_BUILD_LOCK_S:
+            notice = (f"waiting for {lock} ({age:.0f} s old): DeepSpeed's shm op build lock, left by a build that "
+                      "was killed unless one is still running; if none is, delete it")
+    if notice:
+        print(notice, file=sys.stderr, flush=True)
+    return notice
 
 
 def close() -> None:

@@ -90,3 +90,26 @@ def test_any_rank_flag_answers_one_post_later_alone():
     assert flag.result() is False
     flag.post(True)
     assert flag.result() is True
+
+
+def test_the_shm_op_build_is_announced_and_a_stale_lock_named(tmp_path, monkeypatch, capsys):
+    """A first start says that it compiles (minutes of silence otherwise); a lock file left by a killed build,
+    on which torch's JIT build would wait without end, is named with what to do."""
+    import os
+    import time
+
+    from more_scale.dist import STALE_BUILD_LOCK_S, explain_shm_build
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert "building DeepSpeed's shared-memory op" in explain_shm_build()
+    build = tmp_path / "py311_cpu" / "deepspeed_shm_comm"
+    build.mkdir(parents=True)
+    (build / "deepspeed_shm_comm.so").write_bytes(b"")
+    assert explain_shm_build() is None  # built: nothing to say
+    lock = build / "lock"
+    lock.touch()
+    assert explain_shm_build() is None  # a fresh lock: another rank is building it now
+    old = time.time() - STALE_BUILD_LOCK_S - 5
+    os.utime(lock, (old, old))
+    assert f"waiting for {lock}" in explain_shm_build() and "if none is, delete it" in capsys.readouterr().err

@@ -31,16 +31,19 @@ def test_zero_stages_on_4_and_8_ranks_equal_one_rank(shards, tmp_path, one_rank,
         assert worst < 1e-5, f"world {world} zero{stage}-fp32: worst relative difference {worst:.2e} > 1e-5"
 
 
-@pytest.mark.parametrize("before, after, zero", [(8, 3, 3), (3, 8, 2)])
-def test_universal_resume_from_8_to_3_ranks_and_back(shards, tmp_path, before, after, zero):
-    """A global batch of 24 (3 rows x 8 ranks, 8 rows x 3 ranks): stopped at step 2 on one world, resumed on the
-    other through DeepSpeed's universal format (an uneven re-partition: 3 does not divide the flat buffers
-    evenly), steps 3-4 follow a 1-rank run to fp32 round-off (the 2 -> 1 resume test's bound)."""
+def test_universal_resume_from_8_to_3_ranks_and_back(shards, tmp_path):
+    """A global batch of 24 (3 rows x 8 ranks, 8 rows x 3 ranks), ZeRO-3: 2 steps on 8 ranks, 2 more resumed on
+    3 (an uneven re-partition: 3 divides no flat buffer evenly), 2 more resumed on 8 again, each resume through
+    DeepSpeed's universal format; every step follows a run on 1 rank throughout to fp32 round-off (the 2 -> 1
+    resume test's bound)."""
     one, moved = tmp_path / "one", tmp_path / "moved"
-    _run_on(shards, one, 1, zero, global_batch=24)
-    _run_on(shards, moved, before, zero, "train.stop_at_step=2", global_batch=24)
-    resumed = _run_on(shards, moved, after, zero, "train.resume=auto", global_batch=24)
-    assert f"resuming a {before}-rank ZeRO-{zero} checkpoint on {after} ranks" in resumed.stdout
+    _run_on(shards, one, 1, 3, "train.steps=6", global_batch=24)
+    _run_on(shards, moved, 8, 3, "train.steps=6", "train.stop_at_step=2", global_batch=24)
+    for before, after, stop in ((8, 3, 4), (3, 8, 6)):
+        resumed = _run_on(shards, moved, after, 3, "train.steps=6", f"train.stop_at_step={stop}", "train.resume=auto",
+                          global_batch=24)
+        assert f"resuming a {before}-rank ZeRO-3 checkpoint on {after} ranks" in resumed.stdout
     expected, got = _losses(one), _losses(moved)
-    for step in (3, 4):
+    assert sorted(got) == list(range(1, 7))
+    for step in range(3, 7):
         assert got[step] == pytest.approx(expected[step], rel=1e-5), (step, got[step], expected[step])

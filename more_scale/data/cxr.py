@@ -10,6 +10,7 @@ import cv2
 import numpy as np
 
 MEAN, STD = 0.499, 0.293  # MoRE reference normalisation of [0, 1] grayscale
+JPEG_QUALITY = 95  # of the X-rays a shard stores
 
 
 def read_gray(path: str | Path) -> np.ndarray:
@@ -41,11 +42,16 @@ def resize_short_side(image: np.ndarray, size: int, shrink=cv2.INTER_AREA) -> np
 
 
 def preprocess_file(path: str | Path, short_side: int = 256, squash: int = 0) -> np.ndarray:
-    """What a shard stores: grayscale, CLAHE, short side resized (aspect kept); or, with `squash`, the MoRE
+    """What a shard stores of an image file (before JPEG encoding): see `preprocess_image`."""
+    return preprocess_image(read_gray(path), short_side, squash)
+
+
+def preprocess_image(gray: np.ndarray, short_side: int = 256, squash: int = 0) -> np.ndarray:
+    """(H, W) uint8 -> grayscale, CLAHE, short side resized (aspect kept); or, with `squash`, the MoRE
     reference's order: resized to squash x squash (aspect lost), then CLAHE."""
     if squash:
-        return clahe(cv2.resize(read_gray(path), (squash, squash), interpolation=cv2.INTER_AREA))
-    return resize_short_side(clahe(read_gray(path)), short_side)
+        return clahe(cv2.resize(gray, (squash, squash), interpolation=cv2.INTER_AREA))
+    return resize_short_side(clahe(gray), short_side)
 
 
 def normalise(image: np.ndarray) -> np.ndarray:

@@ -104,12 +104,20 @@ def fill_short_gaps(signal: np.ndarray, fs: float, source: str | Path = "") -> t
 
 
 def preprocess_record(path: str | Path, fs_out: float = 100.0, npy_rate: float = 0.0) -> tuple[np.ndarray, int]:
-    """What a shard stores: (12, T) float16 at fs_out, short NaN/inf gaps filled with 0, baseline removed,
-    and the number of samples filled. `path` is a WFDB record, or a .npy array sampled at `npy_rate`."""
+    """What a shard stores of a record (see `preprocess_signal`). `path` is a WFDB record, or a .npy array
+    sampled at `npy_rate`."""
     signal, fs = read_npy(path, npy_rate) if str(path).endswith(".npy") else read_wfdb(path)
+    return preprocess_signal(signal, fs, fs_out, path)
+
+
+def preprocess_signal(signal: np.ndarray, fs: float, fs_out: float = 100.0, source: str | Path = "") -> tuple[np.ndarray, int]:
+    """(12, T) mV in LEADS order at `fs` -> (12, T') float16 at fs_out, short NaN/inf gaps filled with 0,
+    baseline removed, and the number of samples filled."""
+    if signal.ndim != 2 or signal.shape[0] != len(LEADS):
+        raise ValueError(f"{source}: ECG shape {signal.shape}, expected ({len(LEADS)}, T) in the order {LEADS}")
     if signal.shape[1] < MIN_SECONDS * fs:
-        raise ValueError(f"{path}: {signal.shape[1] / fs:.2f} s of signal at {fs:g} Hz (< {MIN_SECONDS:g} s)")
-    signal, filled = fill_short_gaps(signal, fs, path)
+        raise ValueError(f"{source}: {signal.shape[1] / fs:.2f} s of signal at {fs:g} Hz (< {MIN_SECONDS:g} s)")
+    signal, filled = fill_short_gaps(signal, fs, source)
     signal = remove_baseline(resample(signal, fs, fs_out), fs_out)
     return signal.astype(np.float16), filled
 

@@ -17,10 +17,10 @@ from more_scale.models.more import MODALITIES, MoRE, build_model
 from more_scale.train.checkpoint import (
     checked_tag,
     checkpoint_root,
+    client_state,
     data_only_loads,
     frozen_base,
     latest_tag,
-    model_states_file,
 )
 from more_scale.train.universal import fp32_weights
 
@@ -51,7 +51,7 @@ def load_trained(run_dir: str | Path, tag: str | None = None) -> tuple[MoRE, Con
     tag_dir = checkpoint_root(run_dir) / tag
     with data_only_loads(tag_dir):  # a run folder from someone else is data: loading it never runs code
         state = fp32_weights(tag_dir)
-        client = torch.load(model_states_file(tag_dir), map_location="cpu", weights_only=True)
+        client = client_state(tag_dir)
     missing, unexpected = model.load_state_dict(state, strict=False)
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
     if unexpected or set(missing) - frozen - _buffers_of(model):
@@ -108,5 +108,4 @@ def embed_texts(model: MoRE, tokenizer, texts: list[str], max_tokens: int) -> np
     """(len(texts), D) unit-norm fp32 text embeddings, on the device the model is on (prompts, queries)."""
     device = next(model.parameters()).device
     tokens = tokenizer(texts, padding="longest", truncation=True, max_length=max_tokens, return_tensors="pt").to(device)
-    features = model.encoders["text"](tokens["input_ids"], tokens["attention_mask"])
-    return torch.nn.functional.normalize(model.heads["text"](features).float(), dim=-1).cpu().numpy()
+    return model.encode("text", tokens["input_ids"], tokens["attention_mask"]).cpu().numpy()

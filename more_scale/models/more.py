@@ -53,18 +53,22 @@ class MoRE(nn.Module):
     def scale(self) -> torch.Tensor:
         return self.logit_scale.float().clamp(max=self.max_log_scale).exp()
 
-    def embed(self, modality: str, batch: Batch) -> torch.Tensor:
-        """One tower and its head: unit-norm fp32 embeddings (B, D)."""
+    def encode(self, modality: str, *inputs: torch.Tensor) -> torch.Tensor:
+        """One tower and its head on model inputs: unit-norm fp32 embeddings (B, D). cxr: images (B, C, H, W);
+        ecg: signals (B, 12, T); text: token ids and attention mask (B, L) each."""
         if modality == "cxr":
-            image = batch.cxr
+            image = inputs[0]
             if self.cxr_channels == 3 and image.shape[1] == 1:
                 image = image.expand(-1, 3, -1, -1)  # grayscale repeated, as the reference
             features = self.encoders["cxr"](image)
-        elif modality == "ecg":
-            features = self.encoders["ecg"](batch.ecg)
         else:
-            features = self.encoders["text"](batch.input_ids, batch.attention_mask)
+            features = self.encoders[modality](*inputs)
         return F.normalize(self.heads[modality](features).float(), dim=-1)
+
+    def embed(self, modality: str, batch: Batch) -> torch.Tensor:
+        """`encode` on a Batch's inputs for `modality`."""
+        inputs = {"cxr": (batch.cxr,), "ecg": (batch.ecg,), "text": (batch.input_ids, batch.attention_mask)}
+        return self.encode(modality, *inputs[modality])
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         """Embeddings per modality and the logit scale; rows of a missing modality are computed on zeros

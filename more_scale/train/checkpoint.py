@@ -245,6 +245,13 @@ def model_states_file(tag_dir: Path) -> Path | None:
     return next((tag_dir / name for name in MODEL_STATES if (tag_dir / name).is_file()), None)
 
 
+def client_state(tag_dir: Path) -> dict:
+    """Rank 0's model-states file as data (memory-mapped: its tensors are not read): the client state we saved
+    (config, frozen base, provenance, train_state) beside DeepSpeed's own entries."""
+    with data_only_loads(tag_dir):
+        return torch.load(model_states_file(tag_dir), map_location="cpu", weights_only=True, mmap=True)
+
+
 def problem_with(tag_dir: Path) -> str | None:
     """Why the checkpoint in `tag_dir` cannot be loaded (None when it looks whole)."""
     if model_states_file(tag_dir) is None:
@@ -297,8 +304,7 @@ def check_fits(model: torch.nn.Module, tag_dir: Path, config: dict) -> None:
     """Refuse, before DeepSpeed tries, a checkpoint whose trainable parameters are not this model's (another
     depth, width, LoRA rank or target set): the message names the model settings that changed, read from the
     config the checkpoint stored, and the first parameters that differ. `config`: this run's, as a dict."""
-    with data_only_loads(tag_dir):
-        saved = torch.load(model_states_file(tag_dir), map_location="cpu", weights_only=True, mmap=True)
+    saved = client_state(tag_dir)
     if saved.get("param_shapes"):  # ZeRO 1-3: per optimizer group, name -> full shape
         theirs = {name: tuple(shape) for group in saved["param_shapes"] for name, shape in group.items()}
     else:  # no ZeRO partitioning: the module's state holds every trainable tensor

@@ -16,6 +16,7 @@ from more_scale.config import Config, config_to_dict, input_shape, save_config
 from more_scale.data.pipeline import build_loader
 from more_scale.data.tokenizer import load_tokenizer
 from more_scale.hardware import matmul_peak
+from more_scale.inference import write_run_inputs
 from more_scale.loss import ContrastiveLoss
 from more_scale.models.flops import step_flops
 from more_scale.models.more import MODALITIES, build_model, trainable_summary
@@ -128,10 +129,6 @@ def _train(cfg: Config, rank: int, world: int, console: Console, out: Path) -> c
         for encoder in model.encoders.values():
             encoder.compile()  # in place: parameter names, and so checkpoints, stay as they are
     trainable, total = trainable_summary(model)
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
-        tokenizer.save_pretrained(str(out / "tokenizer"))  # the run folder is self-contained for evaluation
 
     def warn(message: str) -> None:
         console.print(f"[yellow]{message}")
@@ -141,6 +138,12 @@ def _train(cfg: Config, rank: int, world: int, console: Console, out: Path) -> c
     resume_from = checkpoint.find(out, cfg.train.resume, rank, warn)
     if resume_from is not None:
         checkpoint.check_fits(model, resume_from[0] / resume_from[1], config_to_dict(cfg))
+    if rank == 0:  # after the resume checks: a refused resume leaves the run folder's config as it was
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+        tokenizer.save_pretrained(str(out / "tokenizer"))  # the run folder is self-contained for evaluation
+        write_run_inputs(cfg, out)  # the preprocessing, for more_scale.load
+    if resume_from is not None:
         resume_from = prepare_resume(*resume_from, world, ds, rank, warn)
     engine = build_engine(cfg.train, model, ds)
     torch.manual_seed(cfg.train.seed + 1 + rank)  # same weights above; from here DropToken/DropKey/dropout differ per rank

@@ -1,0 +1,156 @@
+"""After training: the public inference API (more_scale.load) and the export, opened by the libraries people
+already use (transformers, peft, safetensors), offline."""
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT
+from test_faults_train import ENV, _command, _run
+
+from more_scale.config import input_shape
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+@pytest.fixture(scope="module")
+def trained(shards, tmp_path_factory):
+    """A 1-rank tiny run of 2 steps and its export, with the shards' input format recorded."""
+    from launch_helpers import export_main
+
+    root = tmp_path_factory.mktemp("inference")
+    run = root / "run"
+    result = _run(_command(shards, run, "train.steps=2", "train.save_every=2", ranks=1))
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert export_main(["--checkpoint", str(run), "--out", str(root / "export")]) == 0
+    return run, root / "export"
+
+
+def test_embeddings_of_raw_files_equal_the_shards_through_evaluation(trained, shards, raw_root):
+    """more_scale.load(export).embed_cxr(JPEG file) and .embed_ecg(WFDB record) apply the build's preprocessing
+    (CLAHE, short side, JPEG q95; resampling, baseline removal) and evaluation's crop: the same vectors as the
+    shard samples built from those files, within fp32 round-off; the run folder loads to the same model."""
+    import more_scale
+    from more_scale.config import load_config
+    from more_scale.eval.embed import embed
+
+    run, export = trained
+    model = more_scale.load(export)
+    assert not any(p.requires_grad for p in model.model.parameters()) and not model.model.training
+    cfg = load_config(run / "config.yaml")
+    emb = embed(model.model, shards / "test", cfg.data, input_shape(cfg.model), model.tokenizer)
+    rows = [i for i in range(len(emb.keys)) if emb.masks["cxr"][i] and emb.masks["ecg"][i]][:4]
+    images = [next(raw_root.rglob(f"{emb.meta[i]['dicom_id']}.jpg")) for i in rows]
+    records = [next(raw_root.rglob(f"{emb.meta[i]['ecg_id']}.hea")).with_suffix("") for i in rows]
+    np.testing.assert_allclose(model.embed_cxr(images, batch_size=3), emb.vectors["cxr"][rows], atol=1e-5)
+    np.testing.assert_allclose(model.embed_ecg(records), emb.vectors["ecg"][rows], atol=1e-5)
+    from_run = more_scale.load(run)
+    np.testing.assert_allclose(from_run.embed_cxr(images), emb.vectors["cxr"][rows], atol=1e-5)
+    texts = ["Enlarged cardiac silhouette.", "Normal heart size."]
+    vectors = model.embed_text(texts)
+    assert vectors.shape == (2, cfg.model.embed_dim)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(from_run.embed_text(texts), vectors, atol=1e-5)
+    long_report = " ".join(["Heart size is normal."] * 200)  # far past max_text_tokens: cut where training cut
+    assert model.embed_text([long_report]).shape == (1, cfg.model.embed_dim)
+    scores = model.zero_shot(model.embed_cxr(images), "cxr")
+    assert set(scores["Cardiomegaly"]) == {"positive", "negative"} and scores["Cardiomegaly"]["positive"].shape == (4,)
+
+
+def test_the_readme_quick_start_runs(trained, raw_root, tmp_path):
+    """The README's quick start, as written, in a folder laid out as `make demo` leaves it."""
+    run, export = trained
+    block = re.search(r"<!-- quick start -->\s*```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    assert block, "README.md has no quick-start block"
+    (tmp_path / "demo").mkdir()
+    shutil.copytree(export, tmp_path / "demo" / "export")
+    (tmp_path / "demo" / "raw").symlink_to(raw_root)
+    (tmp_path / "demo" / "run").symlink_to(run)
+    result = subprocess.run([sys.executable, "-c", block.group(1)], cwd=tmp_path, env=ENV, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    similarities = [float(x) for x in re.findall(r"-?\d+\.\d+", result.stdout)]
+    assert len(similarities) == 2 and all(-1 <= s <= 1 for s in similarities), result.stdout
+
+
+def test_the_export_opens_with_transformers_peft_and_safetensors_offline(trained):
+    """The LM and its adapter through peft's own AutoPeftModel (the adapter names its base), the tokenizer with
+    the length trained with, the towers through safetensors; config.json says where the LM weights are."""
+    from peft import AutoPeftModel, PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModel, AutoTokenizer
+
+    run, export = trained
+    meta = json.loads((export / "config.json").read_text())
+    assert meta["model"]["text"]["pretrained"] == "text_base" and meta["model"]["text"]["random_init"] is False
+    assert meta["inputs"]["cxr_short_side"] == 80 and meta["inputs"]["ecg_rate_hz"] == 100.0
+    assert meta["trained"]["step"] == 2 and meta["trained"]["checkpoint"] == "step_00000002"
+    tokenizer = AutoTokenizer.from_pretrained(export / "tokenizer", local_files_only=True)
+    assert tokenizer.model_max_length == meta["inputs"]["max_text_tokens"]
+    tokens = tokenizer(["Heart size is normal. " * 200], truncation=True, return_tensors="pt")
+    assert tokens["input_ids"].shape[1] == meta["inputs"]["max_text_tokens"]
+    adapted = AutoPeftModel.from_pretrained(str(export / "text_adapter"), local_files_only=True)
+    again = PeftModel.from_pretrained(AutoModel.from_pretrained(export / "text_base", local_files_only=True),
+                                      str(export / "text_adapter"))
+    with torch.no_grad():
+        a = adapted(**tokens).last_hidden_state
+        b = again(**tokens).last_hidden_state
+    torch.testing.assert_close(a, b)
+    import more_scale
+
+    ours = more_scale.load(export).model.encoders["text"].lm
+    with torch.no_grad():
+        torch.testing.assert_close(ours(**tokens).last_hidden_state, a, rtol=1e-5, atol=1e-5)
+    towers = load_file(str(export / "model.safetensors"))
+    assert any(k.startswith("encoders.cxr.") for k in towers) and not any(k.startswith("encoders.text.lm.") for k in towers)
+    card = (export / "README.md").read_text()
+    assert "short side 80 px" in card and "100 Hz" in card and "step: 2" in card
+
+
+def test_an_export_without_an_input_format_is_refused_by_load(trained, tmp_path):
+    import more_scale
+    from more_scale.inference import InputsUnknown
+
+    _, export = trained
+    copy = tmp_path / "export"
+    shutil.copytree(export, copy)
+    meta = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**meta, "inputs": None}))
+    with pytest.raises(InputsUnknown, match="the input format .* was not recorded"):
+        more_scale.load(copy)
+
+
+def test_more_embed_writes_vectors_and_an_index_and_more_retrieve_ranks_them(trained, raw_root, tmp_path, capsys):
+    """A folder of X-rays with one unreadable file among them: every readable one embedded as the API embeds it,
+    the bad one skipped and named; more-retrieve then lists the top K by similarity to a query."""
+    from launch_helpers import embed_main, retrieve_main
+
+    import more_scale
+
+    _, export = trained
+    folder = tmp_path / "xrays"
+    folder.mkdir()
+    images = sorted(raw_root.rglob("*.jpg"))[:5]
+    for n, image in enumerate(images):
+        shutil.copy(image, folder / f"{n}.jpg")
+    (folder / "broken.jpg").write_bytes(b"not a jpeg")
+    assert embed_main(["--model", str(export), "--images", str(folder), "--out", str(tmp_path / "index"),
+                       "--batch-size", "4"]) == 0
+    vectors = np.load(tmp_path / "index.npy")
+    rows = (tmp_path / "index.csv").read_text().splitlines()
+    assert rows[0] == "row,source" and [r.split(",")[1] for r in rows[1:]] == [str(folder / f"{n}.jpg") for n in range(5)]
+    np.testing.assert_allclose(vectors, more_scale.load(export).embed_cxr(images), atol=1e-6)
+    skipped = (tmp_path / "index.skipped.csv").read_text()
+    assert "broken.jpg" in skipped and "not a readable image" in skipped
+    capsys.readouterr()
+    assert retrieve_main(["--model", str(export), "--index", str(tmp_path / "index"), "--query", "Cardiomegaly.",
+                          "--top", "3"]) == 0
+    listed = re.findall(r"^\s+(\d)\. ([+-]\d\.\d{3})  (\S+)$", capsys.readouterr().out, re.M)
+    assert [int(r) for r, _, _ in listed] == [1, 2, 3]
+    scores = [float(s) for _, s, _ in listed]
+    assert scores == sorted(scores, reverse=True)
