@@ -8,7 +8,8 @@ corrupted on purpose. Writes benchmarks/results/soak_cpu.md|json.
 
 Faults: kill -9 of one rank; SIGTERM to both ranks (often mid-save: saves run every step or two);
 SIGUSR1 (preemption: checkpoint, exit 75); SIGSTOP of one rank (wedged: the step watchdog or gloo's
-timeout ends the job after train.collective_timeout_s=20); a few corrupt bytes in a random shard, and a
+timeout ends the job after train.collective_timeout_s=20); a few corrupt bytes inside a sample of a random
+shard (a hit in a tar header would make start-up refuse the shard set, the fault suite's case), and a
 shard whose first samples are replaced by bad ones of every decoding class the fault suite knows (a JPEG
 claiming 65000 x 65000 pixels, a deeply nested meta.json, structured and complex ECG arrays): deliberate,
 those samples are lost and counted; a full disk (a filler file leaves less room than a checkpoint needs;
@@ -18,6 +19,7 @@ removed after the run fails). The output folder lives on its own tmpfs so the di
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import json
 import os
@@ -40,6 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from faults import BAD_SAMPLES  # noqa: E402
 
+from more_scale.data.build import INDEX_NAME  # noqa: E402
 from more_scale.train.checkpoint import problem_with  # noqa: E402
 
 FAULTS = ("kill_rank", "sigterm", "preempt", "wedged_rank", "corrupt_shard", "bad_samples", "full_disk")
@@ -108,7 +111,9 @@ def inject(fault: str, proc: subprocess.Popen, shards: Path, out: Path, rng: ran
     elif fault == "corrupt_shard":
         shard = rng.choice(sorted((shards / "train").glob("*.tar")))
         data = bytearray(shard.read_bytes())
-        at = rng.randrange(1024, len(data) - 64)
+        with tarfile.open(shard) as tar:  # inside a member's data: a bad sample (a header hit is refused at start)
+            member = rng.choice([m for m in tar.getmembers() if m.size >= 64])
+        at = member.offset_data + rng.randrange(0, member.size - 16)
         data[at:at + 16] = bytes(rng.randrange(256) for _ in range(16))
         shard.write_bytes(bytes(data))
         corrupted.add(shard.name)
@@ -125,7 +130,9 @@ def inject(fault: str, proc: subprocess.Popen, shards: Path, out: Path, rng: ran
 
 def _replace_first_samples(shard: Path) -> None:
     """The shard's first samples become the bad samples (same keys, so the shard's count holds), written beside
-    it and renamed over it (a reader with the old member table then reads misplaced bytes: skipped too)."""
+    it and renamed over it (a reader with the old member table then reads misplaced bytes: skipped too), and
+    shards.json updated to match, as if the build had written them: start-up refuses a shard whose size
+    differs from its index entry, so an unlisted change would stop every later run instead."""
     with tarfile.open(shard) as tar:
         members = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers() if m.isfile()]
     keys = list(dict.fromkeys(name.split(".", 1)[0] for name, _ in members))
@@ -139,6 +146,13 @@ def _replace_first_samples(shard: Path) -> None:
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
     os.replace(tmp, shard)
+    index_path = shard.parent / INDEX_NAME
+    index = json.loads(index_path.read_text())
+    for entry in index["shards"]:
+        if entry["name"] == shard.name:
+            entry.update(bytes=shard.stat().st_size, sha256=hashlib.sha256(shard.read_bytes()).hexdigest())
+    index_path.with_suffix(".tmp").write_text(json.dumps(index))
+    os.replace(index_path.with_suffix(".tmp"), index_path)
 
 
 def main() -> None:

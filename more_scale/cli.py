@@ -244,7 +244,7 @@ def export_main(argv: list[str] | None = None) -> int:
     from more_scale.eval.embed import load_trained
     from more_scale.export import save_pretrained
     from more_scale.inference import run_inputs
-    from more_scale.train.checkpoint import CheckpointMismatch, latest_tag
+    from more_scale.train.checkpoint import CheckpointMismatch, latest_tag, trained_from
 
     parser = argparse.ArgumentParser(description=EXPORT_DOC, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="run folder (output_dir of training)")
@@ -263,24 +263,11 @@ def export_main(argv: list[str] | None = None) -> int:
     if inputs is None:
         print(f"warning: {args.checkpoint} records no input format (trained before it was recorded): the export "
               "will not open with more_scale.load", file=sys.stderr)
-    trained = {"run": str(Path(args.checkpoint).resolve()), "checkpoint": tag, "step": int(tag.removeprefix("step_")),
-               "exported": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), **provenance_of(args.checkpoint, tag)}
+    trained = {"run": str(Path(args.checkpoint).resolve()), **trained_from(args.checkpoint, tag),
+               "exported": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
     out = save_pretrained(model, cfg.model, tokenizer, args.out, args.merge_lora, inputs, trained, results)
     print(f"exported to {out}")
     return 0
-
-
-def provenance_of(run_dir: str, tag: str) -> dict:
-    """The git revision and config digest a checkpoint was trained with (from the config it stored)."""
-    import hashlib
-    import json
-
-    from more_scale.train.checkpoint import checkpoint_root, client_state
-
-    client = client_state(checkpoint_root(run_dir) / tag)
-    config = json.dumps(client.get("config", {}), sort_keys=True).encode()
-    return {"git_revision": (client.get("provenance") or {}).get("git_revision"),
-            "config_sha256": hashlib.sha256(config).hexdigest()[:16]}
 
 
 EMBED_DOC = """Embed a folder of X-ray images, a folder of WFDB ECG records, or a file of reports (one per line) with a

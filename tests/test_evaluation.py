@@ -181,3 +181,54 @@ def test_reference_recipe_pieces(tokenizer, tmp_path):
     restarts = TrainConfig(steps=100, warmup_steps=10, schedule="cosine_restarts", restart_steps=30)
     assert [warmup_cosine(s, restarts) for s in (10, 40, 70)] == [1.0, 1.0, 1.0]
     assert warmup_cosine(25, restarts) == pytest.approx(0.5)  # half way through a period
+
+
+@pytest.mark.parametrize("n_pos, n_neg", [(30, 120), (300, 1200)])
+def test_bootstrap_auroc_interval_matches_delongs_standard_error(n_pos, n_neg):
+    """The stratified bootstrap's 95% interval holds the point estimate and is as wide as the normal interval
+    from DeLong's (1988) nonparametric variance, 3.92 standard errors, within 15% (both estimate the same
+    variance; the percentile interval's own noise at 1000 draws is ~5%, its skew at AUROC 0.8 a few %)."""
+    from more_scale.eval.metrics import binary_metrics
+
+    rng = np.random.default_rng(0)
+    y = np.r_[np.ones(n_pos), np.zeros(n_neg)]
+    scores = y * 1.0 + rng.normal(size=len(y))
+    r = binary_metrics(y, scores)
+    pos, neg = scores[:n_pos, None], scores[None, n_pos:]
+    psi = (pos > neg) + 0.5 * (pos == neg)  # (n_pos, n_neg) pairwise wins
+    se = np.sqrt(psi.mean(1).var(ddof=1) / n_pos + psi.mean(0).var(ddof=1) / n_neg)
+    lo, hi = r["auroc_ci"]
+    assert lo < r["auroc"] < hi and (hi - lo) == pytest.approx(3.92 * se, rel=0.15)
+    assert r["auprc_ci"][0] < r["auprc"] < r["auprc_ci"][1]
+
+
+def test_results_below_chance_are_flagged():
+    from more_scale.eval.evaluate import verdict
+
+    assert verdict({"auroc_ci": [0.10, 0.30], "chance_auroc": 0.5}) == "BELOW CHANCE"
+    assert verdict({"auroc_ci": [0.40, 0.60], "chance_auroc": 0.5}) == "at chance"
+    assert verdict({"auroc_ci": [0.70, 0.90], "chance_auroc": 0.5}) == "above chance"
+    from more_scale.eval.metrics import binary_metrics
+
+    one_positive = binary_metrics(np.r_[1.0, np.zeros(30)], np.linspace(1, 0, 31))  # a resample repeats it
+    assert one_positive["auroc_ci"] is None and verdict(one_positive).startswith("too few to judge")
+
+
+def test_the_retrieval_grid_frames_each_reports_own_xray(tmp_path):
+    """Each row ends with the report's own X-ray framed in green (#1a7f37), whatever its rank: the picture shows
+    the green frame once per query even when no own X-ray reaches the top 5 (random embeddings here)."""
+    import cv2
+
+    from more_scale.eval.figures import retrieval_grid
+
+    rng = np.random.default_rng(0)
+    n = 40
+    emb = Embeddings({m: unit(rng.normal(size=(n, 8))) for m in ("cxr", "ecg", "text")},
+                     {m: np.ones(n, bool) for m in ("cxr", "ecg", "text")}, [str(i) for i in range(n)],
+                     [{} for _ in range(n)], [f"The report from Xray is: finding number {i}." for i in range(n)],
+                     rng.integers(0, 255, (n, 64, 64)).astype(np.uint8))
+    image = cv2.imread(str(retrieval_grid(emb, tmp_path / "grid.png", queries=3)))
+    green = np.all(np.abs(image.astype(int) - (55, 127, 26)) <= 12, axis=-1)  # BGR of #1a7f37
+    _, labels = cv2.connectedComponents(green.astype(np.uint8))
+    frames = [k for k in range(1, labels.max() + 1) if (labels == k).sum() > 400]  # drawn frames, not title text
+    assert len(frames) >= 3, len(frames)

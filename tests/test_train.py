@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -145,7 +146,12 @@ def test_evaluate_writes_the_full_report_beside_chance(stopped_and_resumed, shar
     assert any(name.startswith("Relevance: X-ray") for name in figures) and any(n.startswith("Relevance: ECG") for n in figures)
     page = (tmp_path / "report.html").read_text()
     for path in figures.values():
-        assert (tmp_path / path).stat().st_size > 10_000 and f"src='{path}'" in page  # drawn, and on the page
+        assert (tmp_path / path).stat().st_size > 10_000  # drawn
+    assert page.count("src='data:image/png;base64,") == len(figures) and "src='figures/" not in page  # self-contained
+    assert results["provenance"]["checkpoint"] == "step_00000020" and "checkpoint step_00000020" in page
+    assert cardio["auroc_ci"][0] <= cardio["auroc"] <= cardio["auroc_ci"][1] and "AUROC [95% CI]" in page
+    headings = re.findall(r"<h2>(.*?)</h2>", page)
+    assert len(headings) == len(set(headings))  # no two sections share a title
 
 
 @pytest.mark.parametrize("ranks", [2, 4])

@@ -5,9 +5,11 @@ metric sits beside its chance baseline."""
 
 from __future__ import annotations
 
+import base64
 import html
 import json
 import os
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -20,8 +22,9 @@ from more_scale.data.pipeline import iter_batches
 from more_scale.eval import figures
 from more_scale.eval.embed import embed, embed_texts, load_trained
 from more_scale.eval.explain import cxr_map, ecg_map
-from more_scale.eval.metrics import linear_probe, retrieval, zero_shot
+from more_scale.eval.metrics import MIN_CLASS_FOR_INTERVAL, linear_probe, retrieval, zero_shot
 from more_scale.eval.tasks import Task, check_fields, load_tasks
+from more_scale.train.checkpoint import latest_tag, trained_from
 from more_scale.train.engine import engine_device
 
 RETRIEVAL_PAIRS = (("text", "cxr"), ("text", "ecg"), ("cxr", "ecg"), ("ecg", "cxr"))
@@ -44,6 +47,8 @@ def evaluate(run_dir: str | Path, shards: str | Path, out_dir: str | Path, tasks
     check_fields(tasks, emb.meta, shards, tasks_file)
     scale = float(model.scale().detach())
     results = {"run": str(run_dir), "shards": str(shards), "samples": len(emb.keys),
+               "provenance": {**trained_from(run_dir, latest_tag(run_dir)),
+                              "evaluated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")},
                "tasks_file": str(tasks_file or "shipped eval/tasks.yaml"), "zero_shot": {}, "retrieval": {}}
     prompt_embeddings = {}
     for task in tasks:
@@ -62,7 +67,7 @@ def evaluate(run_dir: str | Path, shards: str | Path, out_dir: str | Path, tasks
     tmp.write_text(json.dumps(results, indent=1))
     os.replace(tmp, out_dir / "results.json")
     if pictures:
-        (out_dir / "report.html").write_text(html_report(results))
+        (out_dir / "report.html").write_text(html_report(results, out_dir))
     return results
 
 
@@ -109,34 +114,58 @@ def _fmt(value, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
+def _with_ci(r: dict, metric: str) -> str:
+    """`0.731 [0.64, 0.81]`, the value with its bootstrap 95% interval when there is one."""
+    ci = r.get(f"{metric}_ci")
+    return _fmt(r.get(metric)) + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+
+
+def verdict(r: dict, metric: str = "auroc") -> str:
+    """Against chance: 'above' / 'below' when the 95% interval excludes it, 'at chance' when it holds it. A
+    result below chance says the prompts point the wrong way, not that the embeddings know nothing."""
+    ci, chance = r.get(f"{metric}_ci"), r.get(f"chance_{metric}")
+    if r.get(metric) is not None and not ci:
+        return f"too few to judge (< {MIN_CLASS_FOR_INTERVAL} of a class)"
+    if not ci or chance is None:
+        return ""
+    return "above chance" if ci[0] > chance else "BELOW CHANCE" if ci[1] < chance else "at chance"
+
+
+def not_scored(results: dict) -> list[str]:
+    """Tasks this split cannot score (no labels here, or one class only), named once instead of rows of dashes."""
+    return [f"{name} ({r['note']}, n = {r['n']})" for name, r in results["zero_shot"].items() if "note" in r]
+
+
 def _zero_shot_rows(results: dict) -> list[list[str]]:
     rows = []
     for name, r in results["zero_shot"].items():
+        if "note" in r:
+            continue
         if r["kind"] == "binary":
-            rows.append([name, r["modality"], f"{r['n']} ({r.get('n_positive', 0)})", _fmt(r.get("auroc")),
-                         _fmt(r.get("chance_auroc")), _fmt(r.get("auprc")), _fmt(r.get("chance_auprc"))])
+            rows.append([name, r["modality"], f"{r['n']} ({r.get('n_positive', 0)})", _with_ci(r, "auroc"),
+                         _fmt(r.get("chance_auroc")), _with_ci(r, "auprc"), _fmt(r.get("chance_auprc")), verdict(r)])
         elif r["kind"] == "multilabel":
             rows.append([f"{name} (macro)", r["modality"], str(r["n"]), _fmt(r.get("macro_auroc")),
-                         _fmt(r.get("chance_macro_auroc")), "", ""])
+                         _fmt(r.get("chance_macro_auroc")), "", "", ""])
             for cls, c in r.get("classes", {}).items():
-                rows.append([f"  {cls}", "", f"({c.get('n_positive', '-')})" if "auroc" not in c else "",
-                             _fmt(c.get("auroc")), _fmt(c.get("chance_auroc")), _fmt(c.get("auprc")),
-                             _fmt(c.get("chance_auprc"))])
+                rows.append([f"  {cls}", "", f"({c.get('n_positive', '-')})", _with_ci(c, "auroc"),
+                             _fmt(c.get("chance_auroc")), _with_ci(c, "auprc"), _fmt(c.get("chance_auprc")),
+                             verdict(c) or c.get("note", "")])
             if "single_label" in r:
                 s = r["single_label"]
                 rows.append(["  single label by priority: accuracy", "", str(s["n"]), _fmt(s["accuracy"]),
-                             _fmt(s["chance_accuracy"]), "", ""])
+                             _fmt(s["chance_accuracy"]), "", "", ""])
         else:
             rows.append([f"{name} (Spearman / accuracy)", r["modality"], str(r["n"]),
                          f"{_fmt(r.get('spearman'))} / {_fmt(r.get('accuracy'))}",
-                         f"{_fmt(r.get('chance_spearman'))} / {_fmt(r.get('chance_accuracy'))}", "", ""])
+                         f"{_fmt(r.get('chance_spearman'))} / {_fmt(r.get('chance_accuracy'))}", "", "",
+                         "below chance (accuracy)" if r.get("accuracy", 1) < r.get("chance_accuracy", 0) else ""])
     return rows
 
 
-ZERO_SHOT_COLUMNS = ("task", "modality", "n (pos)", "AUROC", "chance", "AUPRC", "chance")
+ZERO_SHOT_COLUMNS = ("task", "modality", "n (pos)", "AUROC [95% CI]", "chance", "AUPRC [95% CI]", "chance",
+                     "vs chance")
 RETRIEVAL_COLUMNS = ("query -> gallery", "n", "R@1", "chance", "R@5", "chance", "R@10", "chance", "median rank", "chance")
-
-
 def _retrieval_rows(results: dict) -> list[list[str]]:
     return [[name, str(r["n"]), *[_fmt(r.get(f"{p}R@{k}")) for k in (1, 5, 10) for p in ("", "chance_")],
              _fmt(r.get("median_rank"), 1), _fmt(r.get("chance_median_rank"), 1)] for name, r in results["retrieval"].items()]
@@ -153,6 +182,8 @@ def print_results(results: dict, console: Console | None = None) -> None:
         for row in rows:
             table.add_row(*row)
         console.print(table)
+        if columns is ZERO_SHOT_COLUMNS and not_scored(results):
+            console.print(f"not scored on this split: {'; '.join(not_scored(results))}")
     if "linear_probe" in results:
         table = Table(title="linear probe (test AUROC; logistic regression on frozen embeddings)")
         for column in ("task", "n train", "1%", "10%", "100%"):
@@ -168,19 +199,30 @@ def _html_table(columns, rows) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def html_report(results: dict) -> str:
-    """One page: the tables, then every figure; figures are files beside it (figures/*.png)."""
+def html_report(results: dict, out_dir: Path) -> str:
+    """One self-contained page (figures embedded: the file alone can be shared): provenance, the tables with
+    intervals and verdicts against chance, the tasks not scored here, then every figure."""
+    where = results.get("provenance", {})
+    provenance = ", ".join(f"{k} {html.escape(str(v))}" for k, v in where.items() if v is not None)
     parts = [f"<h1>MoRE evaluation</h1><p class='meta'>run <code>{html.escape(results['run'])}</code> on "
              f"<code>{html.escape(results['shards'])}</code>: {results['samples']} samples; tasks from "
-             f"<code>{html.escape(results['tasks_file'])}</code>. Every figure beside its chance baseline.</p>",
-             "<h2>Zero-shot</h2>", _html_table(ZERO_SHOT_COLUMNS, _zero_shot_rows(results)),
-             "<h2>Retrieval</h2>", _html_table(RETRIEVAL_COLUMNS, _retrieval_rows(results))]
+             f"<code>{html.escape(results['tasks_file'])}</code>.<br>{provenance}</p>"
+             "<p class='meta'>Every figure beside its chance baseline on the same samples; intervals are bootstrap "
+             "95% (stratified, 1000 draws). <b>BELOW CHANCE</b>: the interval lies under chance, which says the "
+             "prompts point the wrong way rather than that the embeddings know nothing (compare the linear probe).</p>",
+             "<h2>Zero-shot classification</h2>", _html_table(ZERO_SHOT_COLUMNS, _zero_shot_rows(results))]
+    skipped = not_scored(results)
+    if skipped:
+        parts.append(f"<p class='meta'>Not scored on this split: {html.escape('; '.join(skipped))}.</p>")
+    parts += ["<h2>Cross-modal retrieval</h2>", _html_table(RETRIEVAL_COLUMNS, _retrieval_rows(results))]
     if "linear_probe" in results:
         rows = [[n, str(r["n_train"]), *[_fmt(r.get(f"auroc@{f}")) for f in ("0.01", "0.1", "1")]]
                 for n, r in results["linear_probe"].items()]
         parts += ["<h2>Linear probe (test AUROC)</h2>", _html_table(("task", "n train", "1%", "10%", "100%"), rows)]
     for name, path in results.get("figures", {}).items():
-        parts.append(f"<h2>{html.escape(name)}</h2><img src='{html.escape(path)}' alt='{html.escape(name)}'>")
+        data = base64.b64encode((out_dir / path).read_bytes()).decode()
+        parts.append(f"<h2>Figure: {html.escape(name)}</h2><img src='data:image/png;base64,{data}' "
+                     f"alt='{html.escape(name)}'>")
     style = ("body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;color:#222;padding:0 1em}"
              "table{border-collapse:collapse;margin:0.5em 0 1.5em;font-size:14px}"
              "th,td{border-bottom:1px solid #ddd;padding:4px 10px;text-align:right}"

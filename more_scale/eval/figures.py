@@ -112,33 +112,40 @@ def tsne(emb: Embeddings, tasks: list[Task], path: Path, seed: int = 0) -> Path 
         return _save(fig, path)
 
 
+HIT = "#1a7f37"  # the true item's frame in the retrieval grid
+
+
 def retrieval_grid(emb: Embeddings, path: Path, queries: int = 4, top: int = 5, seed: int = 0) -> Path | None:
-    """For a few reports: the X-rays ranked first for them, the true one framed in green."""
+    """For a few reports: the X-rays ranked first for them, then the report's own X-ray with its rank; the own
+    X-ray is framed in green wherever it appears (always in the last column)."""
     rows = np.flatnonzero(emb.masks["cxr"])
     if len(rows) < top or emb.thumbnails is None:
         return None
     chosen = np.random.default_rng(seed).choice(rows, min(queries, len(rows)), replace=False)
     sims = emb.vectors["text"][chosen] @ emb.vectors["cxr"][rows].T
     with plt.rc_context(STYLE):
-        fig, axes = plt.subplots(len(chosen), top + 1, figsize=(1.7 * (top + 1) + 2.2, 1.9 * len(chosen)),
-                                 gridspec_kw={"width_ratios": [2.6] + [1] * top}, squeeze=False)
+        fig, axes = plt.subplots(len(chosen), top + 2, figsize=(1.8 * (top + 1) + 3.6, 2.1 * len(chosen)),
+                                 gridspec_kw={"width_ratios": [3.2] + [1] * (top + 1)}, squeeze=False)
         for r, (query, scores) in enumerate(zip(chosen, sims)):
             text = emb.texts[query] if emb.texts else emb.keys[query]
             text = text.replace("The report from Xray is:", "X-ray report:").replace("The report from ECG is:", "\nECG report:")
-            axes[r, 0].text(0, 0.5, "\n".join(textwrap.fill(part, 44) for part in text[:300].split("\n")), va="center",
-                            fontsize=7.5)
+            short = textwrap.shorten(text.split("\n")[0], 200, placeholder=" ...")
+            axes[r, 0].text(0, 0.5, textwrap.fill(short, 38), va="center", fontsize=9)
             axes[r, 0].axis("off")
-            for c, j in enumerate(np.argsort(-scores)[:top]):
+            ranking = np.argsort(-scores, kind="stable")
+            own = int(np.flatnonzero(rows[ranking] == query)[0])
+            for c, j in enumerate([*ranking[:top], ranking[own]]):
                 ax = axes[r, c + 1]
                 ax.imshow(emb.thumbnails[rows[j]], cmap="gray")
                 hit = rows[j] == query
-                ax.set_title(f"#{c + 1}  {scores[j]:.2f}", fontsize=8, color="#1a7f37" if hit else "black")
+                title = f"own: #{own + 1}" if c == top else f"#{c + 1}"
+                ax.set_title(f"{title}\n{scores[j]:.3f}", fontsize=8, color=HIT if hit else "black")
                 ax.set(xticks=[], yticks=[])
                 for spine in ax.spines.values():
                     spine.set_visible(True)
-                    spine.set(color="#1a7f37" if hit else "#bbbbbb", linewidth=3 if hit else 0.8)
-        fig.suptitle("Text -> X-ray retrieval: the top 5 X-rays for each report (its own X-ray framed in green)",
-                     fontweight="bold")
+                    spine.set(color=HIT if hit else "#bbbbbb", linewidth=4 if hit else 0.8)
+        fig.suptitle(f"Text -> X-ray retrieval among {len(rows)} X-rays: the top {top} for each report (cosine "
+                     "similarity), then the report's own X-ray and its rank, framed in green", fontweight="bold")
         fig.tight_layout()
         return _save(fig, path)
 
@@ -158,16 +165,19 @@ def training_curves(run_dir: Path, path: Path) -> Path | None:
               ("samples / s", ["samples_per_s"]), ("MFU", ["mfu"])]
     panels = [(t, [k for k in keys if k in rows[-1]]) for t, keys in panels]
     panels = [(t, keys) for t, keys in panels if keys]
+    y_labels = {"loss": "contrastive loss (nats)", "learning rate": "learning rate", "samples / s": "samples / s",
+                "MFU": "MFU (% of measured matmul peak)"}
+    scale = {"mfu": 100.0}  # the console prints MFU in percent: the plot too
     with plt.rc_context(STYLE):
         fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels), 2.9), squeeze=False)
         for ax, (title, keys) in zip(axes.flat, panels):
             for k in keys:
                 label = k.removeprefix("loss/") if k != "loss" else "total"
-                ax.plot(steps, [r.get(k, np.nan) for r in rows], lw=1.6, label=label)
+                ax.plot(steps, [r.get(k, np.nan) * scale.get(k, 1.0) for r in rows], lw=1.6, label=label)
             if title == "loss" and validation:
                 ax.plot([r["step"] for r in validation], [r["val/loss"] for r in validation], "o--", lw=1.4,
                         color="black", label="validation")
-            ax.set(title=title, xlabel="step")
+            ax.set(title=title, xlabel="optimizer step", ylabel=y_labels[title])
             if title in ("samples / s", "MFU", "learning rate"):
                 ax.set_ylim(bottom=0)  # speeds from zero: a 5% wobble should look like one
             if len(keys) > 1 or (title == "loss" and validation):

@@ -4,7 +4,7 @@ Every figure comes with the chance baseline it must beat, computed on the same s
 from __future__ import annotations
 
 import numpy as np
-from scipy.stats import spearmanr
+from scipy.stats import rankdata, spearmanr
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
@@ -12,6 +12,8 @@ from more_scale.eval.embed import Embeddings
 from more_scale.eval.tasks import Task
 
 CHANCE_DRAWS = 100  # permutations averaged for each chance figure
+BOOTSTRAP_DRAWS = 1000  # resamples behind each 95% interval
+MIN_CLASS_FOR_INTERVAL = 5  # fewer positives (or negatives): a stratified resample repeats them, no interval
 PROBE_FRACTIONS = (0.01, 0.1, 1.0)  # of the training labels, as the paper's linear-probe table
 PROBE_DRAWS = 5  # label subsets averaged at the small fractions
 
@@ -38,9 +40,34 @@ def binary_metrics(labels: np.ndarray, scores: np.ndarray, seed: int = 0) -> dic
     order = np.arange(len(labels))
     chance = np.mean([roc_auc_score(rng.permutation(labels), order) for _ in range(CHANCE_DRAWS)])
     fpr, tpr, _ = roc_curve(labels, scores)
-    return {"auroc": float(roc_auc_score(labels, scores)), "chance_auroc": float(chance),
+    enough = min(labels.sum(), len(labels) - labels.sum()) >= MIN_CLASS_FOR_INTERVAL
+    auroc_ci, auprc_ci = bootstrap_intervals(labels, scores, seed) if enough else (None, None)
+    return {"auroc": float(roc_auc_score(labels, scores)), "chance_auroc": float(chance), "auroc_ci": auroc_ci,
             "auprc": float(average_precision_score(labels, scores)), "chance_auprc": float(labels.mean()),
-            "roc": {"fpr": fpr.round(4).tolist(), "tpr": tpr.round(4).tolist()}}
+            "auprc_ci": auprc_ci, "roc": {"fpr": fpr.round(4).tolist(), "tpr": tpr.round(4).tolist()}}
+
+
+def bootstrap_intervals(labels: np.ndarray, scores: np.ndarray, seed: int = 0) -> tuple[list[float], list[float]]:
+    """95% percentile intervals of AUROC and AUPRC over BOOTSTRAP_DRAWS resamples stratified by class (each
+    draw keeps the counts of positives and negatives), computed for all draws at once: AUROC from rank sums
+    (ties at their mean rank, as roc_auc_score), AUPRC as average precision at each positive's rank."""
+    rng = np.random.default_rng(seed + 1)
+    positives, negatives = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
+    draws = np.concatenate([rng.choice(positives, (BOOTSTRAP_DRAWS, len(positives))),
+                            rng.choice(negatives, (BOOTSTRAP_DRAWS, len(negatives)))], axis=1)
+    y, x = labels[draws], scores[draws]  # (draws, n)
+    n_pos, n_neg = len(positives), len(negatives)
+    ranks = rankdata(x, axis=1)
+    auroc = ((ranks * y).sum(1) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+    order = np.argsort(-x, axis=1, kind="stable")
+    hits = np.take_along_axis(y, order, axis=1)
+    precision = np.cumsum(hits, axis=1) / np.arange(1, y.shape[1] + 1)
+    auprc = (precision * hits).sum(1) / n_pos
+
+    def interval(values: np.ndarray) -> list[float]:
+        return [float(v) for v in np.percentile(values, [2.5, 97.5])]
+
+    return interval(auroc), interval(auprc)
 
 
 def zero_shot(emb: Embeddings, task: Task, prompts: dict[str, np.ndarray], scale: float = 1.0, seed: int = 0) -> dict:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import json
 import os
 import pickle
 import random
@@ -250,6 +251,16 @@ def client_state(tag_dir: Path) -> dict:
     (config, frozen base, provenance, train_state) beside DeepSpeed's own entries."""
     with data_only_loads(tag_dir):
         return torch.load(model_states_file(tag_dir), map_location="cpu", weights_only=True, mmap=True)
+
+
+def trained_from(output_dir: str | Path, tag: str) -> dict:
+    """What a checkpoint says of itself, for reports and exports: its tag and step, the git revision of the code
+    that wrote it and a digest of the config it was trained with."""
+    client = client_state(checkpoint_root(output_dir) / tag)
+    config = json.dumps(client.get("config", {}), sort_keys=True).encode()
+    return {"checkpoint": tag, "step": int(tag.removeprefix("step_")),
+            "git_revision": (client.get("provenance") or {}).get("git_revision"),
+            "config_sha256": hashlib.sha256(config).hexdigest()[:16]}
 
 
 def problem_with(tag_dir: Path) -> str | None:
