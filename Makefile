@@ -36,7 +36,7 @@ demo: install
 	$(BIN)/python launch/export.py --checkpoint $(DEMO)/run --out $(DEMO)/export --results $(DEMO)/eval/results.json
 
 test: install
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=15 tests
 
 reliability: install  # the fault suite -> docs/RELIABILITY.md
 	$(BIN)/python tests/reliability_report.py
