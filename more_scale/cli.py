@@ -145,10 +145,18 @@ TRAIN_DOC = """Train MoRE with DeepSpeed.
 """
 
 
-def train_main(argv: list[str] | None = None) -> int:
-    # third-party deprecations printed once per rank per step otherwise (DeepSpeed's ZeRO gathers, peft)
+def quiet_third_party() -> None:
+    """Silence what is not the user's business: deprecations inside DeepSpeed and peft (printed once per rank
+    per step or per load otherwise) and transformers' own progress bars beside ours."""
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    quiet_third_party()
     from more_scale import dist
     from more_scale.config import ConfigError, load_config
     from more_scale.train.checkpoint import CheckpointMismatch
@@ -198,6 +206,7 @@ rank), linear probes, each beside chance; figures and an HTML report.
 
 
 def evaluate_main(argv: list[str] | None = None) -> int:
+    quiet_third_party()
     from more_scale import dist
     from more_scale.eval.evaluate import evaluate, print_results
     from more_scale.eval.tasks import TasksError
@@ -238,6 +247,7 @@ input format, a model card), which more_scale.load, transformers, peft and safet
 
 
 def export_main(argv: list[str] | None = None) -> int:
+    quiet_third_party()
     import json
     from datetime import datetime, timezone
 
@@ -282,6 +292,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
 def embed_main(argv: list[str] | None = None) -> int:
+    quiet_third_party()
     import csv
 
     import numpy as np
@@ -350,6 +361,7 @@ cosine similarity.
 
 
 def retrieve_main(argv: list[str] | None = None) -> int:
+    quiet_third_party()
     import csv
 
     import numpy as np

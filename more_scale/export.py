@@ -116,10 +116,14 @@ def model_card(meta: dict, results: dict | None) -> str:
         lines += ["Not recorded (exported without it): `more_scale.load` refuses this folder.", ""]
     lines += ["## Provenance", ""] + [f"- {key}: {value}" for key, value in trained.items()] + [""]
     if results:
-        lines += ["## Evaluation", "", f"On {results.get('shards')} ({results.get('samples')} samples):", "",
-                  "| task | AUROC | chance |", "|---|---|---|"]
+        from more_scale.eval.evaluate import verdict, with_ci
+
+        lines += ["## Evaluation", "", f"Zero-shot on {results.get('shards')} ({results.get('samples')} samples; "
+                  "bootstrap 95% intervals):", "", "| task | n (positive) | AUROC [95% CI] | chance | vs chance |",
+                  "|---|---|---|---|---|"]
         for name, r in results.get("zero_shot", {}).items():
             if r.get("auroc") is not None:
-                lines.append(f"| {name} | {r['auroc']:.3f} | {r.get('chance_auroc', 0.5):.3f} |")
+                lines.append(f"| {name} | {r['n']} ({r.get('n_positive')}) | {with_ci(r, 'auroc')} | "
+                             f"{r['chance_auroc']:.3f} | {verdict(r)} |")
         lines.append("")
     return "\n".join(lines)

@@ -114,7 +114,7 @@ def _fmt(value, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
-def _with_ci(r: dict, metric: str) -> str:
+def with_ci(r: dict, metric: str) -> str:
     """`0.731 [0.64, 0.81]`, the value with its bootstrap 95% interval when there is one."""
     ci = r.get(f"{metric}_ci")
     return _fmt(r.get(metric)) + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
@@ -142,14 +142,14 @@ def _zero_shot_rows(results: dict) -> list[list[str]]:
         if "note" in r:
             continue
         if r["kind"] == "binary":
-            rows.append([name, r["modality"], f"{r['n']} ({r.get('n_positive', 0)})", _with_ci(r, "auroc"),
-                         _fmt(r.get("chance_auroc")), _with_ci(r, "auprc"), _fmt(r.get("chance_auprc")), verdict(r)])
+            rows.append([name, r["modality"], f"{r['n']} ({r.get('n_positive', 0)})", with_ci(r, "auroc"),
+                         _fmt(r.get("chance_auroc")), with_ci(r, "auprc"), _fmt(r.get("chance_auprc")), verdict(r)])
         elif r["kind"] == "multilabel":
             rows.append([f"{name} (macro)", r["modality"], str(r["n"]), _fmt(r.get("macro_auroc")),
                          _fmt(r.get("chance_macro_auroc")), "", "", ""])
             for cls, c in r.get("classes", {}).items():
-                rows.append([f"  {cls}", "", f"({c.get('n_positive', '-')})", _with_ci(c, "auroc"),
-                             _fmt(c.get("chance_auroc")), _with_ci(c, "auprc"), _fmt(c.get("chance_auprc")),
+                rows.append([f"  {cls}", "", f"({c.get('n_positive', '-')})", with_ci(c, "auroc"),
+                             _fmt(c.get("chance_auroc")), with_ci(c, "auprc"), _fmt(c.get("chance_auprc")),
                              verdict(c) or c.get("note", "")])
             if "single_label" in r:
                 s = r["single_label"]

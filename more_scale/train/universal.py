@@ -12,6 +12,8 @@ also mends DeepSpeed's ZeRO-3 universal loader).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import shutil
 import subprocess
@@ -60,7 +62,9 @@ def fp32_weights(tag_dir: Path) -> dict[str, torch.Tensor]:
     refuses those of its BF16_Optimizer (ZeRO-1 with fp32 gradient accumulation, `bf16_zero_*` files), which go
     through the universal format instead (one fp32 file per parameter), converted by rank 0 while the others wait."""
     if not any(tag_dir.glob("bf16_zero_pp_rank_*_optim_states.pt")):
-        return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag_dir.name)
+        # its progress bar and "Detected checkpoint ..." lines would interleave with ours; errors still raise
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag_dir.name)
     if dist.rank() == 0:
         convert(tag_dir)
     dist.barrier()
