@@ -95,3 +95,29 @@ def _batch(tokenizer):
                        padding=True, return_tensors="pt")
     return Batch.complete(torch.randn(2, 1, 32, 32, generator=g), torch.randn(2, 12, 1000, generator=g),
                        tokens["input_ids"], tokens["attention_mask"])
+
+
+def test_a_pretrained_lm_refuses_a_tokenizer_that_is_not_its_own(shards, tmp_path):
+    """The shards' BPE (600 ids) beside an LM that embeds 60: refused before training, naming both; beside an LM
+    of 1,000 ids with its own tokenizer: refused as another vocabulary; the LM's own tokenizer passes."""
+    from more_scale.config import load_config
+    from more_scale.data.tokenizer import train_tokenizer
+    from more_scale.train.preflight import InputError, check_inputs
+
+    def config(lm, *extra):
+        return load_config("tiny-cpu", [f"data.train={shards / 'train'}", f"model.text.pretrained={lm}",
+                                        "model.text.random_init=false",
+                                        "data.batch_size=4", *extra])
+
+    small = tmp_path / "small"
+    RobertaModel(RobertaConfig(vocab_size=60, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                               intermediate_size=64, max_position_embeddings=140)).save_pretrained(small)
+    with pytest.raises(InputError, match=r"has 600 ids but model.text.pretrained .*small embeds 60"):
+        check_inputs(config(small), 1)
+    large = tmp_path / "large"
+    RobertaModel(RobertaConfig(vocab_size=1000, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                               intermediate_size=64, max_position_embeddings=140)).save_pretrained(large)
+    train_tokenizer(["another corpus entirely, " * 20, "with other words and ids"] * 50, large, 500)
+    with pytest.raises(InputError, match=r"is not the tokenizer of model.text.pretrained .*large"):
+        check_inputs(config(large), 1)
+    check_inputs(config(large, f"data.tokenizer={large}"), 1)

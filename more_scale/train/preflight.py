@@ -85,9 +85,11 @@ def check_inputs(cfg: Config, world: int) -> dict[str, int]:
     if not where.is_dir():
         raise InputError(f"tokenizer: no folder {where} ({how})")
     try:
-        load_tokenizer(where)
+        tokenizer = load_tokenizer(where)
     except (OSError, ValueError) as error:
         raise InputError(f"tokenizer: {where} ({how}) cannot be loaded: {error}") from error
+    if cfg.model.text.pretrained:
+        check_tokenizer_fits_lm(tokenizer, where, cfg.model.text.pretrained)
     if cfg.train.eval_every:
         where = validation_dir(cfg)
         if where is None or not (where / INDEX_NAME).is_file():
@@ -101,3 +103,24 @@ def check_inputs(cfg: Config, world: int) -> dict[str, int]:
         raise InputError(f"data.batch_size ({micro}) x {world} ranks = {micro * world} is larger than one epoch "
                          f"({total} samples)")
     return sizes
+
+
+def check_tokenizer_fits_lm(tokenizer, where: Path, pretrained: str) -> None:
+    """A pretrained LM reads ids of its own vocabulary: a tokenizer with more ids than its embedding table, or
+    another vocabulary of the same size (the shards' BPE instead of the LM's WordPiece), would feed it
+    meaningless ids without an error. Refused, naming both."""
+    from transformers import AutoConfig
+
+    vocab = AutoConfig.from_pretrained(pretrained, local_files_only=True).vocab_size
+    if len(tokenizer) > vocab:
+        raise InputError(f"tokenizer: {where} has {len(tokenizer):,} ids but model.text.pretrained {pretrained} embeds "
+                         f"{vocab:,}: set data.tokenizer={pretrained} (the LM's own tokenizer)")
+    own = Path(pretrained)
+    if not (own / "tokenizer.json").is_file() and not (own / "tokenizer_config.json").is_file():
+        return  # the LM ships no tokenizer to compare with: the size check is all there is
+    theirs = load_tokenizer(own).get_vocab()
+    ours = tokenizer.get_vocab()
+    if ours != theirs:
+        differing = sum(theirs.get(token) != i for token, i in ours.items())
+        raise InputError(f"tokenizer: {where} is not the tokenizer of model.text.pretrained {pretrained} ({differing:,} "
+                         f"of {len(ours):,} tokens map to other ids): set data.tokenizer={pretrained}")
