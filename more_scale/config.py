@@ -137,6 +137,7 @@ class TrainConfig:
     restart_steps: int = 0  # cosine_restarts: the period of the restarts, in steps after warmup
     warmup_steps: int = 100
     weight_decay: float = 0.05
+    decay_all: bool = False  # true: decay norms, biases, positions and the logit scale too (the reference's AdamW)
     betas: tuple[float, ...] = (0.9, 0.98)
     grad_accum: int = 1  # micro-batches per optimizer step
     # negatives under accumulation. micro: each micro-batch is scored against its own rows from every rank

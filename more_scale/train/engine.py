@@ -45,14 +45,17 @@ def warmup_cosine(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices only; biases, norms, embeddings' positions, CLS and the logit scale are exempt."""
+def parameter_groups(model: nn.Module, weight_decay: float, decay_all: bool = False) -> list[dict]:
+    """Decay matrices only; biases, norms, embeddings' positions, CLS and the logit scale are exempt, unless
+    `decay_all` (the MoRE reference: AdamW over model.parameters()). Two groups either way, so checkpoints of
+    both recipes have the same optimizer layout."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         (no_decay if p.ndim < 2 or name.endswith(("pos", "cls")) else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": weight_decay if decay_all else 0.0}]
 
 
 @contextlib.contextmanager
@@ -92,7 +95,7 @@ def build_engine(cfg: TrainConfig, model: nn.Module, ds: dict):
             if not hasattr(p, "ds_id"):
                 p.data = p.data.to(torch.bfloat16)
     fused = device.type == "cuda" and not offload  # one kernel for all parameters instead of a loop of many
-    optimizer = torch.optim.AdamW(parameter_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas),
+    optimizer = torch.optim.AdamW(parameter_groups(model, cfg.weight_decay, cfg.decay_all), lr=cfg.lr, betas=tuple(cfg.betas),
                                   fused=fused)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, config=ds,
