@@ -60,6 +60,15 @@ def test_multilabel_macro_and_single_label_by_priority():
     truth = ["NORM", "MI", "STTC", "NORM", "MI", "STTC"]  # MI first, then STTC, then NORM
     predicted = [list(classes)[k] for k in sims.argmax(1)]
     assert r["single_label"]["accuracy"] == pytest.approx(np.mean([a == b for a, b in zip(predicted, truth)]))
+    # scored as the reference scores it: one-vs-rest AUROC of each class's similarity, by hand, then the mean
+    by_hand = [roc_auc_score([t == c for t in truth], sims[:, j]) for j, c in enumerate(classes)]
+    assert r["single_label"]["macro_auroc"] == pytest.approx(np.mean(by_hand))
+
+
+def test_ptbxl_single_label_order_is_the_references():
+    """zero_shot_ecg_more.py 19-29 assigns NORM, then STTC, MI, HYP, CD (the first one a record carries)."""
+    task = next(t for t in load_tasks() if t.name == "PTB-XL superclass")
+    assert task.priority == ("NORM", "STTC", "MI", "HYP", "CD")
 
 
 def test_ordinal_spearman_of_the_expected_level():

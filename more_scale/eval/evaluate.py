@@ -153,8 +153,9 @@ def _zero_shot_rows(results: dict) -> list[list[str]]:
                              verdict(c) or c.get("note", "")])
             if "single_label" in r:
                 s = r["single_label"]
-                rows.append(["  single label by priority: accuracy", "", str(s["n"]), _fmt(s["accuracy"]),
-                             _fmt(s["chance_accuracy"]), "", "", ""])
+                rows.append(["  single label by priority: macro AUROC / accuracy", "", str(s["n"]),
+                             f"{_fmt(s.get('macro_auroc'))} / {_fmt(s['accuracy'])}",
+                             f"{_fmt(s.get('chance_macro_auroc'))} / {_fmt(s['chance_accuracy'])}", "", "", ""])
         else:
             rows.append([f"{name} (Spearman / accuracy)", r["modality"], str(r["n"]),
                          f"{_fmt(r.get('spearman'))} / {_fmt(r.get('accuracy'))}",

@@ -124,8 +124,14 @@ def multilabel_metrics(labels: list[set], sims: np.ndarray, names: list[str], pr
         predicted = np.array(names, dtype=object)[sims.argmax(1)]
         if keep.any():
             truth = single[keep]
+            per_class = [binary_metrics((truth == c).astype(float), sims[keep][:, j], seed)
+                         for j, c in enumerate(names) if 0 < np.sum(truth == c) < len(truth)]
             out["single_label"] = {"n": int(keep.sum()), "accuracy": float(np.mean(predicted[keep] == truth)),
-                                   "chance_accuracy": float(max(np.mean(truth == c) for c in set(truth)))}
+                                   "chance_accuracy": float(max(np.mean(truth == c) for c in set(truth))),
+                                   # the reference scores this variant by one-vs-rest AUROC per class
+                                   "macro_auroc": float(np.mean([r["auroc"] for r in per_class])) if per_class else None,
+                                   "chance_macro_auroc": float(np.mean([r["chance_auroc"] for r in per_class]))
+                                   if per_class else None}
     return out
 
 

@@ -40,7 +40,7 @@ class MoRE(nn.Module):
             "text": build_text_encoder(cfg.text, vocab_size, pad_token_id, base_context),
         })
         for name, vit_cfg in (("cxr", cfg.cxr), ("ecg", cfg.ecg)):
-            if vit_cfg.pretrained:  # the paper starts both towers (the ECG body too) from ViT-B weights
+            if vit_cfg.pretrained:  # optional: the MoRE reference builds both towers from random weights
                 load_vit_weights(self.encoders[name], vit_cfg.pretrained)
         self.heads = nn.ModuleDict({m: projection_head(self.encoders[m].width, cfg.head_hidden, cfg.embed_dim, cfg.head)
                                     for m in MODALITIES})
