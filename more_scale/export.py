@@ -23,8 +23,8 @@ from peft import set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
 from more_scale.config import ModelConfig, build_section
+from more_scale.data.input_format import InputFormat
 from more_scale.data.tokenizer import load_tokenizer
-from more_scale.inference import InputFormat
 from more_scale.models.more import MoRE, build_model
 
 TEXT_LM = "encoders.text.lm."
