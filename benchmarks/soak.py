@@ -19,8 +19,6 @@ removed after the run fails). The output folder lives on its own tmpfs so the di
 from __future__ import annotations
 
 import argparse
-import hashlib
-import io
 import json
 import os
 import random
@@ -36,13 +34,14 @@ from collections import Counter
 from pathlib import Path
 
 import psutil
+import webdataset as wds
 from common import write
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from faults import BAD_SAMPLES  # noqa: E402
 
-from more_scale.data.build import INDEX_NAME  # noqa: E402
+from more_scale.data.build import INDEX_NAME, write_tar  # noqa: E402
 from more_scale.train.checkpoint import problem_with  # noqa: E402
 
 FAULTS = ("kill_rank", "sigterm", "preempt", "wedged_rank", "corrupt_shard", "bad_samples", "full_disk")
@@ -133,24 +132,16 @@ def _replace_first_samples(shard: Path) -> None:
     it and renamed over it (a reader with the old member table then reads misplaced bytes: skipped too), and
     shards.json updated to match, as if the build had written them: start-up refuses a shard whose size
     differs from its index entry, so an unlisted change would stop every later run instead."""
-    with tarfile.open(shard) as tar:
-        members = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers() if m.isfile()]
-    keys = list(dict.fromkeys(name.split(".", 1)[0] for name, _ in members))
-    bad = dict(zip(keys, (sample for sample, _ in BAD_SAMPLES.values())))
-    tmp = shard.with_name(shard.name + ".tmp")
-    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
-        for key in keys:
-            sample = bad.get(key) or {n.split(".", 1)[1]: d for n, d in members if n.split(".", 1)[0] == key}
-            for ext, data in sample.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    os.replace(tmp, shard)
+    samples = [{k: v for k, v in sample.items() if k == "__key__" or not k.startswith("__")}
+               for sample in wds.WebDataset(str(shard), shardshuffle=False, empty_check=False)]
+    for i, (members, _) in enumerate(list(BAD_SAMPLES.values())[:len(samples)]):
+        samples[i] = {"__key__": samples[i]["__key__"], **members}
+    written = write_tar(shard, samples)  # the builder's own writer: temporary name, readability check, rename
     index_path = shard.parent / INDEX_NAME
     index = json.loads(index_path.read_text())
     for entry in index["shards"]:
         if entry["name"] == shard.name:
-            entry.update(bytes=shard.stat().st_size, sha256=hashlib.sha256(shard.read_bytes()).hexdigest())
+            entry.update(written)
     index_path.with_suffix(".tmp").write_text(json.dumps(index))
     os.replace(index_path.with_suffix(".tmp"), index_path)
 

@@ -103,15 +103,7 @@ def model_card(meta: dict, results: dict | None) -> str:
              "its base path is absolute)") + "; the towers and heads: `safetensors.torch.load_file(\"THIS_FOLDER/"
              "model.safetensors\")`.", "", "## Input format", ""]
     if inputs:
-        lines += [f"- X-ray: grayscale, CLAHE (clip 2, 8 x 8 tiles), short side {inputs['cxr_short_side']} px"
-                  + (f" after a {inputs['cxr_squash']} px square resize" if inputs["cxr_squash"] else "") +
-                  f", JPEG quality 95; model input: short side {inputs['image_size']}, centre crop, "
-                  "(x / 255 - 0.499) / 0.293.",
-                  f"- ECG: 12 leads in the order {', '.join(inputs['leads'])}, mV, resampled to "
-                  f"{inputs['ecg_rate_hz']:g} Hz, baseline removed (median filters 0.2 s then 0.6 s); model input: "
-                  f"{inputs['ecg_samples']} samples, each lead min-max scaled to [-1, 1].",
-                  f"- Text: \"The report from Xray is: ...\" / \"The report from ECG is: ...\", at most "
-                  f"{inputs['max_text_tokens']} tokens.", ""]
+        lines += [f"- {line}." for line in InputFormat.from_dict(inputs, "config.json").describe()] + [""]
     else:
         lines += ["Not recorded (exported without it): `more_scale.load` refuses this folder.", ""]
     lines += ["## Provenance", ""] + [f"- {key}: {value}" for key, value in trained.items()] + [""]

@@ -23,6 +23,7 @@ import torch
 from more_scale.data import cxr, ecg
 from more_scale.data.input_format import InputFormat, InputsUnknown
 from more_scale.data.reports import joined_report
+from more_scale.eval.embed import embed_texts, load_trained
 
 INPUTS_FILE = "inputs.json"  # a run folder's InputFormat, written by training
 REPORT_SIDES = ("radiology", "cardiology")
@@ -55,14 +56,10 @@ class MoREEmbedder:
         if report not in REPORT_SIDES:
             raise ValueError(f"report={report!r}, expected one of {REPORT_SIDES}")
         framed = [joined_report(t, "") if report == "radiology" else joined_report("", t) for t in texts]
-        parts = []
-        for start in range(0, len(framed), batch_size):
-            tokens = self.tokenizer(framed[start:start + batch_size], padding="longest", truncation=True,
-                                    max_length=self.inputs.max_text_tokens, return_tensors="pt").to(self.device)
-            parts.append(self.model.encode("text", tokens["input_ids"], tokens["attention_mask"]).cpu().numpy())
-        if not parts:
+        if not framed:
             raise ValueError("embed_text: no texts given")
-        return np.concatenate(parts)
+        return np.concatenate([embed_texts(self.model, self.tokenizer, framed[start:start + batch_size],
+                                           self.inputs.max_text_tokens) for start in range(0, len(framed), batch_size)])
 
     def zero_shot(self, embeddings: np.ndarray, modality: str, tasks_file: str | Path | None = None) -> dict:
         """Per task of a tasks YAML (default: the shipped one) for `modality` (cxr | ecg): each answer's
@@ -92,9 +89,8 @@ class MoREEmbedder:
         gray = image if isinstance(image, np.ndarray) else cxr.read_gray(image)
         if gray.ndim != 2 or gray.dtype != np.uint8:
             raise ValueError(f"an X-ray array must be (H, W) uint8 grayscale, got {gray.shape} {gray.dtype}")
-        stored = cxr.preprocess_image(gray, fmt.cxr_short_side, fmt.cxr_squash)
-        ok, jpeg = cv2.imencode(".jpg", stored, [cv2.IMWRITE_JPEG_QUALITY, cxr.JPEG_QUALITY])  # as the shard holds it
-        return cxr.to_model_input(cv2.imdecode(jpeg, cv2.IMREAD_GRAYSCALE), fmt.image_size)
+        jpeg = cxr.stored_jpeg(gray, fmt.cxr_short_side, fmt.cxr_squash)  # what the shard holds
+        return cxr.to_model_input(cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_GRAYSCALE), fmt.image_size)
 
     def _ecg_input(self, record) -> np.ndarray:
         fmt = self.inputs
@@ -132,8 +128,6 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> MoREEmbedder:
         recorded = json.loads((path / "config.json").read_text()).get("inputs")
         where = path / "config.json"
     elif (path / "config.yaml").is_file():
-        from more_scale.eval.embed import load_trained
-
         model, _, tokenizer = load_trained(path)
         recorded, where = run_inputs(path), path / INPUTS_FILE
     else:

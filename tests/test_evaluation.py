@@ -183,7 +183,7 @@ def test_reference_recipe_pieces(tokenizer, tmp_path):
 
     image = np.random.default_rng(0).integers(0, 255, (90, 60), dtype=np.uint8)
     cv2.imwrite(str(tmp_path / "x.png"), image)
-    squashed = cxr.preprocess_file(tmp_path / "x.png", squash=32)
+    squashed = cxr.preprocess_image(cxr.read_gray(tmp_path / "x.png"), squash=32)
     assert squashed.shape == (32, 32)
     assert np.array_equal(squashed, cxr.clahe(cv2.resize(image, (32, 32), interpolation=cv2.INTER_AREA)))
 

@@ -15,12 +15,12 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import cv2
 import numpy as np
 import webdataset as wds
 from rich.progress import Progress
 
 from more_scale.data import cxr, ecg, reports
+from more_scale.data.input_format import stored_members
 from more_scale.data.shard_reader import ShardTable
 
 INDEX_NAME = "shards.json"
@@ -58,11 +58,7 @@ def build_sample(spec: SampleSpec, options: BuildOptions) -> dict:
     """Read and preprocess one sample into shard members (bytes); raises ValueError naming the file."""
     sample = {"__key__": spec.key}
     if spec.cxr:
-        ok, jpeg = cv2.imencode(".jpg", cxr.preprocess_file(spec.cxr, options.short_side, options.squash),
-                                [cv2.IMWRITE_JPEG_QUALITY, cxr.JPEG_QUALITY])
-        if not ok:
-            raise ValueError(f"{spec.cxr}: JPEG encoding failed")
-        sample["cxr.jpg"] = jpeg.tobytes()
+        sample["cxr.jpg"] = cxr.stored_jpeg(cxr.read_gray(spec.cxr), options.short_side, options.squash)
     meta = dict(spec.meta)
     if spec.ecg:
         signal, filled = ecg.preprocess_record(spec.ecg, options.ecg_rate, spec.ecg_npy_rate)
@@ -194,7 +190,7 @@ def merge_index(out: Path, options: BuildOptions, source: dict) -> dict:
         entries.sort(key=lambda e: e["name"])
         index = {"split": split_dir.name, "samples": sum(e["samples"] for e in entries), "shards": entries,
                  "failures": sorted(failures), "build": {**_build_options(options), **source},
-                 "members": member_format(options)}
+                 "members": stored_members(options.short_side, options.squash, options.ecg_rate)}
         _write_json_atomic(split_dir / INDEX_NAME, index)
         summary["samples"][split_dir.name] = index["samples"]
         summary["failures"][split_dir.name] = len(failures)
@@ -203,19 +199,6 @@ def merge_index(out: Path, options: BuildOptions, source: dict) -> dict:
 
         train_tokenizer(list(_train_texts(out / "train")), out / "tokenizer", options.tokenizer_vocab)
     return summary
-
-
-def member_format(options: BuildOptions) -> dict[str, str]:
-    """What each member of a sample holds, in words: a reader of the shards (a plain webdataset pipeline too)
-    learns the lead order, units and filtering here, not from this code."""
-    image = (f"resized to {options.squash} x {options.squash} (aspect lost), then CLAHE" if options.squash else
-             f"CLAHE, then the short side resized to {options.short_side} px (aspect kept)")
-    return {"cxr.jpg": f"grayscale JPEG, quality {cxr.JPEG_QUALITY}: {image}; CLAHE clip limit 2, 8 x 8 tiles",
-            "ecg.npy": f"float16 array (12, T) in mV, leads {', '.join(ecg.LEADS)} in this order, resampled to "
-                       f"{options.ecg_rate:g} Hz, baseline removed (median filters of 0.2 s then 0.6 s subtracted), "
-                       f"NaN/inf runs up to {ecg.MAX_GAP_S:g} s filled with 0",
-            "rad.txt": "the radiology report, UTF-8", "ecg.txt": "the ECG's machine statements, UTF-8",
-            "meta.json": "identifiers and labels (CheXpert, edema severity, ECG statements, PTB-XL codes)"}
 
 
 def _build_options(options: BuildOptions) -> dict:

@@ -41,17 +41,20 @@ def resize_short_side(image: np.ndarray, size: int, shrink=cv2.INTER_AREA) -> np
     return cv2.resize(image, new, interpolation=shrink if scale < 1 else cv2.INTER_CUBIC)
 
 
-def preprocess_file(path: str | Path, short_side: int = 256, squash: int = 0) -> np.ndarray:
-    """What a shard stores of an image file (before JPEG encoding): see `preprocess_image`."""
-    return preprocess_image(read_gray(path), short_side, squash)
-
-
 def preprocess_image(gray: np.ndarray, short_side: int = 256, squash: int = 0) -> np.ndarray:
     """(H, W) uint8 -> grayscale, CLAHE, short side resized (aspect kept); or, with `squash`, the MoRE
     reference's order: resized to squash x squash (aspect lost), then CLAHE."""
     if squash:
         return clahe(cv2.resize(gray, (squash, squash), interpolation=cv2.INTER_AREA))
     return resize_short_side(clahe(gray), short_side)
+
+
+def stored_jpeg(gray: np.ndarray, short_side: int = 256, squash: int = 0) -> bytes:
+    """The cxr.jpg a shard stores for an (H, W) uint8 image: `preprocess_image`, JPEG at JPEG_QUALITY."""
+    ok, jpeg = cv2.imencode(".jpg", preprocess_image(gray, short_side, squash), [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
+    if not ok:
+        raise ValueError("JPEG encoding failed")
+    return jpeg.tobytes()
 
 
 def normalise(image: np.ndarray) -> np.ndarray:

@@ -7,7 +7,20 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from more_scale.data import ecg
+from more_scale.data import cxr, ecg
+
+
+def stored_members(short_side: int, squash: int, ecg_rate: float) -> dict[str, str]:
+    """What each member of a shard's sample holds, in words (shards.json's "members", the export's model card):
+    a reader learns the lead order, units and filtering here, not from this code."""
+    image = (f"resized to {squash} x {squash} (aspect lost), then CLAHE" if squash else
+             f"CLAHE, then resized to short side {short_side} px (aspect kept)")
+    return {"cxr.jpg": f"grayscale JPEG, quality {cxr.JPEG_QUALITY}: {image}; CLAHE clip limit 2, 8 x 8 tiles",
+            "ecg.npy": f"float16 array (12, T) in mV, leads {', '.join(ecg.LEADS)} in this order, resampled to "
+                       f"{ecg_rate:g} Hz, baseline removed (median filters of 0.2 s then 0.6 s subtracted), "
+                       f"NaN/inf runs up to {ecg.MAX_GAP_S:g} s filled with 0",
+            "rad.txt": "the radiology report, UTF-8", "ecg.txt": "the ECG's machine statements, UTF-8",
+            "meta.json": "identifiers and labels (CheXpert, edema severity, ECG statements, PTB-XL codes)"}
 
 
 class InputsUnknown(ValueError):
@@ -41,3 +54,13 @@ class InputFormat:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "leads": list(self.leads)}
+
+    def describe(self) -> list[str]:
+        """The format in words, stored form then model input (the export's model card)."""
+        stored = stored_members(self.cxr_short_side, self.cxr_squash, self.ecg_rate_hz)
+        return [f"X-ray, stored: {stored['cxr.jpg']}; model input: short side {self.image_size} px, centre crop, "
+                f"(x / 255 - {cxr.MEAN}) / {cxr.STD}",
+                f"ECG, stored: {stored['ecg.npy']}; model input: {self.ecg_samples} samples, each lead min-max "
+                "scaled to [-1, 1]",
+                f"Text: \"The report from Xray is: ...\" / \"The report from ECG is: ...\", at most "
+                f"{self.max_text_tokens} tokens"]
