@@ -132,7 +132,7 @@ def test_prompts_are_not_the_synthetic_generators_sentences():
 def test_relevance_peaks_on_the_patch_the_answer_depends_on():
     """A tiny ViT trained to read one patch's brightness: its relevance map points at that patch."""
     from more_scale.config import CxrConfig
-    from more_scale.eval.explain import token_relevance
+    from more_scale.eval.explain import SANITY_MAX_RANK_CORRELATION, randomised, rank_correlations, token_relevance
     from more_scale.models.vit import build_cxr_encoder
 
     torch.manual_seed(0)
@@ -152,6 +152,42 @@ def test_relevance_peaks_on_the_patch_the_answer_depends_on():
     x[:, 0, 8:16, 16:24] += 2.0  # a bright patch: a large answer to explain
     relevance, _ = token_relevance(vit, x, lambda f: readout(f)[:, 0])
     assert (relevance.argmax(1) == target).float().mean() >= 0.75
+    # the randomisation check: the untrained twin's map does not point there, and the two maps disagree
+    twin, twin_readout = randomised(vit), randomised(readout)
+    assert not any(torch.equal(a, b) for a, b in zip(twin.parameters(), vit.parameters()))
+    untrained, _ = token_relevance(twin, x, lambda f: twin_readout(f)[:, 0])
+    assert (untrained.argmax(1) == target).float().mean() < 0.5
+    rho = rank_correlations(relevance.numpy(), untrained.numpy())
+    assert max(rho) < SANITY_MAX_RANK_CORRELATION
+    assert rank_correlations(relevance.numpy(), relevance.numpy()) == pytest.approx([1.0] * len(x))  # itself: fails
+
+
+def test_ecg_attribution_names_the_lead_the_answer_depends_on():
+    """A tiny ECG tower (the paper's Conv1d stem, which mixes the leads) trained to read lead aVL alone: the
+    per-lead gradient x input gives aVL the largest share on every sample, while the leads' maps differ."""
+    from more_scale.config import EcgConfig
+    from more_scale.data.ecg import LEADS
+    from more_scale.eval.explain import ecg_maps
+    from more_scale.models.vit import build_ecg_encoder
+
+    torch.manual_seed(0)
+    vit = build_ecg_encoder(EcgConfig(width=32, depth=2, heads=2, samples=200, stem_channels=16, stem_norm="group",
+                                      attention="math"))
+    readout = torch.nn.Linear(32, 1)
+    lead = LEADS.index("aVL")
+    optimiser = torch.optim.Adam([*vit.parameters(), *readout.parameters()], lr=3e-3)
+    for _ in range(300):
+        x = torch.randn(32, 12, 200)
+        y = x[:, lead, 50:150].mean(1) * 10  # a window of one lead, scaled to unit variance
+        loss = ((readout(vit(x))[:, 0] - y) ** 2).mean()
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    assert loss.item() < 0.2  # it learned to read that lead (the target's variance is 1)
+    per_lead, over_time = ecg_maps(vit, torch.randn(8, 12, 200), lambda f: readout(f)[:, 0], rate=100.0)
+    share = per_lead.sum(-1) / per_lead.sum((1, 2))[:, None]
+    assert (share.argmax(1) == lead).all() and share[:, lead].mean() > 0.3  # 12 equal leads would be 0.083 each
+    assert over_time.shape == (8, 200)
 
 
 def test_reference_recipe_pieces(tokenizer, tmp_path):

@@ -150,6 +150,12 @@ def test_evaluate_writes_the_full_report_beside_chance(stopped_and_resumed, shar
     assert page.count("src='data:image/png;base64,") == len(figures) and "src='figures/" not in page  # self-contained
     assert results["provenance"]["checkpoint"] == "step_00000020" and "checkpoint step_00000020" in page
     assert cardio["auroc_ci"][0] <= cardio["auroc"] <= cardio["auroc_ci"][1] and "AUROC [95% CI]" in page
+    explained = results["relevance"]
+    assert {"yes", "no"} <= {c.split(": ")[1] for c in explained["cxr"]["samples"]}  # positives beside negatives
+    for r in explained.values():  # the randomisation check ran and its verdict is its threshold's
+        assert all(-1 <= rho <= 1 for rho in r["rank_correlation_with_random_weights"])
+        assert r["passes_sanity_check"] == (max(r["rank_correlation_with_random_weights"]) < 0.5)
+    assert "Model-parameter randomisation check" in page
     headings = re.findall(r"<h2>(.*?)</h2>", page)
     assert len(headings) == len(set(headings))  # no two sections share a title
 

@@ -219,6 +219,17 @@ def build_loader(cfg: DataConfig, shape: InputShape, rank: int, world: int, toke
                                        pin_memory=pin_memory, generator=torch.Generator().manual_seed(cfg.seed))
 
 
+def stored_sample(directory: str | Path, position: int) -> dict:
+    """The stored members of the sample at running index `position` of a shard set, as iter_batches numbers them."""
+    entries = read_index(directory)["shards"]
+    for shard, entry in enumerate(entries):
+        if position < entry["samples"]:
+            reader = ShardReader([str(Path(directory) / entry["name"])], [entry["samples"]])
+            return reader.read(0, position)
+        position -= entry["samples"]
+    raise IndexError(f"{directory}: no sample at running index {position} (past the end)")
+
+
 def iter_batches(directory: str | Path, cfg: DataConfig, shape: InputShape, tokenizer, batch_size: int | None = None,
                  part: tuple[int, int] = (0, 1)):
     """Every sample of a shard set exactly once, in index order, in batches. `part=(rank, world)` keeps the

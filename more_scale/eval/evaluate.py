@@ -18,17 +18,19 @@ from rich.table import Table
 
 from more_scale import dist
 from more_scale.config import input_shape
-from more_scale.data.pipeline import iter_batches
+from more_scale.data import ecg
+from more_scale.data.build import read_index
+from more_scale.data.pipeline import iter_batches, stored_sample
 from more_scale.eval import figures
 from more_scale.eval.embed import embed, embed_texts, load_trained
-from more_scale.eval.explain import cxr_map, ecg_map
+from more_scale.eval.explain import SANITY_MAX_RANK_CORRELATION, cxr_relevance, ecg_relevance
 from more_scale.eval.metrics import MIN_CLASS_FOR_INTERVAL, linear_probe, retrieval, zero_shot
 from more_scale.eval.tasks import Task, check_fields, load_tasks
 from more_scale.train.checkpoint import latest_tag, trained_from
 from more_scale.train.engine import engine_device
 
 RETRIEVAL_PAIRS = (("text", "cxr"), ("text", "ecg"), ("cxr", "ecg"), ("ecg", "cxr"))
-EXPLAINED = 4  # X-rays (and one ECG) with relevance maps in the report
+EXPLAINED = 4  # X-rays (half positive, half negative where there are) and one ECG with relevance maps
 
 
 def evaluate(run_dir: str | Path, shards: str | Path, out_dir: str | Path, tasks_file: str | Path | None = None,
@@ -83,30 +85,43 @@ def _pictures(model, cfg, tokenizer, emb, tasks: list[Task], prompt_embeddings, 
     }
     batch = next(iter(iter_batches(shards, cfg.data, input_shape(cfg.model), tokenizer, 32)))
     device = next(model.parameters()).device
+    results["relevance"] = {}
     for modality in ("cxr", "ecg"):
-        # the binary task with the most positives in this batch, explained on its positive samples first
+        # the binary task with the most positives in this batch, explained on positives and negatives alike
         candidates = [t for t in tasks if t.modality == modality and t.kind == "binary"]
         present = batch.cxr_mask if modality == "cxr" else batch.ecg_mask
         labels = {t.name: [t.label(m) if present[i] else None for i, m in enumerate(batch.info.meta)] for t in candidates}
         task = max(candidates, key=lambda t: sum(v == 1.0 for v in labels[t.name]), default=None)
         if task is None or not present.any():
             continue
-        order = sorted((i for i in range(len(batch)) if present[i]), key=lambda i: labels[task.name][i] != 1.0)
-        chosen = order[:EXPLAINED if modality == "cxr" else 1]
+        positives = [i for i, v in enumerate(labels[task.name]) if v == 1.0]
+        negatives = [i for i, v in enumerate(labels[task.name]) if v == 0.0]
+        half = EXPLAINED // 2
+        chosen = positives[:half] + negatives[:half]
+        chosen += (positives[half:] + negatives[half:])[:EXPLAINED - len(chosen)]  # one side short: the other fills
+        if modality == "ecg":
+            chosen = (positives or negatives)[:1]
+        if not chosen:
+            continue
         query = torch.from_numpy(prompt_embeddings[task.name]["positive"].mean(0)).float().to(device)
         query = query / query.norm()
         sentence = task.answers["positive"][0]
         picked = batch.rows(torch.tensor(chosen)).to(device)
         answer = {1.0: "yes", 0.0: "no"}
-        captions = [f"{task.name}: {answer.get(labels[task.name][i], '?')}" for i in chosen]
+        captions = [f"{task.name}: {answer[labels[task.name][i]]}" for i in chosen]
         if modality == "cxr":
-            maps = cxr_map(model, picked.cxr, query)
-            made[f"Relevance: X-ray, {task.name}"] = figures.relevance_cxr(picked.cxr.cpu(), maps, sentence,
+            relevance = cxr_relevance(model, picked.cxr, query)
+            made[f"Relevance: X-ray, {task.name}"] = figures.relevance_cxr(picked.cxr.cpu(), relevance, sentence,
                                                                            folder / "relevance_cxr.png", captions)
         else:
-            maps = ecg_map(model, picked.ecg, query)
+            rate = float(read_index(shards)["build"]["ecg_rate"])
+            relevance = ecg_relevance(model, picked.ecg, query, rate)
+            stored = ecg.load_npy(stored_sample(shards, batch.info.positions[chosen[0]])["ecg.npy"])
             made[f"Relevance: ECG, {task.name}"] = figures.relevance_ecg(
-                picked.ecg[0].cpu(), maps[0], sentence, folder / "relevance_ecg.png", captions[0])
+                stored, relevance, sentence, folder / "relevance_ecg.png", captions[0], rate)
+        results["relevance"][modality] = {"task": task.name, "samples": captions,
+                                          "rank_correlation_with_random_weights": relevance.rank_correlation,
+                                          "passes_sanity_check": relevance.passes}
     return {name: str(path.relative_to(out_dir)) for name, path in made.items() if path is not None}
 
 
@@ -129,6 +144,20 @@ def verdict(r: dict, metric: str = "auroc") -> str:
     if not ci or chance is None:
         return ""
     return "above chance" if ci[0] > chance else "BELOW CHANCE" if ci[1] < chance else "at chance"
+
+
+def sanity_summary(results: dict) -> str:
+    """One line per explained modality: the randomisation check's rank correlations and what they mean."""
+    lines = []
+    for modality, r in results.get("relevance", {}).items():
+        rhos = ", ".join(f"{v:.2f}" for v in r["rank_correlation_with_random_weights"])
+        what = "X-ray" if modality == "cxr" else "ECG"
+        lines.append(f"{what} ({r['task']}): rank correlation with the same model's map at random weights {rhos}; "
+                     + ("passes" if r["passes_sanity_check"] else "FAILS: the map shows the input more than what the "
+                        "model learned, do not read it as evidence"))
+    return (f"Model-parameter randomisation check (Adebayo et al. 2018): a map must differ from the map of the "
+            f"same architecture with re-drawn weights (Spearman < {SANITY_MAX_RANK_CORRELATION}). "
+            + " ".join(lines) + ". A map says where the match came from, never that a finding is there.")
 
 
 def not_scored(results: dict) -> list[str]:
@@ -166,10 +195,16 @@ def _zero_shot_rows(results: dict) -> list[list[str]]:
 
 ZERO_SHOT_COLUMNS = ("task", "modality", "n (pos)", "AUROC [95% CI]", "chance", "AUPRC [95% CI]", "chance",
                      "vs chance")
-RETRIEVAL_COLUMNS = ("query -> gallery", "n", "R@1", "chance", "R@5", "chance", "R@10", "chance", "median rank", "chance")
+RETRIEVAL_COLUMNS = ("query -> gallery", "n", "R@1 [95% CI]", "chance", "R@5 [95% CI]", "chance", "R@10 [95% CI]", "chance",
+                     "median rank", "chance")
 def _retrieval_rows(results: dict) -> list[list[str]]:
-    return [[name, str(r["n"]), *[_fmt(r.get(f"{p}R@{k}")) for k in (1, 5, 10) for p in ("", "chance_")],
-             _fmt(r.get("median_rank"), 1), _fmt(r.get("chance_median_rank"), 1)] for name, r in results["retrieval"].items()]
+    rows = []
+    for name, r in results["retrieval"].items():
+        cells = [name, str(r["n"])]
+        for k in (1, 5, 10):
+            cells += [with_ci(r, f"R@{k}"), _fmt(r.get(f"chance_R@{k}"))]
+        rows.append(cells + [_fmt(r.get("median_rank"), 1), _fmt(r.get("chance_median_rank"), 1)])
+    return rows
 
 
 def print_results(results: dict, console: Console | None = None) -> None:
@@ -220,6 +255,8 @@ def html_report(results: dict, out_dir: Path) -> str:
         rows = [[n, str(r["n_train"]), *[_fmt(r.get(f"auroc@{f}")) for f in ("0.01", "0.1", "1")]]
                 for n, r in results["linear_probe"].items()]
         parts += ["<h2>Linear probe (test AUROC)</h2>", _html_table(("task", "n train", "1%", "10%", "100%"), rows)]
+    if results.get("relevance"):
+        parts += ["<h2>Relevance maps: can they be trusted?</h2>", f"<p class='meta'>{html.escape(sanity_summary(results))}</p>"]
     for name, path in results.get("figures", {}).items():
         data = base64.b64encode((out_dir / path).read_bytes()).decode()
         parts.append(f"<h2>Figure: {html.escape(name)}</h2><img src='data:image/png;base64,{data}' "

@@ -1,23 +1,39 @@
-"""Relevance maps: which X-ray patches and which ECG leads and moments made the model match a text.
+"""Relevance maps: which X-ray patches and which ECG leads and moments made the model match a text, and
+whether a map says anything about what the model learned.
 
 Gradient-weighted attention rollout (Chefer, Gur and Wolf, ICCV 2021, "Generic Attention-model
 Explainability"): starting from the identity, every block adds its attention probabilities weighted by
 their gradient (positive part, averaged over heads) times the relevance so far, R <- R + mean_h[(dA * A)+] R;
 the CLS row of R says how much each patch token drove the score. The score is the cosine similarity between
 the image (or ECG) embedding and a text query's embedding, so the map answers "where is this finding".
-For ECGs the tokens are moments (the Conv1d stem mixes the leads): the rollout gives relevance over time,
-and gradient x input per lead says which leads carried it.
+
+ECG: with the Conv1d stem every token mixes all 12 leads, so the rollout is relevance over time only; which
+lead carried it is gradient x input per lead at the stem's input (with the lead-patch stem the rollout is per
+lead and time already, and is used as it is).
+
+Sanity check (Adebayo et al., NeurIPS 2018, "Sanity Checks for Saliency Maps", model-parameter
+randomisation): the same map from the same architecture with re-drawn weights. A map that stays rank-correlated
+with it (Spearman >= SANITY_MAX_RANK_CORRELATION) shows the input and the architecture, not what was learned.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy.stats import spearmanr
 
 from more_scale.models.vit import Attention, VisionTransformer
+
+# Adebayo et al. call a map insensitive to the weights when it stays similar after randomisation; a rank
+# correlation of 0.5 or more between the two maps means over a quarter of the trained map's rank variance is
+# what an untrained model of this shape would show anyway
+SANITY_MAX_RANK_CORRELATION = 0.5
+ECG_SMOOTH_S = 0.1  # per-lead gradient x input is averaged over this window: single samples flicker
 
 
 @contextlib.contextmanager
@@ -58,28 +74,96 @@ def token_relevance(vit: VisionTransformer, x: torch.Tensor, score) -> tuple[tor
     return rollout(records)[:, 1:], x.grad.detach()
 
 
-def cxr_map(model, image: torch.Tensor, query: torch.Tensor) -> np.ndarray:
-    """(B, H, W) relevance in [0, 1] of an X-ray batch (B, 1, H, W) for a unit text embedding `query` (D,)."""
-    vit = model.encoders["cxr"]
-    head = model.heads["cxr"]
+def randomised(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """A copy of `module` with every weight re-drawn by its own module's initialiser (`reset_parameters`), the
+    global random state left as it was."""
+    twin = copy.deepcopy(module)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for m in twin.modules():
+            if hasattr(m, "reset_parameters"):
+                m.reset_parameters()
+    return twin
+
+
+def rank_correlations(maps: np.ndarray, others: np.ndarray) -> list[float]:
+    """Spearman correlation of each sample's map with the other map of the same sample (flattened)."""
+    out = []
+    for a, b in zip(maps.reshape(len(maps), -1), others.reshape(len(others), -1)):
+        rho = spearmanr(a, b).statistic
+        out.append(float(0.0 if np.isnan(rho) else rho))  # a constant map ranks nothing: no agreement
+    return out
+
+
+@dataclass
+class CxrRelevance:
+    maps: np.ndarray  # (B, H, W) in [0, 1] per image, the trained model's
+    random_maps: np.ndarray  # (B, H, W), the same architecture with re-drawn weights
+    rank_correlation: list[float]  # per image, on the patch grid (upsampling would inflate it)
+
+    @property
+    def passes(self) -> bool:
+        return max(self.rank_correlation) < SANITY_MAX_RANK_CORRELATION
+
+
+@dataclass
+class EcgRelevance:
+    per_lead: np.ndarray  # (B, 12, T) in [0, 1] per ECG: |gradient x input| per lead, smoothed
+    over_time: np.ndarray  # (B, T) in [0, 1]: the attention rollout (all leads together with the Conv1d stem)
+    lead_share: np.ndarray  # (B, 12): each lead's share of the summed |gradient x input|
+    rank_correlation: list[float]  # per ECG, per-lead maps of the trained model against re-drawn weights
+
+    @property
+    def passes(self) -> bool:
+        return max(self.rank_correlation) < SANITY_MAX_RANK_CORRELATION
+
+
+def _scorer(head: torch.nn.Module, query: torch.Tensor):
+    return lambda features: F.normalize(head(features).float(), dim=-1) @ query
+
+
+def _cxr_tokens(vit, head, image: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+    patches, _ = token_relevance(vit, image, _scorer(head, query))
+    return patches.reshape(-1, 1, *vit.stem.grid)
+
+
+def cxr_relevance(model, image: torch.Tensor, query: torch.Tensor) -> CxrRelevance:
+    """Maps of an X-ray batch (B, 1, H, W) for a unit text embedding `query` (D,), with the sanity check."""
     image = image.expand(-1, 3, -1, -1) if model.cxr_channels == 3 and image.shape[1] == 1 else image
-    patches, _ = token_relevance(vit, image, lambda f: F.normalize(head(f).float(), dim=-1) @ query)
-    gh, gw = vit.stem.grid
-    grid = patches.reshape(-1, 1, gh, gw)
-    up = F.interpolate(grid, size=image.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
-    return _normalise(up.numpy())
+    vit, head = model.encoders["cxr"], model.heads["cxr"]
+    trained = _cxr_tokens(vit, head, image, query)
+    untrained = _cxr_tokens(randomised(vit), randomised(head), image, query)
+
+    def upsampled(grid: torch.Tensor) -> np.ndarray:
+        return _normalise(F.interpolate(grid, size=image.shape[-2:], mode="bilinear", align_corners=False)[:, 0].numpy())
+
+    return CxrRelevance(upsampled(trained), upsampled(untrained), rank_correlations(trained.numpy(), untrained.numpy()))
 
 
-def ecg_map(model, signal: torch.Tensor, query: torch.Tensor) -> np.ndarray:
-    """(B, 12, T) relevance in [0, 1] of an ECG batch (B, 12, T): the rollout over time (the stem's tokens
-    stretched to T) times each lead's |gradient x input|, smoothed over 0.1 s."""
-    vit = model.encoders["ecg"]
-    head = model.heads["ecg"]
-    tokens, grad = token_relevance(vit, signal, lambda f: F.normalize(head(f).float(), dim=-1) @ query)
-    over_time = F.interpolate(tokens[:, None], size=signal.shape[-1], mode="linear", align_corners=False)  # (B, 1, T)
-    per_lead = (grad * signal).abs()
-    per_lead = F.avg_pool1d(per_lead, 11, stride=1, padding=5)  # 0.1 s at 100 Hz
-    return _normalise((per_lead * over_time).numpy())
+def ecg_maps(vit, signal: torch.Tensor, score, rate: float) -> tuple[np.ndarray, np.ndarray]:
+    """((B, 12, T) per-lead |gradient x input| smoothed over ECG_SMOOTH_S, (B, T) rollout over time), both
+    unnormalised, for `score` (the tower's features -> one number per sample)."""
+    tokens, grad = token_relevance(vit, signal, score)
+    b, leads, samples = signal.shape
+    grid = tokens.reshape(b, *vit.stem.grid)  # (B, N) with the Conv1d stem, (B, leads, pieces) with the lead stem
+    if grid.ndim == 2:
+        grid = grid[:, None]
+    over_time = F.interpolate(grid.float(), size=samples, mode="linear", align_corners=False)  # (B, 1 or 12, T)
+    width = int(round(ECG_SMOOTH_S * rate)) | 1
+    per_lead = F.avg_pool1d((grad * signal).abs().cpu(), width, stride=1, padding=width // 2)
+    if over_time.shape[1] == leads:  # the lead stem: the rollout already tells the leads apart
+        per_lead = per_lead * over_time
+    return per_lead.numpy(), over_time.mean(1).numpy()
+
+
+def ecg_relevance(model, signal: torch.Tensor, query: torch.Tensor, rate: float = 100.0) -> EcgRelevance:
+    """Maps of an ECG batch (B, 12, T) sampled at `rate` for a unit text embedding `query` (D,): per lead
+    (normalised over the whole ECG, so a quiet lead stays pale), over time, each lead's share, the sanity check."""
+    vit, head = model.encoders["ecg"], model.heads["ecg"]
+    per_lead, over_time = ecg_maps(vit, signal, _scorer(head, query), rate)
+    random_lead, _ = ecg_maps(randomised(vit), signal, _scorer(randomised(head), query), rate)
+    share = per_lead.sum(-1) / np.maximum(per_lead.sum((1, 2))[:, None], 1e-12)
+    return EcgRelevance(_normalise(per_lead), _normalise(over_time), share, rank_correlations(per_lead, random_lead))
 
 
 def _normalise(a: np.ndarray) -> np.ndarray:

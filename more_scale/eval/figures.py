@@ -200,46 +200,73 @@ def training_curves(run_dir: Path, path: Path) -> Path | None:
         return _save(fig, path)
 
 
-def relevance_cxr(images: torch.Tensor, maps: np.ndarray, query: str, path: Path,
-                  captions: list[str] | None = None) -> Path | None:
-    """X-rays beside their relevance map for a text query (overlay, bright = drove the match)."""
+def relevance_cxr(images: torch.Tensor, relevance, query: str, path: Path, captions: list[str]) -> Path | None:
+    """X-rays (positives and negatives side by side), the trained model's continuous relevance map over each,
+    and the same map from randomised weights with its rank correlation (the sanity check)."""
+    from more_scale.eval.explain import SANITY_MAX_RANK_CORRELATION
+
     if len(images) == 0:
         return None
+    rows = (("X-ray", None), ("trained model", relevance.maps), ("random weights\n(sanity check)", relevance.random_maps))
     with plt.rc_context(STYLE):
-        fig, axes = plt.subplots(2, len(images), figsize=(2.6 * len(images), 5.4), squeeze=False)
-        for c, (image, heat) in enumerate(zip(images, maps)):
+        fig, axes = plt.subplots(3, len(images), figsize=(2.6 * len(images), 8.2), squeeze=False)
+        for c, image in enumerate(images):
             gray = image[0].numpy()
-            axes[0, c].imshow(gray, cmap="gray")
-            axes[1, c].imshow(gray, cmap="gray")
-            # only the most relevant fifth of the film is coloured: a wash over all of it hides the anatomy
-            overlay = axes[1, c].imshow(np.ma.masked_less(heat, np.quantile(heat, 0.8)), cmap="autumn_r", alpha=0.65,
-                                        vmin=0, vmax=1)
-            for ax in axes[:, c]:
-                ax.set(xticks=[], yticks=[])
-            if captions:
-                axes[0, c].set_title(captions[c], fontsize=9)
-        axes[0, 0].set_ylabel("X-ray")
-        axes[1, 0].set_ylabel("relevance")
-        fig.colorbar(overlay, ax=list(axes[1]), fraction=0.02, pad=0.01, label="relevance (top fifth shown)")
-        fig.suptitle(textwrap.fill(f"Where the X-ray matches \"{query}\"", 90), fontweight="bold")
+            for r, (_, maps) in enumerate(rows):
+                axes[r, c].imshow(gray, cmap="gray")
+                if maps is not None:
+                    overlay = axes[r, c].imshow(maps[c], cmap="inferno", alpha=0.55, vmin=0, vmax=1)
+                axes[r, c].set(xticks=[], yticks=[])
+            axes[0, c].set_title(captions[c], fontsize=9)
+            rho = relevance.rank_correlation[c]
+            axes[2, c].set_title(f"rank corr. {rho:.2f}" + (" (fails)" if rho >= SANITY_MAX_RANK_CORRELATION else ""),
+                                 fontsize=9, color="#b00" if rho >= SANITY_MAX_RANK_CORRELATION else "#222")
+        for r, (label, _) in enumerate(rows):
+            axes[r, 0].set_ylabel(label)
+        fig.colorbar(overlay, ax=list(axes[1:].flat), fraction=0.02, pad=0.01,
+                     label="relevance (0 = least, 1 = most on that image)")
+        verdict = ("passes the randomisation check" if relevance.passes else
+                   "FAILS the randomisation check: it shows the image more than what the model learned")
+        fig.suptitle(textwrap.fill(f"Where the X-ray matches \"{query}\": the map {verdict} "
+                                   f"(Spearman < {SANITY_MAX_RANK_CORRELATION} with random weights)", 90), fontweight="bold")
         return _save(fig, path)
 
 
-def relevance_ecg(signal: torch.Tensor, heat: np.ndarray, query: str, path: Path, caption: str = "",
-                  rate: float = 100.0) -> Path:
-    """One 12-lead ECG, each lead drawn over its relevance (darker red = drove the match)."""
-    t = np.arange(signal.shape[-1]) / rate
+def relevance_ecg(signal_mv: np.ndarray, relevance, query: str, path: Path, caption: str, rate: float) -> Path:
+    """One 12-lead ECG in mV (as stored: baseline removed), each lead over its own gradient x input (darker =
+    drove the match), its share of the attribution beside its name, and the attention rollout over time on top."""
+    from more_scale.eval.explain import SANITY_MAX_RANK_CORRELATION
+
+    heat, share = relevance.per_lead[0], relevance.lead_share[0]
+    t = np.arange(heat.shape[-1]) / rate
+    shown = min(signal_mv.shape[-1], heat.shape[-1])  # the model zero-pads a short record: nothing to draw there
     with plt.rc_context(STYLE):
-        fig, axes = plt.subplots(6, 2, figsize=(11, 7.5), sharex=True)
-        for i, ax in enumerate(axes.T.flat):
-            ax.imshow(heat[i][None], aspect="auto", cmap="Reds", vmin=0, vmax=1,
-                      extent=(t[0], t[-1], float(signal[i].min()) - 0.1, float(signal[i].max()) + 0.1))
-            ax.plot(t, signal[i].numpy(), color="black", lw=0.7)
-            ax.set_ylabel(LEADS[i], rotation=0, ha="right", va="center")
-            ax.set_yticks([])
-        for ax in axes[-1]:
-            ax.set_xlabel("seconds")
-        fig.suptitle(textwrap.fill(f"Which leads and moments match \"{query}\"" + (f" ({caption})" if caption else ""), 100),
-                     fontweight="bold")
-        fig.tight_layout()
+        fig = plt.figure(figsize=(12, 9))
+        grid = fig.add_gridspec(7, 2, height_ratios=[0.5] + [1] * 6, hspace=0.35)
+        top = fig.add_subplot(grid[0, :])
+        top.plot(t, relevance.over_time[0], color="#444")
+        top.set(ylabel="rollout", xlim=(t[0], t[-1]), ylim=(0, 1.05), xticks=[])
+        top.set_title("attention rollout over time (all leads: the Conv1d stem mixes them)", fontsize=9)
+        for i in range(len(LEADS)):
+            ax = fig.add_subplot(grid[1 + i % 6, i // 6])
+            lead = signal_mv[i, :shown].astype(np.float32)
+            low, high = float(lead.min()) - 0.1, float(lead.max()) + 0.1
+            image = ax.imshow(heat[i][None], aspect="auto", cmap="Reds", vmin=0, vmax=1,
+                              extent=(t[0], t[-1], low, high))
+            ax.plot(t[:shown], lead, color="black", lw=0.7)
+            ax.set_ylim(low, high)
+            ax.set_ylabel(f"{LEADS[i]}\n{share[i]:.0%}", rotation=0, ha="right", va="center", labelpad=14)
+            ax.tick_params(labelsize=7)
+            if i % 6 == 5:
+                ax.set_xlabel("seconds")
+            else:
+                ax.set_xticklabels([])
+        fig.text(0.02, 0.45, "mV (baseline removed); under each lead's name: its share of |gradient x input|",
+                 rotation=90, va="center", fontsize=8)
+        fig.colorbar(image, ax=fig.axes, fraction=0.015, pad=0.01, label="gradient x input (0 = least, 1 = most)")
+        rho = relevance.rank_correlation[0]
+        verdict = "passes" if relevance.passes else "FAILS"
+        fig.suptitle(textwrap.fill(f"Which leads and moments match \"{query}\" ({caption}); randomisation check "
+                                   f"{verdict}: rank corr. {rho:.2f} with random weights (must be < "
+                                   f"{SANITY_MAX_RANK_CORRELATION})", 110), fontweight="bold")
         return _save(fig, path)

@@ -143,7 +143,9 @@ def retrieval(emb: Embeddings, query: str, gallery: str, ks=(1, 5, 10)) -> dict:
     sims = emb.vectors[query][rows] @ emb.vectors[gallery][rows].T  # (N, N), diagonal = true pairs
     out = {"n": int(len(rows))}
     for k in ks:
-        out[f"R@{k}"] = recall_at(sims, k)
+        hits = recall_hits(sims, k)
+        out[f"R@{k}"] = float(hits.mean())
+        out[f"R@{k}_ci"] = mean_interval(hits)
         out[f"chance_R@{k}"] = min(k, len(rows)) / len(rows)  # the true item at a uniformly random rank
     out["median_rank"] = float(np.median(expected_ranks(sims)))
     out["chance_median_rank"] = (len(rows) + 1) / 2
@@ -158,14 +160,20 @@ def expected_ranks(sims: np.ndarray) -> np.ndarray:
     return above + 1 + tied / 2
 
 
-def recall_at(sims: np.ndarray, k: int) -> float:
-    """Share of queries whose diagonal item ranks in the top k, ties broken at random in expectation:
+def recall_hits(sims: np.ndarray, k: int) -> np.ndarray:
+    """(N,) chance that each query's diagonal item ranks in the top k, ties broken at random in expectation:
     with g items above and t tied, the rank is uniform on g..g+t. (Counting ties as wins would give a
     collapsed model, whose similarities all tie, a perfect score.)"""
     target = np.diag(sims)[:, None]
     above = (sims > target).sum(1)
     tied = (sims == target).sum(1) - 1
-    return float(np.clip((k - above) / (tied + 1), 0, 1).mean())
+    return np.clip((k - above) / (tied + 1), 0, 1)
+
+
+def mean_interval(values: np.ndarray, seed: int = 0) -> list[float]:
+    """95% percentile interval of a mean over BOOTSTRAP_DRAWS resamples of the queries (the gallery fixed)."""
+    draws = np.random.default_rng(seed + 2).choice(values, (BOOTSTRAP_DRAWS, len(values))).mean(1)
+    return [float(v) for v in np.percentile(draws, [2.5, 97.5])]
 
 
 def linear_probe(train: Embeddings, test: Embeddings, task: Task, seed: int = 0) -> dict:

@@ -168,6 +168,9 @@ class EcgLeadPatchStem(nn.Module):
         self.lead = nn.Parameter(torch.zeros(1, cfg.leads, 1, cfg.width))
         self.grid = (cfg.leads, cfg.samples // cfg.patch_samples)
 
+    def reset_parameters(self) -> None:  # the lead embedding only; `proj` has its own
+        nn.init.zeros_(self.lead)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, L, T) -> (B, L * T/patch, width)
         b, leads, t = x.shape
         tokens = self.proj(x.view(b, leads, t // self.patch, self.patch)) + self.lead  # (B, L, P, W)
@@ -183,11 +186,16 @@ class VisionTransformer(nn.Module):
         patches = 1
         for n in stem.grid:
             patches *= n
-        self.cls = nn.Parameter(torch.zeros(1, 1, cfg.width))
-        self.pos = nn.Parameter(torch.randn(1, patches + 1, cfg.width) * 0.02)
+        self.cls = nn.Parameter(torch.empty(1, 1, cfg.width))
+        self.pos = nn.Parameter(torch.empty(1, patches + 1, cfg.width))
+        self.reset_parameters()
         self.blocks = nn.ModuleList(Block(cfg, p) for p in drop_key_rates(cfg))
         self.norm = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
         self.width = cfg.width
+
+    def reset_parameters(self) -> None:  # CLS and position table only; the stem and blocks have their own
+        nn.init.zeros_(self.cls)
+        nn.init.normal_(self.pos, std=0.02)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         patches = self.stem(x)  # (B, N, W)
