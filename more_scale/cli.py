@@ -287,8 +287,33 @@ Files that cannot be read are skipped and listed in OUT.skipped.csv with the rea
   more-embed --model EXPORT_OR_RUN --images DIR --out xrays
   more-embed --model EXPORT_OR_RUN --ecgs DIR --out ecgs
   more-embed --model EXPORT_OR_RUN --texts reports.txt [--report cardiology] --out reports
+  more-embed --model EXPORT_OR_RUN --manifest samples.csv --modality ecg --out ecgs
+                                      (the build's CSV manifest: its cxr or ecg column, paths from its folder)
 """
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+def manifest_inputs(model, manifest: Path, modality: str):
+    """(rows of a CSV manifest that name a `modality` file, their sources "key path", an embed function).
+    A .npy ECG is read with the row's ecg_rate when it is embedded, so a bad file is one skipped row."""
+    from more_scale.data import ecg
+    from more_scale.data.manifest import manifest_samples
+
+    try:
+        specs, _, bad = manifest_samples(manifest)
+    except (ValueError, OSError) as error:
+        raise SystemExit(f"error: {error}") from error
+    for line in bad:
+        print(f"skipped: {line}", file=sys.stderr)
+    specs = [s for s in specs if getattr(s, modality)]
+    sources = [f"{s.key} {getattr(s, modality)}" for s in specs]
+    if modality == "cxr":
+        return specs, sources, lambda chunk: model.embed_cxr([s.cxr for s in chunk])
+
+    def record(spec):
+        return ecg.read_npy(spec.ecg, spec.ecg_npy_rate) if spec.ecg.endswith(".npy") else spec.ecg
+
+    return specs, sources, lambda chunk: model.embed_ecg([record(s) for s in chunk])
 
 
 def embed_main(argv: list[str] | None = None) -> int:
@@ -306,6 +331,8 @@ def embed_main(argv: list[str] | None = None) -> int:
     what.add_argument("--images", type=Path, help="folder searched recursively for .jpg / .jpeg / .png")
     what.add_argument("--ecgs", type=Path, help="folder searched recursively for WFDB records (.hea)")
     what.add_argument("--texts", type=Path, help="UTF-8 text file, one report per line")
+    what.add_argument("--manifest", type=Path, help="CSV manifest (more-build-shards --source csv): its --modality column")
+    parser.add_argument("--modality", choices=["cxr", "ecg"], default="cxr", help="--manifest: which column to embed")
     parser.add_argument("--report", choices=["radiology", "cardiology"], default="radiology",
                         help="--texts: which report the lines are")
     parser.add_argument("--out", type=Path, required=True, help="output prefix: OUT.npy, OUT.csv")
@@ -321,11 +348,13 @@ def embed_main(argv: list[str] | None = None) -> int:
     elif args.images:
         items = sorted(p for p in args.images.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         sources, embed_one = [str(p) for p in items], model.embed_cxr
-    else:
+    elif args.ecgs:
         items = sorted(p.with_suffix("") for p in args.ecgs.rglob("*.hea"))
         sources, embed_one = [str(p) for p in items], model.embed_ecg
+    else:
+        items, sources, embed_one = manifest_inputs(model, args.manifest, args.modality)
     if not items:
-        parser.error(f"nothing to embed in {args.images or args.ecgs or args.texts}")
+        parser.error(f"nothing to embed in {args.images or args.ecgs or args.texts or args.manifest}")
     vectors, kept, skipped = [], [], []
     chunks = range(0, len(items), args.batch_size)
     for start in track(chunks, description=f"embedding {len(items)} items"):

@@ -154,3 +154,29 @@ def test_more_embed_writes_vectors_and_an_index_and_more_retrieve_ranks_them(tra
     assert [int(r) for r, _, _ in listed] == [1, 2, 3]
     scores = [float(s) for _, s, _ in listed]
     assert scores == sorted(scores, reverse=True)
+
+
+def test_more_embed_reads_a_csv_manifest_of_npy_ecgs(trained, raw_root, tmp_path, capsys):
+    """The build's CSV manifest as input: .npy ECGs at the row's ecg_rate embed as the API embeds the same
+    signals; a row whose file is not an ECG is skipped and named; a row without an ECG is not listed."""
+    from launch_helpers import embed_main
+
+    import more_scale
+    from more_scale.data.ecg import read_wfdb
+
+    _, export = trained
+    records = [read_wfdb(h) for h in sorted(raw_root.rglob("*.hea"))[:3]]
+    lines = ["key,ecg,ecg_rate,ecg_text"]
+    for n, (signal, rate) in enumerate(records):
+        np.save(tmp_path / f"{n}.npy", signal.T)  # (T, 12), as PTB-XL derived files store it
+        lines.append(f"s{n},{n}.npy,{rate:g},Sinus rhythm.")
+    np.save(tmp_path / "flat.npy", np.zeros(7))
+    lines += ["bad,flat.npy,500,Sinus rhythm.", "textonly,,,Sinus rhythm."]
+    (tmp_path / "samples.csv").write_text("\n".join(lines) + "\n")
+    assert embed_main(["--model", str(export), "--manifest", str(tmp_path / "samples.csv"), "--modality", "ecg",
+                       "--out", str(tmp_path / "ecgs")]) == 0
+    rows = (tmp_path / "ecgs.csv").read_text().splitlines()
+    assert [r.split(",")[1].split()[0] for r in rows[1:]] == ["s0", "s1", "s2"]
+    np.testing.assert_allclose(np.load(tmp_path / "ecgs.npy"), more_scale.load(export).embed_ecg(records), atol=1e-5)
+    skipped = (tmp_path / "ecgs.skipped.csv").read_text()
+    assert "flat.npy" in skipped and "expected (T, 12) or (12, T)" in skipped
