@@ -47,7 +47,9 @@ class DataConfig:
     validate: str = ""  # validation shard dir for train.eval_every; "" = the `validate` split beside data.train's first
     augment: bool = False  # the paper's training augmentations below (never in evaluation)
     cxr_crop_scale: tuple[float, ...] = (0.2, 1.0)  # RandomResizedCrop area range
+    cxr_crop_p: float = 1.0  # RandomResizedCrop probability; otherwise evaluation's centre crop (reference: 0.8)
     cxr_jitter: float = 0.4  # ColorJitter brightness and contrast
+    cxr_jitter_p: float = 1.0  # ColorJitter probability (reference: 0.8)
     cxr_blur_p: float = 0.5  # GaussianBlur probability (sigma 0.1-2)
     cxr_flip_p: float = 0.0  # the paper flips (0.5); off here: a mirrored film contradicts "left"/"right" in its report
     ecg_warp: float = 0.2  # time-warp: local speed 1 +- this (0 = off)
@@ -318,7 +320,7 @@ def validate(cfg: Config) -> None:
         (all(0 <= b < 1 for b in t.betas), f"train.betas must be two numbers in [0, 1), got {list(t.betas)}"),
         (t.collective_timeout_s >= 1, f"train.collective_timeout_s must be >= 1 second, got {t.collective_timeout_s}"),
     ] + [(0 <= getattr(d, p) <= 1, f"data.{p} must be in [0, 1], got {getattr(d, p)}")
-         for p in ("cxr_flip_p", "cxr_blur_p", "cxr_jitter")]
+         for p in ("cxr_flip_p", "cxr_blur_p", "cxr_jitter", "cxr_crop_p", "cxr_jitter_p")]
     for ok, message in early:
         if not ok:
             raise ConfigError(message)

@@ -1,6 +1,11 @@
 """The MoRE reference recipe's switches (configs/reference.yaml): weight decay on every parameter, LoRA with
-bias="all", and the shipped file carrying the reference's values."""
+bias="all", crop and jitter applied with p 0.8, and the shipped file carrying the reference's values."""
 
+import random
+
+import cv2
+import numpy as np
+import pytest
 import torch
 
 from more_scale.config import TextConfig, load_config
@@ -46,3 +51,25 @@ def test_the_reference_config_carries_the_reference_values():
     assert cfg.data.batch_size == 100 and cfg.model.temperature == 0.02
     assert (cfg.model.text.lora_r, cfg.model.text.lora_alpha, cfg.model.text.lora_dropout, cfg.model.text.lora_bias) == \
         (16, 8, 0.1, "all")
+    assert (cfg.data.cxr_crop_p, cfg.data.cxr_jitter_p) == (0.8, 0.8)  # utils/create_dataset.py 384-385
+
+
+@pytest.mark.parametrize("step", ["crop", "jitter"])
+def test_crop_and_jitter_apply_with_their_probability(step):
+    """Counted over 400 seeds with the other steps off: an untouched draw equals evaluation's centre crop
+    exactly, any applied crop or jitter moves it. At p 0.8 the applied share's binomial standard error is
+    sqrt(0.16 / 400) = 0.02; the bound is 3.5 of it. The same seed gives the same draw (the nested OneOf
+    draws from the generators it is handed)."""
+    from more_scale.data import cxr
+
+    image = cv2.GaussianBlur((np.random.default_rng(0).random((80, 96)) * 255).astype(np.uint8), (5, 5), 2)
+    crop_p, jitter_p, jitter = (0.8, 1.0, 0.0) if step == "crop" else (0.0, 0.8, 0.4)
+    aug = cxr.train_augmentation(64, (0.2, 1.0), jitter, 0.0, 0.0, crop_p=crop_p, jitter_p=jitter_p)
+    centre = cxr.to_model_input(image, 64)
+
+    def draw(seed: int) -> np.ndarray:
+        return cxr.augmented_input(image, aug, np.random.default_rng(seed), random.Random(seed))
+
+    applied = np.mean([not np.allclose(draw(seed), centre, atol=1e-6) for seed in range(400)])
+    assert abs(applied - 0.8) < 0.07
+    assert all(np.array_equal(draw(seed), draw(seed)) for seed in range(5))

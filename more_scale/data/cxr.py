@@ -73,21 +73,34 @@ def to_model_input(image: np.ndarray, size: int) -> np.ndarray:
 
 
 def train_augmentation(size: int, crop_scale: tuple[float, float], jitter: float, blur_p: float,
-                       flip_p: float) -> A.Compose:
-    """The paper's X-ray augmentations: RandomResizedCrop, ColorJitter (brightness and contrast: a
-    grayscale film has no saturation or hue), GaussianBlur, horizontal flip."""
+                       flip_p: float, crop_p: float = 1.0, jitter_p: float = 1.0) -> A.Compose:
+    """The paper's X-ray augmentations: RandomResizedCrop (with probability crop_p; otherwise evaluation's
+    short-side resize and centre crop), ColorJitter (brightness and contrast, a grayscale film has no
+    saturation or hue; probability jitter_p), GaussianBlur, horizontal flip. The reference applies crop and
+    jitter with p 0.8 each (torchvision RandomApply)."""
+    crop = A.RandomResizedCrop(size=(size, size), scale=crop_scale, p=crop_p)
+    if crop_p < 1:
+        centre = A.Sequential([A.SmallestMaxSize(max_size=size, interpolation=cv2.INTER_LINEAR),
+                               A.CenterCrop(size, size)], p=1 - crop_p)
+        crop = A.OneOf([crop, centre], p=1.0)  # OneOf draws one child with odds crop_p : 1 - crop_p
     return A.Compose([
-        A.RandomResizedCrop(size=(size, size), scale=crop_scale),
-        A.ColorJitter(brightness=jitter, contrast=jitter, saturation=0.0, hue=0.0, p=1.0 if jitter else 0.0),
+        crop,
+        A.ColorJitter(brightness=jitter, contrast=jitter, saturation=0.0, hue=0.0, p=jitter_p if jitter else 0.0),
         A.GaussianBlur(sigma_limit=(0.1, 2.0), p=blur_p),
         A.HorizontalFlip(p=flip_p),
     ])
+
+
+def _nested(transform) -> list:
+    """A transform and every transform inside it (OneOf, Sequential): each draws from the generators it is given."""
+    children = transform.transforms if isinstance(transform, A.BaseCompose) else []
+    return [transform, *(t for child in children for t in _nested(child))]
 
 
 def augmented_input(image: np.ndarray, augmentation: A.Compose, rng: np.random.Generator,
                     py_rng: random.Random) -> np.ndarray:
     """(H, W) uint8 -> (1, size, size) float32 through `augmentation`, drawing from the given generators
     (handed to every transform: cheaper than set_random_seed, which builds two generators per transform)."""
-    for part in (augmentation, *augmentation.transforms):
+    for part in _nested(augmentation):
         part.set_random_state(rng, py_rng)
     return normalise(augmentation(image=image)["image"])

@@ -63,7 +63,8 @@ class ModelInputs:
     def __init__(self, cfg: DataConfig, shape: InputShape, augment: bool):
         self.cfg, self.shape, self.augment = cfg, shape, augment
         self.cxr_augmentation = cxr.train_augmentation(shape.image_size, tuple(cfg.cxr_crop_scale), cfg.cxr_jitter,
-                                                       cfg.cxr_blur_p, cfg.cxr_flip_p) if augment else None
+                                                       cfg.cxr_blur_p, cfg.cxr_flip_p, cfg.cxr_crop_p,
+                                                       cfg.cxr_jitter_p) if augment else None
 
     def random(self, seed: int) -> tuple[np.random.Generator, random.Random] | None:
         """One sample's generators (numpy's and Python's, as albumentations draws from both)."""
