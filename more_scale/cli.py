@@ -383,9 +383,12 @@ def embed_main(argv: list[str] | None = None) -> int:
 
 
 RETRIEVE_DOC = """Rank what more-embed embedded (X-rays or ECGs) against a text query: the top K with their
-cosine similarity.
+cosine similarity; or classify every item zero-shot on each task of a tasks YAML into INDEX.zero_shot.csv
+(binary tasks: positive minus negative prompt similarity, the score evaluation ranks by; other tasks: each
+answer's similarity).
 
   more-retrieve --model EXPORT_OR_RUN --index xrays --query "Enlarged cardiac silhouette." [--top 5]
+  more-retrieve --model EXPORT_OR_RUN --index ecgs --zero-shot --modality ecg [--tasks MINE.yaml]
 """
 
 
@@ -400,17 +403,35 @@ def retrieve_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=RETRIEVE_DOC, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="the export or run folder that made the index")
     parser.add_argument("--index", type=Path, required=True, help="more-embed's output prefix (INDEX.npy, INDEX.csv)")
-    parser.add_argument("--query", required=True, action="append", help="report text; repeat for several")
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--query", action="append", help="report text; repeat for several")
+    what.add_argument("--zero-shot", action="store_true", help="score every item on each task: INDEX.zero_shot.csv")
     parser.add_argument("--report", choices=["radiology", "cardiology"], default="radiology",
                         help="which report the query is (cardiology for an ECG index)")
     parser.add_argument("--top", type=int, default=5)
+    parser.add_argument("--modality", choices=["cxr", "ecg"], default="cxr", help="--zero-shot: what the index holds")
+    parser.add_argument("--tasks", type=Path, default=None, help="--zero-shot: a tasks YAML (default: the shipped one)")
     args = parser.parse_args(argv)
     vectors = np.load(args.index.with_suffix(".npy"))
     with open(args.index.with_suffix(".csv"), newline="") as f:
         sources = [row["source"] for row in csv.DictReader(f)]
     if len(sources) != len(vectors):
         parser.error(f"{args.index}: {len(vectors)} vectors but {len(sources)} index rows (not one more-embed output)")
-    queries = load(args.model).embed_text(args.query, report=args.report)
+    model = load(args.model)
+    if args.zero_shot:
+        columns = {}
+        for task, answers in model.zero_shot(vectors, args.modality, args.tasks).items():
+            if set(answers) == {"positive", "negative"}:
+                columns[task] = answers["positive"] - answers["negative"]
+            else:
+                columns.update({f"{task}: {answer}": s for answer, s in answers.items()})
+        out = args.index.with_name(args.index.name + ".zero_shot.csv")
+        with open(out, "w", newline="") as f:
+            csv.writer(f).writerows([("source", *columns), *((source, *(f"{c[i]:.5f}" for c in columns.values()))
+                                                              for i, source in enumerate(sources))])
+        print(f"scored {len(sources)} items on {len(columns)} columns into {out}")
+        return 0
+    queries = model.embed_text(args.query, report=args.report)
     for query, q in zip(args.query, queries):
         similarity = vectors @ q
         print(f"{query}")

@@ -1,6 +1,7 @@
 """After training: the public inference API (more_scale.load) and the export, opened by the libraries people
 already use (transformers, peft, safetensors), offline."""
 
+import csv
 import json
 import re
 import shutil
@@ -154,6 +155,12 @@ def test_more_embed_writes_vectors_and_an_index_and_more_retrieve_ranks_them(tra
     assert [int(r) for r, _, _ in listed] == [1, 2, 3]
     scores = [float(s) for _, s, _ in listed]
     assert scores == sorted(scores, reverse=True)
+    assert retrieve_main(["--model", str(export), "--index", str(tmp_path / "index"), "--zero-shot"]) == 0
+    table = list(csv.DictReader(open(tmp_path / "index.zero_shot.csv")))
+    expected = more_scale.load(export).zero_shot(vectors, "cxr")["Cardiomegaly"]
+    assert [r["source"] for r in table] == [str(folder / f"{n}.jpg") for n in range(5)]
+    np.testing.assert_allclose([float(r["Cardiomegaly"]) for r in table], expected["positive"] - expected["negative"],
+                               atol=1e-4)
 
 
 def test_more_embed_reads_a_csv_manifest_of_npy_ecgs(trained, raw_root, tmp_path, capsys):
