@@ -107,6 +107,8 @@ def build_shards_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--squash", type=int, default=defaults.squash,
                         help="the MoRE reference's X-ray preprocessing: resize to N x N (aspect lost), then CLAHE")
     parser.add_argument("--ecg-rate", type=float, default=defaults.ecg_rate)
+    parser.add_argument("--reports", choices=["full", "reference"], default=defaults.reports,
+                        help="mimic: reference = the MoRE reference's report cleanups (docs/data.md)")
     parser.add_argument("--samples-per-shard", type=int, default=defaults.samples_per_shard)
     parser.add_argument("--workers", type=int, default=defaults.workers)
     parser.add_argument("--tokenizer-vocab", type=int, default=defaults.tokenizer_vocab)
@@ -118,7 +120,7 @@ def build_shards_main(argv: list[str] | None = None) -> int:
     if not 0 <= args.part < args.num_parts:
         parser.error(f"--part {args.part} must be in [0, --num-parts {args.num_parts})")
     options = BuildOptions(window_days=args.window_days, pairing=args.pairing, keep_unpaired=args.keep_unpaired,
-                           short_side=args.short_side, squash=args.squash, ecg_rate=args.ecg_rate,
+                           short_side=args.short_side, squash=args.squash, ecg_rate=args.ecg_rate, reports=args.reports,
                            samples_per_shard=args.samples_per_shard,
                            workers=args.workers, tokenizer_vocab=args.tokenizer_vocab)
     console = Console()

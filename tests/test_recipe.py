@@ -2,6 +2,7 @@
 bias="all", crop and jitter applied with p 0.8, and the shipped file carrying the reference's values."""
 
 import random
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -73,3 +74,65 @@ def test_crop_and_jitter_apply_with_their_probability(step):
     applied = np.mean([not np.allclose(draw(seed), centre, atol=1e-6) for seed in range(400)])
     assert abs(applied - 0.8) < 0.07
     assert all(np.array_equal(draw(seed), draw(seed)) for seed in range(5))
+
+
+def test_the_references_report_cleanups_on_known_strings():
+    """preprocessing/preprocess_notes.py: sentences with a clock time dropped ("a.m." does not end a sentence),
+    the CheXpert-label sentence in its label order and wording."""
+    from more_scale.data.reports import chexpert_sentence, drop_clock_time_sentences
+
+    text = ("Portable AP chest at 10:45 a.m. was compared. Heart size is normal. Findings were discussed with "
+            "the team at 3 pm. No effusion.")
+    assert drop_clock_time_sentences(text) == "Heart size is normal. No effusion."
+    assert drop_clock_time_sentences("No change since 2019. Lines unchanged.") == "No change since 2019. Lines unchanged."
+    labels = {"Edema": -1.0, "Cardiomegaly": 1.0, "Atelectasis": 1.0, "Pneumonia": 0.0, "Support Devices": 1.0}
+    assert chexpert_sentence(labels) == "Atelectasis, Cardiomegaly is present. uncertain finding of Edema"
+    assert chexpert_sentence({"Pneumonia": 0.0}) == ""
+
+
+def test_build_with_the_references_reports(raw_root, tmp_path):
+    """--reports reference on the synthetic MIMIC layout: each X-ray report is the full build's with its clock-time
+    sentences dropped (or the CheXpert sentence when nothing is left, also for an emptied report file), ECG text
+    joins report_0..6 only, and a paired ECG without statements reads "ECG note not available."."""
+    import shutil
+
+    import pandas as pd
+
+    from more_scale.data import reports
+    from more_scale.data.build import BuildOptions, build_sample
+    from more_scale.data.mimic import mimic_samples
+
+    raw = tmp_path / "raw"
+    shutil.copytree(raw_root, raw)
+    roots = (raw / "mimic-cxr-jpg", raw / "mimic-cxr-reports", raw / "mimic-iv-ecg")
+    full, reference = BuildOptions(short_side=64), BuildOptions(short_side=64, reports="reference")
+    first = mimic_samples(*roots, full)[0]
+    silent, verbose = first[0].meta["ecg_id"], first[1].meta["ecg_id"]  # no statement at all; ten statements
+    measurements = raw / "mimic-iv-ecg" / "machine_measurements.csv"
+    table = pd.read_csv(measurements, low_memory=False)
+    columns = [f"report_{i}" for i in range(18)]
+    table[columns] = table[columns].astype(object)
+    table.loc[table["study_id"] == silent, columns] = None
+    table.loc[table["study_id"] == verbose, columns] = [f"Statement {i}" for i in range(10)] + [None] * 8
+    table.to_csv(measurements, index=False)
+    specs_full, _ = mimic_samples(*roots, full)
+    specs_ref, _ = mimic_samples(*roots, reference)
+    assert [s.key for s in specs_full] == [s.key for s in specs_ref]
+    Path(specs_ref[1].report_file).write_text("FINAL REPORT\n IMPRESSION: Called to the ward at 10:45.\n")
+    Path(specs_ref[2].report_file).write_text("FINAL REPORT\n FINDINGS: Heart size is normal. Paged at 3 pm.\n")
+    for n, (a, b) in enumerate(zip(specs_full[:8], specs_ref[:8])):
+        ours, theirs = build_sample(a, full), build_sample(b, reference)
+        rad = ours["rad.txt"].decode()
+        expected = reports.drop_clock_time_sentences(rad) or reports.chexpert_sentence(b.meta["chexpert"])
+        if n == 1:
+            expected = reports.chexpert_sentence(b.meta["chexpert"])  # the emptied report
+        assert theirs.get("rad.txt", b"").decode() == expected
+    for a, b in zip(specs_full, specs_ref):
+        row = table[table["study_id"] == b.meta["ecg_id"]].iloc[0]
+        first_seven = [row[f"report_{i}"] for i in range(reports.REFERENCE_ECG_STATEMENTS) if f"report_{i}" in row]
+        assert b.ecg_text == (reports.ecg_text(first_seven) or reports.MISSING_ECG_NOTE)
+    assert specs_ref[0].ecg_text == "ECG note not available." and specs_full[0].ecg_text == ""
+    assert specs_ref[1].ecg_text == ". ".join(f"Statement {i}" for i in range(7)) + "."
+    assert specs_full[1].ecg_text.endswith("Statement 9.")
+    assert build_sample(specs_ref[2], reference)["rad.txt"] == b"Heart size is normal."
+    assert b"3 pm" in build_sample(specs_full[2], full)["rad.txt"]

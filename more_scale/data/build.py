@@ -38,6 +38,8 @@ class BuildOptions:
     samples_per_shard: int = 1000
     workers: int = 1
     tokenizer_vocab: int = 4000  # 0 = train no tokenizer
+    reports: str = "full"  # mimic: full | reference: the MoRE reference's cleanups (clock-time sentences dropped, an
+    # empty X-ray report written from its CheXpert labels, ECG statements report_0..6, a placeholder for none)
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,8 @@ def build_sample(spec: SampleSpec, options: BuildOptions) -> dict:
             raise ValueError(f"{spec.report_file}: report file missing") from error
         except UnicodeDecodeError as error:
             raise ValueError(f"{spec.report_file}: not UTF-8 text ({error.reason} at byte {error.start})") from error
+        if options.reports == "reference":
+            radiology = reports.drop_clock_time_sentences(radiology) or reports.chexpert_sentence(meta.get("chexpert", {}))
     for member, text in (("rad.txt", radiology), ("ecg.txt", reports.clean(spec.ecg_text))):
         if len(text) > MAX_REPORT_CHARS:  # a pasted log or a whole chart, not a report: cut, and say so
             meta[f"{member}_chars_cut"] = len(text) - MAX_REPORT_CHARS

@@ -55,14 +55,18 @@ def study_datetime(date: int, time: float) -> dt.datetime:
 class _Tables:
     """The CSVs, read once."""
 
-    def __init__(self, cxr_root: Path, ecg_root: Path):
+    def __init__(self, cxr_root: Path, ecg_root: Path, reference_reports: bool = False):
         meta = pd.read_csv(find_table(cxr_root, "mimic-cxr-2.0.0-metadata"), dtype={"dicom_id": str})
         split = pd.read_csv(find_table(cxr_root, "mimic-cxr-2.0.0-split"), dtype={"dicom_id": str})
         self.labels = pd.read_csv(find_table(cxr_root, "mimic-cxr-2.0.0-chexpert")).set_index("study_id")
         self.records = pd.read_csv(ecg_root / "record_list.csv")
         self.records["when"] = pd.to_datetime(self.records["ecg_time"]).dt.to_pydatetime() if len(self.records) else []
         statements = pd.read_csv(ecg_root / "machine_measurements.csv", low_memory=False).set_index("study_id")
-        self.statements = statements[[c for c in statements.columns if c.startswith("report_")]]
+        columns = [c for c in statements.columns if c.startswith("report_")]
+        self.reference_reports = reference_reports
+        if reference_reports:
+            columns = [c for c in columns if int(c.split("_")[1]) < reports.REFERENCE_ECG_STATEMENTS]
+        self.statements = statements[columns]
         self.frontal = meta[meta["ViewPosition"].isin(FRONTAL_VIEWS)].merge(split[["dicom_id", "split"]],
                                                                               on="dicom_id", how="left")
         self.not_frontal = len(meta) - len(self.frontal)
@@ -89,7 +93,7 @@ class _Tables:
 def mimic_samples(cxr_root: Path, report_root: Path, ecg_root: Path,
                   options: BuildOptions) -> tuple[list[SampleSpec], Counter]:
     """Sample specs (pairs first, then the unpaired ones if kept) and the counts of what was left out."""
-    tables, skipped, samples, paired_ecgs = _Tables(cxr_root, ecg_root), Counter(), [], set()
+    tables, skipped, samples, paired_ecgs = _Tables(cxr_root, ecg_root, options.reports == "reference"), Counter(), [], set()
     skipped["not frontal (PA/AP) image"] = tables.not_frontal
     ecgs_by_subject = {s: g for s, g in tables.records.groupby("subject_id")}
     window = dt.timedelta(days=options.window_days)
@@ -137,7 +141,8 @@ def _spec(key: str, tables: _Tables, cxr_root: Path, report_root: Path, ecg_root
         split = row.split
     if record is not None:
         statements = tables.ecg_statements(record.study_id)
-        fields.update(ecg=str(ecg_root / record.path), ecg_text=reports.ecg_text(statements))
+        text = reports.ecg_text(statements) or (reports.MISSING_ECG_NOTE if tables.reference_reports else "")
+        fields.update(ecg=str(ecg_root / record.path), ecg_text=text)
         meta.update(subject_id=int(record.subject_id), ecg_id=int(record.study_id), ecg_time=record.when.isoformat(),
                     ecg_statements=statements)
         if study is None:

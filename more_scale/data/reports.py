@@ -1,4 +1,5 @@
-"""Report text: MIMIC-CXR section parsing, ECG statements, the joined model input."""
+"""Report text: MIMIC-CXR section parsing, ECG statements, the joined model input, and the MoRE reference's
+cleanups (`build_shards.py --reports reference`)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,17 @@ from types import MappingProxyType
 _HEADER = re.compile(r"\n\s?([A-Z][A-Z ()/,-]*):\s", re.MULTILINE)
 _ALIASES = MappingProxyType({"CONCLUSION": "IMPRESSION", "CONCLUSIONS": "IMPRESSION", "SUMMARY": "IMPRESSION",
             "FINDINGS AND IMPRESSION": "IMPRESSION", "IMPRESSIONS": "IMPRESSION", "FINDING": "FINDINGS"})
+
+
+# preprocessing/preprocess_notes.py of the reference: its clock-time pattern and its sentence splitter
+_CLOCK_TIME = re.compile(r"\d{1,2}:\d{2}(?:\s?[ap]\.?m\.?)?|\d{1,2}\s?[ap]\.?m\.?")
+_SENTENCE_BREAK = re.compile(r"(?<!\w\.\w.)(?<![A-Z][a-z]\.)(?<=\.|\?)\s")
+# ... the CheXpert labels its label sentence names, in its order (Support Devices is not among them)
+REFERENCE_LABELS = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Enlarged Cardiomediastinum", "Fracture",
+                    "Lung Lesion", "Lung Opacity", "No Finding", "Pleural Effusion", "Pleural Other", "Pneumonia",
+                    "Pneumothorax")
+REFERENCE_ECG_STATEMENTS = 7  # the reference joins report_0 .. report_6 of machine_measurements.csv
+MISSING_ECG_NOTE = "ECG note not available."  # what the reference writes for a paired ECG without statements
 
 
 def clean(text: str) -> str:
@@ -49,3 +61,19 @@ def joined_report(radiology: str, ecg: str) -> str:
     if ecg:
         parts.append(f"The report from ECG is: {ecg}")
     return " ".join(parts)
+
+
+def drop_clock_time_sentences(text: str) -> str:
+    """The reference's cleanup: every sentence that holds a clock time ("at 10:45", "3 pm") is dropped (they
+    report when a finding was phoned through, not the film)."""
+    return " ".join(s for s in _SENTENCE_BREAK.split(text) if not _CLOCK_TIME.search(s))
+
+
+def chexpert_sentence(labels: dict) -> str:
+    """The reference's stand-in for an empty X-ray report, from the study's CheXpert labels (1 present,
+    -1 uncertain): "Cardiomegaly, Edema is present. uncertain finding of Atelectasis"."""
+    present = [name for name in REFERENCE_LABELS if labels.get(name) == 1.0]
+    uncertain = [name for name in REFERENCE_LABELS if labels.get(name) == -1.0]
+    parts = ([", ".join(present) + " is present"] if present else []) + \
+        (["uncertain finding of " + ", ".join(uncertain)] if uncertain else [])
+    return ". ".join(parts)
