@@ -105,6 +105,31 @@ def test_linear_probe_at_full_labels_equals_sklearn():
     assert {"auroc@0.01", "auroc@0.1"} <= set(r) and r["n_train"] == 40
 
 
+def test_multilabel_linear_probe_is_sklearns_macro_auroc():
+    """PTB-XL-superclass-like labels (several classes per sample): at 100% of the labels the probe's figure is
+    the mean over classes of each class's own balanced logistic regression's test AUROC, as scikit-learn gives it."""
+    rng = np.random.default_rng(0)
+    classes = ("NORM", "MI", "STTC")
+    y_train, y_test = rng.random((60, 3)) < 0.4, rng.random((30, 3)) < 0.4
+    for y in (y_train, y_test):
+        y[~y.any(1), 0] = True  # a sample without any class is unlabelled, not a negative for all
+    y_test[0], y_test[1] = True, [False, True, False]  # every class has both outcomes in the test split
+
+    def meta(rows):
+        return [{"superclasses": [c for c, held in zip(classes, row) if held]} for row in rows]
+
+    train, test = _embeddings(60, meta(y_train), seed=2), _embeddings(30, meta(y_test), seed=3)
+    train.vectors["ecg"][:, :3] += 0.5 * y_train  # something to learn, a direction per class
+    test.vectors["ecg"][:, :3] += 0.5 * y_test
+    task = Task("superclass", "ecg", "multilabel", {"field": "superclasses"}, {c: (c,) for c in classes})
+    r = linear_probe(train, test, task)
+    expected = np.mean([roc_auc_score(y_test[:, c], LogisticRegression(max_iter=2000, class_weight="balanced")
+                                      .fit(train.vectors["ecg"], y_train[:, c]).decision_function(test.vectors["ecg"]))
+                        for c in range(3)])
+    assert r["auroc@1"] == pytest.approx(expected) and r["classes"] == 3 and r["n_train"] == 60
+    assert 0.5 < r["auroc@0.1"] <= 1 and 0 < r["auroc@0.01"] <= 1
+
+
 def test_tasks_yaml_labels_and_templates():
     tasks = {t.name: t for t in load_tasks()}
     assert {"Atelectasis", "Cardiomegaly", "Edema", "Pleural Effusion"} <= set(tasks)

@@ -60,7 +60,7 @@ def evaluate(run_dir: str | Path, shards: str | Path, out_dir: str | Path, tasks
     for query, gallery in RETRIEVAL_PAIRS:
         results["retrieval"][f"{query}->{gallery}"] = retrieval(emb, query, gallery)
     if train_emb is not None:
-        results["linear_probe"] = {t.name: linear_probe(train_emb, emb, t) for t in tasks if t.kind == "binary"}
+        results["linear_probe"] = {t.name: linear_probe(train_emb, emb, t) for t in tasks if t.kind != "ordinal"}
     out_dir.mkdir(parents=True, exist_ok=True)
     if pictures:
         results["figures"] = _pictures(model, cfg, tokenizer, emb, tasks, prompt_embeddings, results, run_dir,
@@ -207,6 +207,16 @@ def _retrieval_rows(results: dict) -> list[list[str]]:
     return rows
 
 
+PROBE_COLUMNS = ("task", "n train", "1%", "10%", "100%")
+
+
+def _probe_rows(results: dict) -> list[list[str]]:
+    """One row per probed task with labels in both splits (the others are named with the zero-shot ones)."""
+    return [[f"{name} (macro, {r['classes']} classes)" if "classes" in r else name, str(r["n_train"]),
+             *[_fmt(r.get(f"auroc@{f}")) for f in ("0.01", "0.1", "1")]]
+            for name, r in results["linear_probe"].items() if "note" not in r]
+
+
 def print_results(results: dict, console: Console | None = None) -> None:
     console = console or Console(width=None if Console().is_terminal else 140)  # logs: wide enough for the tables
     for title, columns, rows in (
@@ -221,11 +231,12 @@ def print_results(results: dict, console: Console | None = None) -> None:
         if columns is ZERO_SHOT_COLUMNS and not_scored(results):
             console.print(f"not scored on this split: {'; '.join(not_scored(results))}")
     if "linear_probe" in results:
-        table = Table(title="linear probe (test AUROC; logistic regression on frozen embeddings)")
-        for column in ("task", "n train", "1%", "10%", "100%"):
+        table = Table(title="linear probe (test AUROC, macro over classes for multi-label; logistic regression on "
+                            "frozen embeddings)")
+        for column in PROBE_COLUMNS:
             table.add_column(column, justify="right")
-        for name, r in results["linear_probe"].items():
-            table.add_row(name, str(r["n_train"]), *[_fmt(r.get(f"auroc@{f}")) for f in ("0.01", "0.1", "1")])
+        for row in _probe_rows(results):
+            table.add_row(*row)
         console.print(table)
 
 
@@ -252,9 +263,8 @@ def html_report(results: dict, out_dir: Path) -> str:
         parts.append(f"<p class='meta'>Not scored on this split: {html.escape('; '.join(skipped))}.</p>")
     parts += ["<h2>Cross-modal retrieval</h2>", _html_table(RETRIEVAL_COLUMNS, _retrieval_rows(results))]
     if "linear_probe" in results:
-        rows = [[n, str(r["n_train"]), *[_fmt(r.get(f"auroc@{f}")) for f in ("0.01", "0.1", "1")]]
-                for n, r in results["linear_probe"].items()]
-        parts += ["<h2>Linear probe (test AUROC)</h2>", _html_table(("task", "n train", "1%", "10%", "100%"), rows)]
+        parts += ["<h2>Linear probe (test AUROC; macro over classes for multi-label)</h2>",
+                  _html_table(PROBE_COLUMNS, _probe_rows(results))]
     if results.get("relevance"):
         parts += ["<h2>Relevance maps: can they be trusted?</h2>", f"<p class='meta'>{html.escape(sanity_summary(results))}</p>"]
     for name, path in results.get("figures", {}).items():

@@ -176,28 +176,44 @@ def mean_interval(values: np.ndarray, seed: int = 0) -> list[float]:
     return [float(v) for v in np.percentile(draws, [2.5, 97.5])]
 
 
+def _probe_targets(emb: Embeddings, task: Task) -> tuple[np.ndarray, np.ndarray]:
+    """(rows with a label, (n, C) 0/1 targets): one column for a binary task, one per class for a multi-label one."""
+    rows, labels = _labelled(emb, task)
+    if task.kind == "binary":
+        return rows, np.array(labels, dtype=float).reshape(-1, 1)
+    classes = list(task.answers)
+    return rows, np.array([[c in held for c in classes] for held in labels], dtype=float).reshape(-1, len(classes))
+
+
 def linear_probe(train: Embeddings, test: Embeddings, task: Task, seed: int = 0) -> dict:
-    """Logistic regression on frozen embeddings with 1%, 10% and 100% of the training labels (binary tasks);
-    test AUROC, averaged over PROBE_DRAWS label subsets below 100%. A subset keeps at least one sample of
-    each class."""
-    train_rows, train_y = _labelled(train, task)
-    test_rows, test_y = _labelled(test, task)
-    train_y, test_y = np.array(train_y, dtype=float), np.array(test_y, dtype=float)
+    """Logistic regression on frozen embeddings with 1%, 10% and 100% of the training labels: test AUROC for a
+    binary task, macro AUROC over the classes (one-vs-rest, each class's own probe) for a multi-label one, as the
+    paper's PTB-XL superclass table; averaged over PROBE_DRAWS label subsets below 100%. A subset keeps at least
+    one positive and one negative of each class; a class without both in the test split is left out."""
+    train_rows, train_y = _probe_targets(train, task)
+    test_rows, test_y = _probe_targets(test, task)
     out = {"n_train": int(len(train_rows)), "n_test": int(len(test_rows))}
-    if len(train_rows) < 2 or train_y.min() == train_y.max() or len(test_rows) == 0 or test_y.min() == test_y.max():
+    scored = [c for c in range(train_y.shape[1]) if len(train_rows) >= 2 and 0 < train_y[:, c].sum() < len(train_y)
+              and len(test_rows) and 0 < test_y[:, c].sum() < len(test_y)]
+    if not scored:
         return {**out, "note": "needs positives and negatives in both splits"}
+    if task.kind == "multilabel":
+        out["classes"] = int(len(scored))
     x_train, x_test = train.vectors[task.modality][train_rows], test.vectors[task.modality][test_rows]
     rng = np.random.default_rng(seed)
-    positives, negatives = np.flatnonzero(train_y == 1), np.flatnonzero(train_y == 0)
     for fraction in PROBE_FRACTIONS:
         draws = 1 if fraction >= 1.0 else PROBE_DRAWS
         aurocs = []
         for _ in range(draws):
             n = max(2, round(fraction * len(train_y)))
-            chosen = np.concatenate([rng.choice(positives, 1), rng.choice(negatives, 1)])
+            chosen = np.unique(np.concatenate([rng.choice(np.flatnonzero(train_y[:, c] == v), 1)
+                                               for c in scored for v in (1, 0)]))
             rest = np.setdiff1d(np.arange(len(train_y)), chosen)
-            chosen = np.concatenate([chosen, rng.choice(rest, min(n - 2, len(rest)), replace=False)])
-            probe = LogisticRegression(max_iter=2000, class_weight="balanced").fit(x_train[chosen], train_y[chosen])
-            aurocs.append(roc_auc_score(test_y, probe.decision_function(x_test)))
+            chosen = np.concatenate([chosen, rng.choice(rest, max(0, min(n - len(chosen), len(rest))), replace=False)])
+            per_class = []
+            for c in scored:
+                probe = LogisticRegression(max_iter=2000, class_weight="balanced").fit(x_train[chosen], train_y[chosen, c])
+                per_class.append(roc_auc_score(test_y[:, c], probe.decision_function(x_test)))
+            aurocs.append(np.mean(per_class))
         out[f"auroc@{fraction:g}"] = float(np.mean(aurocs))
     return out
