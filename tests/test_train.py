@@ -118,9 +118,10 @@ def test_resume_continues_optimizer_and_schedule(stopped_and_resumed):
     assert all(math.isfinite(m["loss"]) and m["samples_per_s"] > 0 for m in metrics.values())
     for m in metrics.values():  # the speed figures of every log step (train/meter.py)
         assert m["step_s"] > 0 and 0 <= m["data_wait_share"] <= 1 and m["tflops"] > 0 and m["text_tokens_per_s"] > 0
-        # MFU of a CPU rank against its own measured matmul peak: positive and at most ~1 (the peak is
-        # timed on a busy 2-core machine, so allow some slack above 1 rather than a coin toss)
-        assert 0 < m["mfu"] < 1.5 and m["mem_peak_gib"] > 0
+        # MFU of a CPU rank against its own matmul peak, timed once at start-up: when other processes share the
+        # 2 cores at that moment the peak reads low and MFU goes above 1 (1.67 seen in a CI run beside a second
+        # pytest), so only its sign and order of magnitude are a property of the code
+        assert 0 < m["mfu"] < 4 and m["mem_peak_gib"] > 0
     assert {"loss/text_cxr", "loss/text_ecg", "logit_scale", "lr"} <= set(metrics[20])
     assert (out / "tensorboard").is_dir() and any((out / "tensorboard").iterdir())
 
