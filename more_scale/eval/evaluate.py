@@ -96,11 +96,9 @@ def _pictures(model, cfg, tokenizer, emb, tasks: list[Task], prompt_embeddings, 
             continue
         positives = [i for i, v in enumerate(labels[task.name]) if v == 1.0]
         negatives = [i for i, v in enumerate(labels[task.name]) if v == 0.0]
-        half = EXPLAINED // 2
-        chosen = positives[:half] + negatives[:half]
-        chosen += (positives[half:] + negatives[half:])[:EXPLAINED - len(chosen)]  # one side short: the other fills
-        if modality == "ecg":
-            chosen = (positives or negatives)[:1]
+        count = EXPLAINED if modality == "cxr" else 1
+        chosen = positives[:count // 2] + negatives[:count // 2]
+        chosen += (positives[count // 2:] + negatives[count // 2:])[:count - len(chosen)]  # one side short: the other fills
         if not chosen:
             continue
         query = torch.from_numpy(prompt_embeddings[task.name]["positive"].mean(0)).float().to(device)

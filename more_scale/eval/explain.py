@@ -95,27 +95,28 @@ def rank_correlations(maps: np.ndarray, others: np.ndarray) -> list[float]:
     return out
 
 
+class _SanityChecked:
+    rank_correlation: list[float]
+
+    @property
+    def passes(self) -> bool:
+        """Every explained sample's map differs from its randomised-weights twin's."""
+        return max(self.rank_correlation) < SANITY_MAX_RANK_CORRELATION
+
+
 @dataclass
-class CxrRelevance:
+class CxrRelevance(_SanityChecked):
     maps: np.ndarray  # (B, H, W) in [0, 1] per image, the trained model's
     random_maps: np.ndarray  # (B, H, W), the same architecture with re-drawn weights
     rank_correlation: list[float]  # per image, on the patch grid (upsampling would inflate it)
 
-    @property
-    def passes(self) -> bool:
-        return max(self.rank_correlation) < SANITY_MAX_RANK_CORRELATION
-
 
 @dataclass
-class EcgRelevance:
+class EcgRelevance(_SanityChecked):
     per_lead: np.ndarray  # (B, 12, T) in [0, 1] per ECG: |gradient x input| per lead, smoothed
     over_time: np.ndarray  # (B, T) in [0, 1]: the attention rollout (all leads together with the Conv1d stem)
     lead_share: np.ndarray  # (B, 12): each lead's share of the summed |gradient x input|
     rank_correlation: list[float]  # per ECG, per-lead maps of the trained model against re-drawn weights
-
-    @property
-    def passes(self) -> bool:
-        return max(self.rank_correlation) < SANITY_MAX_RANK_CORRELATION
 
 
 def _scorer(head: torch.nn.Module, query: torch.Tensor):

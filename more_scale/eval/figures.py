@@ -17,6 +17,7 @@ import torch  # noqa: E402
 
 from more_scale.data.ecg import LEADS  # noqa: E402
 from more_scale.eval.embed import Embeddings  # noqa: E402
+from more_scale.eval.explain import SANITY_MAX_RANK_CORRELATION  # noqa: E402
 from more_scale.eval.tasks import Task  # noqa: E402
 
 DPI = 110
@@ -203,8 +204,6 @@ def training_curves(run_dir: Path, path: Path) -> Path | None:
 def relevance_cxr(images: torch.Tensor, relevance, query: str, path: Path, captions: list[str]) -> Path | None:
     """X-rays (positives and negatives side by side), the trained model's continuous relevance map over each,
     and the same map from randomised weights with its rank correlation (the sanity check)."""
-    from more_scale.eval.explain import SANITY_MAX_RANK_CORRELATION
-
     if len(images) == 0:
         return None
     rows = (("X-ray", None), ("trained model", relevance.maps), ("random weights\n(sanity check)", relevance.random_maps))
@@ -235,8 +234,6 @@ def relevance_cxr(images: torch.Tensor, relevance, query: str, path: Path, capti
 def relevance_ecg(signal_mv: np.ndarray, relevance, query: str, path: Path, caption: str, rate: float) -> Path:
     """One 12-lead ECG in mV (as stored: baseline removed), each lead over its own gradient x input (darker =
     drove the match), its share of the attribution beside its name, and the attention rollout over time on top."""
-    from more_scale.eval.explain import SANITY_MAX_RANK_CORRELATION
-
     heat, share = relevance.per_lead[0], relevance.lead_share[0]
     t = np.arange(heat.shape[-1]) / rate
     shown = min(signal_mv.shape[-1], heat.shape[-1])  # the model zero-pads a short record: nothing to draw there
