@@ -117,8 +117,12 @@ def test_every_sample_once_in_evaluation_order(shards, tokenizer):
     assert len(keys) == len(set(keys)) == index["samples"]
     parts = [[(p, k) for b in iter_batches(shards / "test", _cfg(shards), SHAPE, tokenizer, 4, part=(r, 3))
               for p, k in zip(b.info.positions, b.info.keys)] for r in range(3)]
-    for rank, part in enumerate(parts):  # rank r holds the samples r, r + 3, ... of the index order
-        assert [p for p, _ in part] == list(range(rank, len(keys), 3))
+    for rank, part in enumerate(parts):  # rank r holds the batches r, r + 3, ... of 4 running indices each
+        assert [p for p, _ in part] == [i for i in range(len(keys)) if i // 4 % 3 == rank]
+    whole = [b.info.positions for b in iter_batches(shards / "test", _cfg(shards), SHAPE, tokenizer, 4)]
+    shared = [b.info.positions for r in range(3)
+              for b in iter_batches(shards / "test", _cfg(shards), SHAPE, tokenizer, 4, part=(r, 3))]
+    assert sorted(map(list, shared)) == sorted(map(list, whole))  # the very batches one process builds
     assert [k for _, k in sorted(sum(parts, []))] == keys  # merged by position: the single-process order
     with pytest.raises(ValueError, match=r"part \(3, 3\): expected \(rank, world\)"):
         next(iter_batches(shards / "test", _cfg(shards), SHAPE, tokenizer, 4, part=(3, 3)))

@@ -219,3 +219,5 @@ def test_real_data_trains_and_evaluates_into_the_full_report(tmp_path):
     for name in ("ROC curves", "Embeddings (t-SNE)", "Retrieval", "Training"):
         assert (report / results["figures"][name]).is_file()
     assert any(n.startswith("Relevance: X-ray") for n in results["figures"])
+    # the COVID films carry no CheXpert label: explained all the same, and captioned as unlabelled
+    assert all(c.endswith(": not labelled") for c in results["relevance"]["cxr"]["samples"])

@@ -163,9 +163,11 @@ def test_evaluate_writes_the_full_report_beside_chance(stopped_and_resumed, shar
 
 @pytest.mark.parametrize("ranks", [2, 4])
 def test_evaluation_shared_by_ranks_equals_one_process(stopped_and_resumed, shards, tmp_path, ranks):
-    """torchrun --nproc_per_node N launch/evaluate.py: rank r embeds samples r, r + N, ..., rank 0 merges them
-    back into index order and alone scores and writes. The metrics equal a single process's: only the
-    batches' make-up differs (samples 0, N, 2N, ... together), which moves fp32 embeddings by round-off."""
+    """torchrun --nproc_per_node N launch/evaluate.py: rank r embeds batches r, r + N, ..., rank 0 merges them
+    back into index order and alone scores and writes. The metrics equal a single process's: each batch is
+    the one a single process builds (same samples, padding and kernel shapes; one thread each, as the
+    Makefile sets), so no round-off can swap two near-tied neighbours and move a recall (seen in CI when
+    ranks took samples r, r + N, ...: one cxr->ecg query of 38 flipped)."""
     from launch_helpers import evaluate_main
 
     out, _, _ = stopped_and_resumed
@@ -186,7 +188,7 @@ def test_evaluation_shared_by_ranks_equals_one_process(stopped_and_resumed, shar
     for part in ("zero_shot", "retrieval", "linear_probe"):
         expected, got = numbers(one[part]), numbers(two[part])
         assert got.keys() == expected.keys() and len(got) > 10
-        for name, value in expected.items():  # round-off of 1e-7 moves no rank-based figure; 1e-6 leaves room
+        for name, value in expected.items():  # the same batches give the same embeddings; 1e-6 is for JSON's floats
             assert got[name] == pytest.approx(value, rel=1e-6, abs=1e-6), name
 
 

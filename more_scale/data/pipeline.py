@@ -233,10 +233,13 @@ def stored_sample(directory: str | Path, position: int) -> dict:
 
 def iter_batches(directory: str | Path, cfg: DataConfig, shape: InputShape, tokenizer, batch_size: int | None = None,
                  part: tuple[int, int] = (0, 1)):
-    """Every sample of a shard set exactly once, in index order, in batches. `part=(rank, world)` keeps the
-    samples whose running index i has i % world == rank (the others are passed over unread), so `world`
-    processes share a shard set; each sample's running index is its bookkeeping position, by which the parts
-    merge back into index order. A tar that cannot be read at all counts each of its samples as a skip."""
+    """Every sample of a shard set exactly once, in index order, in batches. Batch k holds the running
+    indices [k * size, (k + 1) * size) that decode (a bad sample makes its batch one smaller, never pulls in
+    the next one). `part=(rank, world)` keeps the batches with k % world == rank (the others are passed over
+    unread), so `world` processes share a shard set and each batch is the one a single process would build:
+    same samples, same padding, same kernel shapes, so the same embeddings. Each sample's running index is
+    its bookkeeping position, by which the parts merge back into index order. A tar that cannot be read at
+    all counts each of its samples as a skip."""
     rank, world = part
     if not 0 <= rank < world:
         raise ValueError(f"part {part}: expected (rank, world) with 0 <= rank < world")
@@ -254,18 +257,17 @@ def iter_batches(directory: str | Path, cfg: DataConfig, shape: InputShape, toke
             unreadable = f"unreadable shard: {type(error).__name__}"
         for index in range(entry["samples"]):
             position += 1
-            if (position - 1) % world != rank:
-                continue
-            if unreadable:
-                skips.count(unreadable, paths[shard])
-                continue
-            try:
-                pending.append({**decode_sample(reader.read(shard, index), inputs), "position": position - 1})
-            except BadSample as bad:
-                skips.count(bad.reason, paths[shard])
-            except (ValueError, OSError) as error:
-                skips.count(f"unreadable tar member: {type(error).__name__}", paths[shard])
-            if len(pending) == size:
+            if (position - 1) // size % world == rank:
+                if unreadable:
+                    skips.count(unreadable, paths[shard])
+                else:
+                    try:
+                        pending.append({**decode_sample(reader.read(shard, index), inputs), "position": position - 1})
+                    except BadSample as bad:
+                        skips.count(bad.reason, paths[shard])
+                    except (ValueError, OSError) as error:
+                        skips.count(f"unreadable tar member: {type(error).__name__}", paths[shard])
+            if position % size == 0 and pending:  # the end of batch k
                 yield collate(pending, tokenizer, cfg, shape, skips)
                 pending = []
     if pending:

@@ -72,7 +72,8 @@ def _buffers_of(model: torch.nn.Module) -> set[str]:
 def embed(model: MoRE, shards: str | Path, data_cfg: DataConfig, shape: InputShape, tokenizer,
           batch_size: int = 64) -> Embeddings:
     """Every sample of a shard set through the model, on the device the model is on. Launched distributed,
-    rank r embeds the samples r, r + world, ... and every rank gets the whole set back in index order."""
+    rank r embeds the batches r, r + world, ... (each the batch one process would build) and every rank gets
+    the whole set back in index order."""
     device = next(model.parameters()).device
     rank, world = dist.rank(), dist.world_size()
     parts = []

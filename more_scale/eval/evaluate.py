@@ -96,16 +96,17 @@ def _pictures(model, cfg, tokenizer, emb, tasks: list[Task], prompt_embeddings, 
             continue
         positives = [i for i, v in enumerate(labels[task.name]) if v == 1.0]
         negatives = [i for i, v in enumerate(labels[task.name]) if v == 0.0]
+        unlabelled = [i for i, v in enumerate(labels[task.name]) if v is None and present[i]]
         count = EXPLAINED if modality == "cxr" else 1
         chosen = positives[:count // 2] + negatives[:count // 2]
-        chosen += (positives[count // 2:] + negatives[count // 2:])[:count - len(chosen)]  # one side short: the other fills
-        if not chosen:
-            continue
+        # one side short: the other fills, then samples without this label (a map still says where the match
+        # to the sentence came from; the caption says no answer is known)
+        chosen += (positives[count // 2:] + negatives[count // 2:] + unlabelled)[:count - len(chosen)]
         query = torch.from_numpy(prompt_embeddings[task.name]["positive"].mean(0)).float().to(device)
         query = query / query.norm()
         sentence = task.answers["positive"][0]
         picked = batch.rows(torch.tensor(chosen)).to(device)
-        answer = {1.0: "yes", 0.0: "no"}
+        answer = {1.0: "yes", 0.0: "no", None: "not labelled"}
         captions = [f"{task.name}: {answer[labels[task.name][i]]}" for i in chosen]
         if modality == "cxr":
             relevance = cxr_relevance(model, picked.cxr, query)

@@ -226,8 +226,8 @@ def relevance_cxr(images: torch.Tensor, relevance, query: str, path: Path, capti
                      label="relevance (0 = least, 1 = most on that image)")
         verdict = ("passes the randomisation check" if relevance.passes else
                    "FAILS the randomisation check: it shows the image more than what the model learned")
-        fig.suptitle(textwrap.fill(f"Where the X-ray matches \"{query}\": the map {verdict} "
-                                   f"(Spearman < {SANITY_MAX_RANK_CORRELATION} with random weights)", 90), fontweight="bold")
+        fig.suptitle(textwrap.fill(f"Where the X-ray matches \"{query}\": the map {verdict} (it needs Spearman "
+                                   f"< {SANITY_MAX_RANK_CORRELATION} with the random-weights map)", 90), fontweight="bold")
         return _save(fig, path)
 
 
