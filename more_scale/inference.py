@@ -22,7 +22,6 @@ import torch
 
 from more_scale.data import cxr, ecg
 from more_scale.data.input_format import InputFormat, InputsUnknown
-from more_scale.data.reports import joined_report
 from more_scale.eval.embed import embed_texts, load_trained
 
 INPUTS_FILE = "inputs.json"  # a run folder's InputFormat, written by training
@@ -55,11 +54,12 @@ class MoREEmbedder:
         compare with X-rays, cardiology: with ECGs), framed as the text tower saw reports in training."""
         if report not in REPORT_SIDES:
             raise ValueError(f"report={report!r}, expected one of {REPORT_SIDES}")
-        framed = [joined_report(t, "") if report == "radiology" else joined_report("", t) for t in texts]
-        if not framed:
+        pairs = [(t, "") if report == "radiology" else ("", t) for t in texts]
+        if not pairs:
             raise ValueError("embed_text: no texts given")
-        return np.concatenate([embed_texts(self.model, self.tokenizer, framed[start:start + batch_size],
-                                           self.inputs.max_text_tokens) for start in range(0, len(framed), batch_size)])
+        fmt = self.inputs
+        return np.concatenate([embed_texts(self.model, self.tokenizer, pairs[start:start + batch_size],
+                                           fmt.text_pairing, fmt.max_text_tokens) for start in range(0, len(pairs), batch_size)])
 
     def zero_shot(self, embeddings: np.ndarray, modality: str, tasks_file: str | Path | None = None) -> dict:
         """Per task of a tasks YAML (default: the shipped one) for `modality` (cxr | ecg): each answer's

@@ -142,7 +142,7 @@ def test_tasks_yaml_labels_and_templates():
     ptbxl = tasks["PTB-XL superclass"]
     assert ptbxl.label({"superclass": ["MI", "STTC"]}) == {"MI", "STTC"} and ptbxl.label({"finding": "x"}) is None
     assert tasks["Edema severity"].label({"edema_severity": 3}) == 3
-    assert cardio.prompts("positive")[0].startswith("The report from Xray is: ")
+    assert cardio.prompts("positive")[0] == (cardio.answers["positive"][0], "")  # the radiology side
 
 
 def test_prompts_are_not_the_synthetic_generators_sentences():
@@ -230,10 +230,8 @@ def test_reference_recipe_pieces(tokenizer, tmp_path):
     assert all(m.bias is None for m in head if isinstance(m, torch.nn.Linear))
     assert isinstance(head[-1], torch.nn.BatchNorm1d) and head.eval()(torch.randn(4, 16)).shape == (4, 8)
 
-    long_report = "The report from Xray is: " + "The lungs are clear. " * 40
     sample = {"key": "k", "cxr": None, "ecg": np.zeros((12, 100), np.float32), "meta": {},
-              "text": long_report + " The report from ECG is: Atrial fibrillation.",
-              "text_pair": (long_report, "The report from ECG is: Atrial fibrillation.")}
+              "reports": ("The lungs are clear. " * 40, "Atrial fibrillation.")}
     decoded = {}
     for pairing in ("joined", "pair"):
         cfg = DataConfig(max_text_tokens=48, text_pairing=pairing)

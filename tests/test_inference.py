@@ -63,6 +63,37 @@ def test_embeddings_of_raw_files_equal_the_shards_through_evaluation(trained, sh
     assert set(scores["Cardiomegaly"]) == {"positive", "negative"} and scores["Cardiomegaly"]["positive"].shape == (4,)
 
 
+@pytest.mark.parametrize("pairing", ["joined", "pair"])
+def test_a_report_embeds_as_training_tokenised_it(trained, shards, pairing):
+    """embed_text(report) equals the text vector of a training batch whose sample has only that report, under
+    either data.text_pairing: the pairing travels in the input format, so a pair-trained model's queries get
+    the pair's special tokens (the two tokenisations differ, so this tells them apart)."""
+    from dataclasses import replace
+
+    import more_scale
+    from more_scale.config import load_config
+    from more_scale.data.pipeline import SkipCounter, collate, stored_sample
+    from more_scale.data.reports import tokenize_reports
+
+    run, export = trained
+    model = more_scale.load(export)
+    model.inputs = replace(model.inputs, text_pairing=pairing)
+    cfg = load_config(run / "config.yaml")
+    data, shape = replace(cfg.data, text_pairing=pairing), input_shape(cfg.model)
+    stored = [stored_sample(shards / "test", i) for i in range(3)]
+    for member, side in (("rad.txt", "radiology"), ("ecg.txt", "cardiology")):
+        texts = [s[member].decode().strip() for s in stored]
+        samples = [{"key": str(i), "cxr": None, "ecg": None, "meta": {},
+                    "reports": (t, "") if side == "radiology" else ("", t)} for i, t in enumerate(texts)]
+        batch = collate(samples, model.tokenizer, data, shape, SkipCounter())
+        with torch.no_grad():
+            trained_view = model.model.encode("text", batch.input_ids, batch.attention_mask).numpy()
+        np.testing.assert_allclose(model.embed_text(texts, side), trained_view, atol=1e-5)
+    joined, paired = (tokenize_reports(model.tokenizer, [("Clear lungs.", "")], p, 64)["input_ids"][0].tolist()
+                      for p in ("joined", "pair"))
+    assert joined != paired
+
+
 def test_the_readme_quick_start_runs(trained, raw_root, tmp_path):
     """The README's quick start, as written, in a folder laid out as `make demo` leaves it."""
     run, export = trained

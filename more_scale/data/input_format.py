@@ -38,19 +38,24 @@ class InputFormat:
     ecg_samples: int  # model input: cropped or zero-padded to this, each lead min-max scaled to [-1, 1]
     max_text_tokens: int  # text: "The report from Xray is: ..." (or "... ECG is: ..."), truncated here
     leads: tuple[str, ...] = ecg.LEADS
+    text_pairing: str = "joined"  # data.text_pairing: one joined string, or the two reports as a tokenizer pair
 
     @classmethod
     def of_training(cls, build: dict, cfg) -> InputFormat:
         """From a shard set's build options (shards.json "build") and the training Config."""
         return cls(int(build["short_side"]), int(build.get("squash", 0)), cfg.model.cxr.image_size,
-                   float(build["ecg_rate"]), cfg.model.ecg.samples, cfg.data.max_text_tokens)
+                   float(build["ecg_rate"]), cfg.model.ecg.samples, cfg.data.max_text_tokens,
+                   text_pairing=cfg.data.text_pairing)
 
     @classmethod
     def from_dict(cls, fields: dict, where: str | Path) -> InputFormat:
         try:
-            return cls(**{**fields, "leads": tuple(fields.get("leads", ecg.LEADS))})
+            fmt = cls(**{**fields, "leads": tuple(fields.get("leads", ecg.LEADS))})
         except TypeError as error:
             raise InputsUnknown(f"{where}: not an input format ({error})") from None
+        if fmt.text_pairing not in ("joined", "pair"):
+            raise InputsUnknown(f"{where}: text_pairing {fmt.text_pairing!r}, expected joined or pair")
+        return fmt
 
     def to_dict(self) -> dict:
         return {**asdict(self), "leads": list(self.leads)}
@@ -63,4 +68,6 @@ class InputFormat:
                 f"ECG, stored: {stored['ecg.npy']}; model input: {self.ecg_samples} samples, each lead min-max "
                 "scaled to [-1, 1]",
                 f"Text: \"The report from Xray is: ...\" / \"The report from ECG is: ...\", at most "
-                f"{self.max_text_tokens} tokens"]
+                f"{self.max_text_tokens} tokens"
+                + ("; a sample's two reports go in as a tokenizer pair, the longer cut first"
+                   if self.text_pairing == "pair" else "; a sample's two reports joined, cut at the end")]

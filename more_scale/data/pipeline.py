@@ -101,9 +101,8 @@ def decode_sample(sample: dict, inputs: ModelInputs, seed: int = 0) -> dict:
                 raise ValueError("ecg.npy has NaN/inf")
             out["ecg"] = inputs.signal(signal, draws)
         radiology, cardiology = (sample.get(m, b"").decode().strip() for m in ("rad.txt", "ecg.txt"))
-        out["text"] = reports.joined_report(radiology, cardiology)
-        out["text_pair"] = (reports.joined_report(radiology, ""), reports.joined_report("", cardiology))
-        if not out["text"]:
+        out["reports"] = (radiology, cardiology)
+        if not (radiology or cardiology):
             raise ValueError("both report texts are empty")
         out["meta"] = json.loads(sample["meta.json"]) if "meta.json" in sample else {}
         if not isinstance(out["meta"], dict):
@@ -126,12 +125,7 @@ def collate(samples: list[dict], tokenizer, cfg: DataConfig, shape: InputShape, 
     for i, s in enumerate(samples):
         images[i] = 0 if s["cxr"] is None else s["cxr"]
         signals[i] = 0 if s["ecg"] is None else s["ecg"]
-    if cfg.text_pairing == "pair":  # the two reports as a pair, the longer one cut first
-        tokens = tokenizer([s["text_pair"][0] for s in samples], [s["text_pair"][1] for s in samples], padding="longest",
-                           truncation="longest_first", max_length=cfg.max_text_tokens, return_tensors="pt")
-    else:
-        tokens = tokenizer([s["text"] for s in samples], padding="longest", truncation=True,
-                           max_length=cfg.max_text_tokens, return_tensors="pt")
+    tokens = reports.tokenize_reports(tokenizer, [s["reports"] for s in samples], cfg.text_pairing, cfg.max_text_tokens)
     skipped, skipped_shards = skips.drain()
     info = Bookkeeping(keys=[s["key"] for s in samples], meta=[s["meta"] for s in samples],
                        positions=[s["position"] for s in samples if "position" in s],

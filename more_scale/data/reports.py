@@ -4,6 +4,7 @@ cleanups (`build_shards.py --reports reference`)."""
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from types import MappingProxyType
 
 # The official MIMIC-CXR parser's header pattern: newline, one space, capitals, colon.
@@ -61,6 +62,18 @@ def joined_report(radiology: str, ecg: str) -> str:
     if ecg:
         parts.append(f"The report from ECG is: {ecg}")
     return " ".join(parts)
+
+
+def tokenize_reports(tokenizer, pairs: Sequence[tuple[str, str]], pairing: str, max_tokens: int):
+    """(radiology report, ECG report) per sample, either may be "" -> the text tower's tokens, padded to the
+    longest. `joined`: one string, right-truncated; `pair`: the two framed reports as a tokenizer pair, the
+    longer cut first (data.text_pairing). Training batches, evaluation's prompts and inference's queries all
+    go through here, so a prompt reaches the tower framed as the training reports were."""
+    if pairing == "pair":
+        return tokenizer([joined_report(r, "") for r, _ in pairs], [joined_report("", e) for _, e in pairs],
+                         padding="longest", truncation="longest_first", max_length=max_tokens, return_tensors="pt")
+    return tokenizer([joined_report(r, e) for r, e in pairs], padding="longest", truncation=True,
+                     max_length=max_tokens, return_tensors="pt")
 
 
 def drop_clock_time_sentences(text: str) -> str:

@@ -12,6 +12,7 @@ from rich.progress import track
 from more_scale import dist
 from more_scale.config import Config, DataConfig, InputShape, load_config
 from more_scale.data.pipeline import iter_batches
+from more_scale.data.reports import tokenize_reports
 from more_scale.data.tokenizer import load_tokenizer
 from more_scale.models.more import MODALITIES, MoRE, build_model
 from more_scale.train.checkpoint import (
@@ -105,8 +106,9 @@ def embed(model: MoRE, shards: str | Path, data_cfg: DataConfig, shape: InputSha
 
 
 @torch.no_grad()
-def embed_texts(model: MoRE, tokenizer, texts: list[str], max_tokens: int) -> np.ndarray:
-    """(len(texts), D) unit-norm fp32 text embeddings, on the device the model is on (prompts, queries)."""
+def embed_texts(model: MoRE, tokenizer, pairs: list[tuple[str, str]], pairing: str, max_tokens: int) -> np.ndarray:
+    """(radiology, ECG report) pairs -> (len(pairs), D) unit-norm fp32 text embeddings, tokenised as training
+    did (`pairing`: data.text_pairing), on the device the model is on (prompts, queries)."""
     device = next(model.parameters()).device
-    tokens = tokenizer(texts, padding="longest", truncation=True, max_length=max_tokens, return_tensors="pt").to(device)
+    tokens = tokenize_reports(tokenizer, pairs, pairing, max_tokens).to(device)
     return model.encode("text", tokens["input_ids"], tokens["attention_mask"]).cpu().numpy()

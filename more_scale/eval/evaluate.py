@@ -54,7 +54,8 @@ def evaluate(run_dir: str | Path, shards: str | Path, out_dir: str | Path, tasks
                "tasks_file": str(tasks_file or "shipped eval/tasks.yaml"), "zero_shot": {}, "retrieval": {}}
     prompt_embeddings = {}
     for task in tasks:
-        prompt_embeddings[task.name] = {a: embed_texts(model, tokenizer, task.prompts(a), cfg.data.max_text_tokens)
+        prompt_embeddings[task.name] = {a: embed_texts(model, tokenizer, task.prompts(a), cfg.data.text_pairing,
+                                                      cfg.data.max_text_tokens)
                                         for a in task.answers}
         results["zero_shot"][task.name] = zero_shot(emb, task, prompt_embeddings[task.name], scale)
     for query, gallery in RETRIEVAL_PAIRS:

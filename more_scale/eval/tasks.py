@@ -12,8 +12,6 @@ from pathlib import Path
 
 import yaml
 
-from more_scale.data.reports import joined_report
-
 DEFAULT_TASKS_FILE = Path(__file__).with_name("tasks.yaml")
 KINDS = ("binary", "multilabel", "ordinal")
 ANSWER_KEYS = {"binary": ("positive", "negative"), "multilabel": ("classes",), "ordinal": ("levels",)}
@@ -76,9 +74,9 @@ class Task:
     answers: dict[str, tuple[str, ...]]  # answer -> prompt sentences: positive/negative, classes, or levels
     priority: tuple[str, ...] = ()  # multilabel: the order that picks one label per sample
 
-    def prompts(self, answer: str) -> list[str]:
-        """The answer's sentences as the text tower saw reports in training."""
-        return [joined_report(p, "") if self.modality == "cxr" else joined_report("", p) for p in self.answers[answer]]
+    def prompts(self, answer: str) -> list[tuple[str, str]]:
+        """The answer's sentences as (radiology, ECG report) pairs: the report of this task's modality."""
+        return [(p, "") if self.modality == "cxr" else ("", p) for p in self.answers[answer]]
 
     def label(self, meta: dict):
         """binary: 1.0 / 0.0 / None (unknown: never a target); multilabel: the set of classes or None;

@@ -52,7 +52,8 @@ class Validator:
             masks["cxr"].append(batch.cxr_mask.to(device))
             masks["ecg"].append(batch.ecg_mask.to(device))
             meta += batch.info.meta
-        prompts = {t.name: {a: embed_texts(module, self.tokenizer, t.prompts(a), self.cfg.data.max_text_tokens)
+        prompts = {t.name: {a: embed_texts(module, self.tokenizer, t.prompts(a), self.cfg.data.text_pairing,
+                                            self.cfg.data.max_text_tokens)
                             for a in t.answers} for t in self.tasks[:PROBE_TASKS]}  # every rank: ZeRO-3 again
         module.train(was_training)
         totals = dist.mean_over_ranks({"loss": loss_sum, "batches": float(counted)})
