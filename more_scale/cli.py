@@ -291,6 +291,8 @@ Files that cannot be read are skipped and listed in OUT.skipped.csv with the rea
   more-embed --model EXPORT_OR_RUN --texts reports.txt [--report cardiology] --out reports
   more-embed --model EXPORT_OR_RUN --manifest samples.csv --modality ecg --out ecgs
                                       (the build's CSV manifest: its cxr or ecg column, paths from its folder)
+  more-embed --model EXPORT_OR_RUN --shards shards/test --modality text --out reports
+                                      (a built split: every sample holding --modality, source "key position")
 """
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
@@ -320,7 +322,6 @@ def manifest_inputs(model, manifest: Path, modality: str):
 
 def embed_main(argv: list[str] | None = None) -> int:
     quiet_third_party()
-    import csv
 
     import numpy as np
     from rich.progress import track
@@ -334,7 +335,9 @@ def embed_main(argv: list[str] | None = None) -> int:
     what.add_argument("--ecgs", type=Path, help="folder searched recursively for WFDB records (.hea)")
     what.add_argument("--texts", type=Path, help="UTF-8 text file, one report per line")
     what.add_argument("--manifest", type=Path, help="CSV manifest (more-build-shards --source csv): its --modality column")
-    parser.add_argument("--modality", choices=["cxr", "ecg"], default="cxr", help="--manifest: which column to embed")
+    what.add_argument("--shards", type=Path, help="a built split (shards.json beside its tars): its --modality")
+    parser.add_argument("--modality", choices=["cxr", "ecg", "text"], default="cxr",
+                        help="--manifest (cxr, ecg) or --shards (cxr, ecg, text): what to embed")
     parser.add_argument("--report", choices=["radiology", "cardiology"], default="radiology",
                         help="--texts: which report the lines are")
     parser.add_argument("--out", type=Path, required=True, help="output prefix: OUT.npy, OUT.csv")
@@ -342,6 +345,11 @@ def embed_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     args = parser.parse_args(argv)
     model = load(args.model, args.device)
+    if args.shards:
+        vectors, sources, skipped = shard_set_vectors(model, args.shards, args.modality, args.batch_size)
+        return write_index(args.out, vectors, sources, skipped, total=len(sources) + len(skipped))
+    if args.manifest and args.modality == "text":
+        parser.error("--modality text needs --shards (a manifest's reports: --texts with one per line)")
     if args.texts:
         lines = [(n, line.strip()) for n, line in enumerate(args.texts.read_text(encoding="utf-8").splitlines(), 1)]
         items = [line for _, line in lines if line]
@@ -371,17 +379,56 @@ def embed_main(argv: list[str] | None = None) -> int:
                     kept.append(i)
                 except ValueError as error:
                     skipped.append((sources[i], str(error)))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    if vectors:
-        np.save(args.out.with_suffix(".npy"), np.concatenate(vectors))
-    with open(args.out.with_suffix(".csv"), "w", newline="") as f:
-        csv.writer(f).writerows([("row", "source"), *((row, sources[i]) for row, i in enumerate(kept))])
+    return write_index(args.out, np.concatenate(vectors) if vectors else None, [sources[i] for i in kept], skipped,
+                       total=len(items))
+
+
+def shard_set_vectors(model, shards: Path, modality: str, batch_size: int):
+    """(vectors, sources "key position", skipped (source, reason)) of every sample of a built split holding
+    `modality`, through evaluation's loader (centre crop, no augmentation). The split must have been built
+    as the model's training shards were: the stored form is part of what the model learned."""
+    from more_scale.config import DataConfig, InputShape
+    from more_scale.data.pipeline import read_index
+    from more_scale.eval.embed import embed
+
+    try:
+        index = read_index(shards)
+    except (ValueError, OSError) as error:
+        raise SystemExit(f"error: {error}") from error
+    fmt, build = model.inputs, index["build"]
+    stored = {"short_side": (fmt.cxr_short_side, int(build["short_side"])),
+              "squash": (fmt.cxr_squash, int(build.get("squash", 0))),
+              "ecg_rate": (fmt.ecg_rate_hz, float(build["ecg_rate"]))}
+    differ = [f"{k} {theirs} (the model's shards: {ours})" for k, (ours, theirs) in stored.items() if ours != theirs]
+    if differ:
+        raise SystemExit(f"error: {shards}: built with {', '.join(differ)}; rebuild it with the model's options")
+    data = DataConfig(max_text_tokens=fmt.max_text_tokens, text_pairing=fmt.text_pairing)
+    emb = embed(model.model, shards, data, InputShape(fmt.image_size, fmt.ecg_samples), model.tokenizer, batch_size)
+    rows = [i for i, present in enumerate(emb.masks[modality]) if present]
+    sources = [f"{emb.keys[i]} {emb.positions[i]}" for i in rows]
+    missing = index["samples"] - len(emb.keys)  # the loader skipped and counted them (bad samples)
+    skipped = [(f"{shards}", f"{missing} samples could not be decoded")] if missing else []
+    return emb.vectors[modality][rows], sources, skipped
+
+
+def write_index(out: Path, vectors, sources: list[str], skipped: list[tuple[str, str]], total: int) -> int:
+    """OUT.npy, OUT.csv (row, source) and, when any were skipped, OUT.skipped.csv (source, reason); 1 when
+    nothing was embedded."""
+    import csv
+
+    import numpy as np
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if vectors is not None and len(vectors):
+        np.save(out.with_suffix(".npy"), vectors)
+    with open(out.with_suffix(".csv"), "w", newline="") as f:
+        csv.writer(f).writerows([("row", "source"), *enumerate(sources)])
     if skipped:
-        with open(args.out.with_name(args.out.name + ".skipped.csv"), "w", newline="") as f:
+        with open(out.with_name(out.name + ".skipped.csv"), "w", newline="") as f:
             csv.writer(f).writerows([("source", "reason"), *skipped])
-    print(f"embedded {len(kept)} of {len(items)} into {args.out.with_suffix('.npy')} (+ .csv)"
-          + (f"; {len(skipped)} skipped, listed in {args.out.name}.skipped.csv" if skipped else ""))
-    return 0 if kept else 1
+    print(f"embedded {len(sources)} of {total} into {out.with_suffix('.npy')} (+ .csv)"
+          + (f"; {len(skipped)} skipped, listed in {out.name}.skipped.csv" if skipped else ""))
+    return 0 if sources else 1
 
 
 RETRIEVE_DOC = """Rank what more-embed embedded (X-rays or ECGs) against a text query: the top K with their

@@ -218,3 +218,31 @@ def test_more_embed_reads_a_csv_manifest_of_npy_ecgs(trained, raw_root, tmp_path
     np.testing.assert_allclose(np.load(tmp_path / "ecgs.npy"), more_scale.load(export).embed_ecg(records), atol=1e-5)
     skipped = (tmp_path / "ecgs.skipped.csv").read_text()
     assert "flat.npy" in skipped and "expected (T, 12) or (12, T)" in skipped
+
+
+def test_more_embed_reads_a_built_split(trained, shards, tmp_path, capsys):
+    """--shards: every sample's X-ray and report vectors equal evaluation's embedding of that split, listed
+    by "key position"; a split built with another short side is refused, naming the option, before any work."""
+    from launch_helpers import embed_main
+
+    import more_scale
+    from more_scale.config import load_config
+    from more_scale.eval.embed import embed
+
+    run, export = trained
+    model = more_scale.load(export)
+    cfg = load_config(run / "config.yaml")
+    emb = embed(model.model, shards / "test", cfg.data, input_shape(cfg.model), model.tokenizer)
+    for modality in ("cxr", "text"):
+        assert embed_main(["--model", str(export), "--shards", str(shards / "test"), "--modality", modality,
+                           "--out", str(tmp_path / modality), "--batch-size", "5"]) == 0
+        np.testing.assert_allclose(np.load(tmp_path / f"{modality}.npy"), emb.vectors[modality], atol=1e-5)
+        rows = (tmp_path / f"{modality}.csv").read_text().splitlines()[1:]
+        assert [r.split(",")[1] for r in rows] == [f"{k} {i}" for i, k in enumerate(emb.keys)]
+    other = tmp_path / "other"
+    shutil.copytree(shards / "test", other)
+    index = json.loads((other / "shards.json").read_text())
+    index["build"]["short_side"] = int(index["build"]["short_side"]) * 2
+    (other / "shards.json").write_text(json.dumps(index))
+    with pytest.raises(SystemExit, match=r"built with short_side \d+ \(the model's shards: \d+\)"):
+        embed_main(["--model", str(export), "--shards", str(other), "--out", str(tmp_path / "x")])

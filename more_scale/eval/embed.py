@@ -36,6 +36,7 @@ class Embeddings:
     meta: list[dict]
     texts: list[str] = field(default_factory=list)  # the joined report of each sample (as tokenised, decoded)
     thumbnails: np.ndarray | None = None  # (N, THUMBNAIL, THUMBNAIL) uint8 X-ray thumbnails (zeros: none)
+    positions: list[int] = field(default_factory=list)  # each sample's running index in its shard set
 
 
 def load_trained(run_dir: str | Path, tag: str | None = None) -> tuple[MoRE, Config, object]:
@@ -102,7 +103,7 @@ def embed(model: MoRE, shards: str | Path, data_cfg: DataConfig, shape: InputSha
         return [flat[i] for i in order]
 
     return Embeddings({m: merged("vectors", m) for m in MODALITIES}, {m: merged("masks", m) for m in MODALITIES},
-                      listed("keys"), listed("meta"), listed("texts"), merged("thumbnails"))
+                      listed("keys"), listed("meta"), listed("texts"), merged("thumbnails"), listed("positions"))
 
 
 @torch.no_grad()
