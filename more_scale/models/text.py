@@ -65,7 +65,7 @@ def load_language_model(cfg: TextConfig, vocab_size: int, pad_token_id: int) -> 
         extra = {"add_pooling_layer": False} if model_type in _ENCODERS else {}
         return AutoModel.from_pretrained(cfg.pretrained, local_files_only=True, attn_implementation="sdpa", **extra)
     if not cfg.random_init:
-        raise ValueError("model.text: no pretrained LM and random_init is false (a random frozen LM learns nothing)")
+        raise ValueError("model.text: no pretrained LM and random_init is false (a random frozen LM knows no language)")
     if cfg.arch == "llama":
         config = LlamaConfig(
             vocab_size=vocab_size, hidden_size=cfg.hidden, num_hidden_layers=cfg.layers,
