@@ -54,6 +54,7 @@ class DataConfig:
     cxr_flip_p: float = 0.0  # the paper flips (0.5); off here: a mirrored film contradicts "left"/"right" in its report
     ecg_warp: float = 0.2  # time-warp: local speed 1 +- this (0 = off)
     ecg_segments: int = 5  # segment permutation: pieces shuffled (< 2 = off); one of the two per record
+    ecg_none: bool = False  # a third, equally likely branch: the record as it is (the reference's no_aug)
 
 
 @dataclass(frozen=True)

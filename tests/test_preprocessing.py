@@ -2,6 +2,7 @@
 
 import io
 import random
+from collections import Counter
 
 import cv2
 import numpy as np
@@ -161,6 +162,27 @@ def test_permute_segments_reorders_equal_pieces():
     perm = np.random.default_rng(1).permutation(5)
     assert np.array_equal(out, np.concatenate([signal[:, 2 * i:2 * i + 2] for i in perm], axis=1))
     assert sorted(map(tuple, out.T)) == sorted(map(tuple, signal.T))
+
+
+def test_ecg_augmentation_branches_are_equally_likely_with_the_none_branch():
+    """Over 900 seeds each branch is taken a third of the time with data.ecg_none (the reference's no_aug),
+    half and half without it; 3 binomial standard deviations (0.016 at p = 1/3, 0.017 at 1/2) bound the
+    shares. Which branch ran is read off the output: unchanged, a reordering of the same columns, or new values
+    (10 pieces, so a permutation that happens to keep the order, 1 in 10!, never passes for the none branch)."""
+    pieces = 10
+    signal = np.random.default_rng(0).standard_normal((12, 1000)).astype(np.float32)
+
+    def branch(out):
+        if np.array_equal(out, signal):
+            return "none"
+        return "permute" if sorted(map(tuple, out.T)) == sorted(map(tuple, signal.T)) else "warp"
+
+    for none, share in ((True, 1 / 3), (False, 1 / 2)):
+        counts = Counter(branch(ecg.augment(signal, np.random.default_rng(seed), 0.25, pieces, none)) for seed in range(900))
+        assert set(counts) == ({"none", "permute", "warp"} if none else {"permute", "warp"}), counts
+        bound = 3 * np.sqrt(share * (1 - share) / 900)
+        assert all(abs(n / 900 - share) < bound for n in counts.values()), counts
+    assert np.array_equal(ecg.augment(signal, np.random.default_rng(0), 0.0, 1, False), signal)  # both off
 
 
 def test_cxr_augmentation_is_seeded_and_reduces_to_a_resize():

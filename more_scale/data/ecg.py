@@ -179,11 +179,14 @@ def permute_segments(signal: np.ndarray, rng: np.random.Generator, pieces: int) 
     return np.concatenate([parts[i] for i in rng.permutation(pieces)], axis=-1)
 
 
-def augment(signal: np.ndarray, rng: np.random.Generator, max_stretch: float, pieces: int) -> np.ndarray:
-    """The paper's ECG augmentation: time-warp or segment permutation, one of the two per record."""
-    choices = [c for c, on in (("warp", max_stretch > 0), ("permute", pieces > 1)) if on]
-    if not choices:
-        return signal
-    if choices[rng.integers(len(choices))] == "warp":
+def augment(signal: np.ndarray, rng: np.random.Generator, max_stretch: float, pieces: int,
+            none: bool = False) -> np.ndarray:
+    """The paper's ECG augmentation: time-warp or segment permutation, one of them per record, equally likely
+    (`none`: the unchanged record is a third choice, as in the reference's ECGAugmentor)."""
+    choices = [c for c, on in (("warp", max_stretch > 0), ("permute", pieces > 1), ("none", none)) if on]
+    choice = choices[rng.integers(len(choices))] if choices else "none"
+    if choice == "warp":
         return time_warp(signal, rng, max_stretch)
-    return permute_segments(signal, rng, pieces)
+    if choice == "permute":
+        return permute_segments(signal, rng, pieces)
+    return signal

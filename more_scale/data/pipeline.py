@@ -77,7 +77,7 @@ class ModelInputs:
 
     def signal(self, signal: np.ndarray, draws) -> np.ndarray:
         if draws is not None:
-            signal = ecg.augment(signal, draws[0], self.cfg.ecg_warp, self.cfg.ecg_segments)
+            signal = ecg.augment(signal, draws[0], self.cfg.ecg_warp, self.cfg.ecg_segments, self.cfg.ecg_none)
         return ecg.to_model_input(signal, self.shape.ecg_samples)
 
 
