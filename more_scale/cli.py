@@ -218,7 +218,8 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", required=True, help="run folder (output_dir of training)")
     parser.add_argument("--shards", required=True, help="shard directory with shards.json")
     parser.add_argument("--out", required=True, help="where results.json, figures/ and report.html go")
-    parser.add_argument("--tasks", help="a tasks YAML (default: the shipped more_scale/eval/tasks.yaml)")
+    parser.add_argument("--tasks", help="a tasks YAML (default: the shipped more_scale/eval/tasks.yaml; `reference`: "
+                                         "the MoRE reference's X-ray protocol, GLoRIA prompts and max scoring)")
     parser.add_argument("--train-shards", help="training split for linear probes at 1/10/100%% of its labels")
     parser.add_argument("--no-figures", action="store_true", help="metrics only")
     args = parser.parse_args(argv)
@@ -459,7 +460,7 @@ def retrieve_main(argv: list[str] | None = None) -> int:
                         help="which report the query is (cardiology for an ECG index)")
     parser.add_argument("--top", type=int, default=5)
     parser.add_argument("--modality", choices=["cxr", "ecg"], default="cxr", help="--zero-shot: what the index holds")
-    parser.add_argument("--tasks", type=Path, default=None, help="--zero-shot: a tasks YAML (default: the shipped one)")
+    parser.add_argument("--tasks", default=None, help="--zero-shot: a tasks YAML (default: the shipped one; `reference`)")
     args = parser.parse_args(argv)
     vectors = np.load(args.index.with_suffix(".npy"))
     with open(args.index.with_suffix(".csv"), newline="") as f:
@@ -470,8 +471,8 @@ def retrieve_main(argv: list[str] | None = None) -> int:
     if args.zero_shot:
         columns = {}
         for task, answers in model.zero_shot(vectors, args.modality, args.tasks).items():
-            if set(answers) == {"positive", "negative"}:
-                columns[task] = answers["positive"] - answers["negative"]
+            if "score" in answers:  # binary: the score evaluation ranks by
+                columns[task] = answers["score"]
             else:
                 columns.update({f"{task}: {answer}": s for answer, s in answers.items()})
         out = args.index.with_name(args.index.name + ".zero_shot.csv")

@@ -63,9 +63,9 @@ class MoREEmbedder:
 
     def zero_shot(self, embeddings: np.ndarray, modality: str, tasks_file: str | Path | None = None) -> dict:
         """Per task of a tasks YAML (default: the shipped one) for `modality` (cxr | ecg): each answer's
-        similarity to every embedding, {task: {answer: (N,) float32}} (binary tasks: positive - negative is
-        the zero-shot score evaluation ranks by)."""
-        from more_scale.eval.metrics import answer_centroids
+        similarity to every embedding, {task: {answer: (N,) float32}}; binary tasks also carry "score", the
+        zero-shot score evaluation ranks by (the task's score rule: positive minus negative centroid, or max)."""
+        from more_scale.eval.metrics import answer_centroids, binary_scores
         from more_scale.eval.tasks import load_tasks
 
         report = "radiology" if modality == "cxr" else "cardiology"
@@ -73,6 +73,8 @@ class MoREEmbedder:
         for task in (t for t in load_tasks(tasks_file) if t.modality == modality):
             prompts = {a: self.embed_text(list(task.answers[a]), report) for a in task.answers}
             scores[task.name] = {a: embeddings @ c for a, c in answer_centroids(prompts).items()}
+            if task.kind == "binary":
+                scores[task.name]["score"] = binary_scores(embeddings, task, prompts)
         return scores
 
     def _batched(self, modality: str, inputs: list[np.ndarray], batch_size: int) -> np.ndarray:

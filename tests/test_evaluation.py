@@ -42,6 +42,38 @@ def test_binary_zero_shot_equals_sklearn():
     assert r["chance_auprc"] == pytest.approx(0.5) and abs(r["chance_auroc"] - 0.5) < 0.1
 
 
+def test_the_references_max_of_sampled_prompts_scoring():
+    """`--tasks reference`: GLoRIA's prompt lists, 5 drawn per class with a fixed seed (the same 5 on every
+    load, all from the full expansion), and each image scored by its highest cosine among them; AUROC of that
+    score equals scikit-learn's. A malformed score rule is refused naming the field."""
+    from more_scale.eval.tasks import TasksError, _task
+
+    tasks = {t.name: t for t in load_tasks("reference")}
+    assert set(tasks) == {"Atelectasis", "Cardiomegaly", "Edema", "Pleural Effusion"}
+    spec = {"kind": "binary", "labels": {"field": "chexpert.Edema"}, "negative": ["No edema."],
+            "positive": {"template": "{severity} {subtype}", "severity": ["", "mild", "improvement in", "presistent",
+                                                                          "moderate", "decreased"],
+                         "subtype": ["pulmonary edema", "trace interstitial edema", "pulmonary interstitial edema"]}}
+    full = _task("Edema", "cxr", spec).answers["positive"]
+    assert len(full) == 18 and len(tasks["Edema"].answers["positive"]) == 5
+    assert set(tasks["Edema"].answers["positive"]) <= set(full)
+    assert [t.answers for t in load_tasks("reference")] == [t.answers for t in tasks.values()]  # seeded
+    assert all(t.score == "max" for t in tasks.values())
+
+    labels = [1.0, 0.0, 1.0, 0.0, 0.0, 1.0, 0.0, 1.0, 0.0, 0.0]
+    emb = _embeddings(10, [{"chexpert": {"Edema": v}} for v in labels])
+    prompts = _prompts(("positive", "negative"))
+    r = zero_shot(emb, tasks["Edema"], prompts)
+    by_hand = np.max(emb.vectors["cxr"] @ prompts["positive"].T, axis=1)
+    assert r["auroc"] == pytest.approx(roc_auc_score(labels, by_hand))
+    centroid = zero_shot(emb, Task("Edema", "cxr", "binary", tasks["Edema"].labels, tasks["Edema"].answers), prompts)
+    assert centroid["auroc"] != pytest.approx(r["auroc"])  # the two rules rank these differently
+    for rule, message in (({"method": "mean"}, "score.method 'mean'"), ({"sample": 99}, "score.sample must be"),
+                          ("max", "score must be a mapping")):
+        with pytest.raises(TasksError, match=message):
+            _task("Edema", "cxr", {**spec, "score": rule})
+
+
 def test_multilabel_macro_and_single_label_by_priority():
     classes = {"NORM": ("n",), "MI": ("m",), "STTC": ("s",)}
     sets = [{"NORM"}, {"MI", "STTC"}, {"STTC"}, {"NORM"}, {"MI"}, {"STTC", "NORM"}]

@@ -27,6 +27,16 @@ def answer_centroids(prompt_embeddings: dict[str, np.ndarray]) -> dict[str, np.n
     return {a: unit(e.mean(0)) for a, e in prompt_embeddings.items()}
 
 
+def binary_scores(x: np.ndarray, task: Task, prompts: dict[str, np.ndarray]) -> np.ndarray:
+    """A binary task's zero-shot score for each row of x (unit vectors): `centroid`, the cosine to the mean
+    positive prompt minus the cosine to the mean negative one; `max` (the MoRE reference's), the highest
+    cosine among the positive prompts."""
+    if task.score == "max":
+        return (x @ prompts["positive"].T).max(1)
+    centroids = answer_centroids(prompts)
+    return x @ centroids["positive"] - x @ centroids["negative"]
+
+
 def _labelled(emb: Embeddings, task: Task) -> tuple[np.ndarray, list]:
     rows = [i for i, m in enumerate(emb.meta) if emb.masks[task.modality][i] and task.label(m) is not None]
     return np.array(rows, dtype=int), [task.label(emb.meta[i]) for i in rows]
@@ -73,7 +83,6 @@ def bootstrap_intervals(labels: np.ndarray, scores: np.ndarray, seed: int = 0) -
 def zero_shot(emb: Embeddings, task: Task, prompts: dict[str, np.ndarray], scale: float = 1.0, seed: int = 0) -> dict:
     """prompts: answer -> (P, D) prompt embeddings. `scale`: the model's logit scale (ordinal softmax)."""
     rows, labels = _labelled(emb, task)
-    centroids = answer_centroids(prompts)
     x = emb.vectors[task.modality][rows]
     out = {"kind": task.kind, "modality": task.modality, "n": int(len(rows))}
     if task.kind == "binary":
@@ -81,7 +90,8 @@ def zero_shot(emb: Embeddings, task: Task, prompts: dict[str, np.ndarray], scale
         out["n_positive"] = int(y.sum())
         if len(rows) == 0 or y.min() == y.max():
             return {**out, "note": "needs positives and negatives"}
-        return {**out, **binary_metrics(y, x @ centroids["positive"] - x @ centroids["negative"], seed)}
+        return {**out, **binary_metrics(y, binary_scores(x, task, prompts), seed)}
+    centroids = answer_centroids(prompts)
     names = list(centroids)
     sims = x @ np.stack([centroids[a] for a in names]).T  # (N, answers)
     if task.kind == "multilabel":

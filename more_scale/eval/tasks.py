@@ -10,10 +10,13 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 DEFAULT_TASKS_FILE = Path(__file__).with_name("tasks.yaml")
+SHIPPED_TASKS = {"default": DEFAULT_TASKS_FILE, "reference": Path(__file__).with_name("tasks_reference.yaml")}
 KINDS = ("binary", "multilabel", "ordinal")
+SCORES = ("centroid", "max")  # binary tasks: see tasks.yaml's header
 ANSWER_KEYS = {"binary": ("positive", "negative"), "multilabel": ("classes",), "ordinal": ("levels",)}
 
 
@@ -73,6 +76,7 @@ class Task:
     labels: dict  # how to read the label from meta.json (see tasks.yaml)
     answers: dict[str, tuple[str, ...]]  # answer -> prompt sentences: positive/negative, classes, or levels
     priority: tuple[str, ...] = ()  # multilabel: the order that picks one label per sample
+    score: str = "centroid"  # binary: centroid (positive minus negative mean prompt) | max (the highest positive prompt)
 
     def prompts(self, answer: str) -> list[tuple[str, str]]:
         """The answer's sentences as (radiology, ECG report) pairs: the report of this task's modality."""
@@ -109,8 +113,9 @@ class Task:
 
 
 def load_tasks(path: str | Path | None = None) -> list[Task]:
-    """Every task of a tasks YAML (default: the shipped eval/tasks.yaml); TasksError names the file, task and field."""
-    path = Path(path) if path else DEFAULT_TASKS_FILE
+    """Every task of a tasks YAML (default: the shipped eval/tasks.yaml; `reference`: the MoRE reference's X-ray
+    protocol, eval/tasks_reference.yaml); TasksError names the file, task and field."""
+    path = SHIPPED_TASKS.get(str(path), Path(path)) if path else DEFAULT_TASKS_FILE
     try:
         tree = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as error:
@@ -151,8 +156,12 @@ def _task(name: str, modality: str, spec) -> Task:
     missing = [key for key in ANSWER_KEYS[kind] if not spec.get(key)]
     if missing:
         raise TasksError(f"a {kind} task needs prompts under {list(ANSWER_KEYS[kind])}; missing or empty: {missing}")
+    score, rule = "centroid", spec.get("score", {})
     if kind == "binary":
         answers = {"positive": expand(spec["positive"]), "negative": expand(spec["negative"])}
+        score, answers["positive"] = _score_rule(rule, answers["positive"])
+    elif rule:
+        raise TasksError(f"score applies to binary tasks only, not {kind}")
     else:
         table = spec[ANSWER_KEYS[kind][0]]
         if not isinstance(table, dict):
@@ -165,7 +174,25 @@ def _task(name: str, modality: str, spec) -> Task:
     unknown = [c for c in priority if c not in answers]
     if unknown:
         raise TasksError(f"priority names classes without prompts: {unknown}")
-    return Task(name, modality, kind, dict(labels), answers, priority)
+    return Task(name, modality, kind, dict(labels), answers, priority, score)
+
+
+def _score_rule(rule, positives: tuple[str, ...]) -> tuple[str, tuple[str, ...]]:
+    """score: {method: centroid | max, sample: K, seed: S}: `sample` keeps K of the positive prompts, drawn
+    with numpy's generator seeded S (the reference draws 5 with Python's unseeded random.sample)."""
+    if not isinstance(rule, dict) or set(rule) - {"method", "sample", "seed"}:
+        raise TasksError(f"score must be a mapping of method, sample, seed, got {rule!r:.80}")
+    method = rule.get("method", "centroid")
+    if method not in SCORES:
+        raise TasksError(f"score.method {method!r}, expected one of {SCORES}")
+    sample = rule.get("sample", 0)
+    if not isinstance(sample, int) or not 0 <= sample <= len(positives):
+        raise TasksError(f"score.sample must be an integer from 0 (all) to the {len(positives)} positive prompts, "
+                         f"got {sample!r}")
+    if sample:
+        keep = np.random.default_rng(int(rule.get("seed", 0))).choice(len(positives), sample, replace=False)
+        positives = tuple(positives[i] for i in sorted(keep))
+    return method, positives
 
 
 def check_fields(tasks: list[Task], metas: list[dict], shards: str | Path, tasks_file: str | Path | None) -> None:
