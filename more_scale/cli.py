@@ -103,6 +103,10 @@ def build_shards_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window-days", type=float, default=defaults.window_days)
     parser.add_argument("--pairing", choices=["nearest", "all"], default=defaults.pairing)
     parser.add_argument("--keep-unpaired", action="store_true", help="mimic: keep X-ray-only and ECG-only samples too")
+    parser.add_argument("--images", choices=["first", "all"], default=defaults.images,
+                        help="mimic: one frontal image per study (PA before AP), or every one (the reference)")
+    parser.add_argument("--require-chexpert", action="store_true",
+                        help="mimic: leave out studies without a CheXpert label row (the reference)")
     parser.add_argument("--short-side", type=int, default=defaults.short_side)
     parser.add_argument("--squash", type=int, default=defaults.squash,
                         help="the MoRE reference's X-ray preprocessing: resize to N x N (aspect lost), then CLAHE")
@@ -120,6 +124,7 @@ def build_shards_main(argv: list[str] | None = None) -> int:
     if not 0 <= args.part < args.num_parts:
         parser.error(f"--part {args.part} must be in [0, --num-parts {args.num_parts})")
     options = BuildOptions(window_days=args.window_days, pairing=args.pairing, keep_unpaired=args.keep_unpaired,
+                           images=args.images, require_chexpert=args.require_chexpert,
                            short_side=args.short_side, squash=args.squash, ecg_rate=args.ecg_rate, reports=args.reports,
                            samples_per_shard=args.samples_per_shard,
                            workers=args.workers, tokenizer_vocab=args.tokenizer_vocab)

@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -41,6 +42,48 @@ def test_pairs_are_frontal_nearest_within_window(raw_root):
     all_pairs, _ = mimic_samples(*_roots(raw_root), BuildOptions(pairing="all"))
     assert len(all_pairs) >= len(pairs)
     assert all(abs(p.meta["gap_hours"]) <= 60 * 24 for p in all_pairs)
+
+
+def test_every_frontal_image_and_the_chexpert_requirement(raw_root, tmp_path):
+    """--images all --require-chexpert (the reference's pairing): a study given a second frontal image (the
+    first one's file under a new dicom_id, AP) yields a sample per image and per ECG in the window, named by
+    image; a study whose CheXpert row is removed is left out and counted. The default keeps the first image."""
+    import shutil
+
+    cxr_root, report_root, ecg_root = _roots(raw_root)
+    mine = tmp_path / "mimic-cxr-jpg"
+    shutil.copytree(cxr_root / "files", mine / "files")
+    for table in cxr_root.glob("*.csv*"):
+        shutil.copy(table, mine / table.name)
+    meta = pd.read_csv(mine / "mimic-cxr-2.0.0-metadata.csv", dtype={"dicom_id": str})
+    split = pd.read_csv(mine / "mimic-cxr-2.0.0-split.csv", dtype={"dicom_id": str})
+    first, _ = mimic_samples(cxr_root, report_root, ecg_root, BuildOptions(pairing="all"))
+    doubled, dropped = first[0].meta, first[-1].meta  # two studies with ECGs in their window
+    assert doubled["study_id"] != dropped["study_id"]
+    row = meta[meta.dicom_id == doubled["dicom_id"]].iloc[0].copy()
+    row["dicom_id"], row["ViewPosition"] = "second-frontal", "AP"
+    pd.concat([meta, row.to_frame().T]).to_csv(mine / "mimic-cxr-2.0.0-metadata.csv", index=False)
+    extra = split[split.dicom_id == doubled["dicom_id"]].assign(dicom_id="second-frontal")
+    pd.concat([split, extra]).to_csv(mine / "mimic-cxr-2.0.0-split.csv", index=False)
+    image = Path(first[0].cxr)
+    shutil.copy(image, mine / "files" / image.relative_to(cxr_root / "files").with_name("second-frontal.jpg"))
+    labels = pd.read_csv(mine / "mimic-cxr-2.0.0-chexpert.csv")
+    labels[labels.study_id != dropped["study_id"]].to_csv(mine / "mimic-cxr-2.0.0-chexpert.csv", index=False)
+
+    default, skipped = mimic_samples(mine, report_root, ecg_root, BuildOptions(pairing="all"))
+    assert len(default) == len(first) and skipped["another frontal image of a study (--images all keeps it)"] == 1
+    every, skipped = mimic_samples(mine, report_root, ecg_root, BuildOptions(pairing="all", images="all",
+                                                                              require_chexpert=True))
+
+    def per_study(samples, study):
+        return [s for s in samples if s.meta["study_id"] == study]
+
+    assert len(per_study(every, doubled["study_id"])) == 2 * len(per_study(first, doubled["study_id"]))
+    assert {s.meta["dicom_id"] for s in per_study(every, doubled["study_id"])} == {doubled["dicom_id"], "second-frontal"}
+    assert not per_study(every, dropped["study_id"]) and skipped["X-ray study without a CheXpert row"] == 1
+    assert len(every) == len(first) + len(per_study(first, doubled["study_id"])) - len(per_study(first, dropped["study_id"]))
+    keys = [s.key for s in every]
+    assert len(set(keys)) == len(keys) and f"_{doubled['study_id']}_second-frontal_" in " ".join(keys)
 
 
 def test_shards_hold_the_format_and_the_index_matches(shards):

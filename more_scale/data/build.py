@@ -32,6 +32,8 @@ class BuildOptions:
     window_days: float = 60.0  # mimic: X-ray and ECG of the same subject at most this far apart
     pairing: str = "nearest"  # mimic: nearest: one ECG per X-ray study | all: every ECG in the window
     keep_unpaired: bool = False  # mimic: also X-ray-only studies and ECG-only records (masks, not drops)
+    images: str = "first"  # mimic: first: one frontal image per study (PA before AP) | all: every frontal image
+    require_chexpert: bool = False  # mimic: leave out studies without a CheXpert row (the reference's inner join)
     short_side: int = 256  # stored X-ray size (the loader crops the model's size from it)
     squash: int = 0  # > 0: the reference's preprocessing instead: resize to squash x squash (aspect lost), then CLAHE
     ecg_rate: float = 100.0  # stored ECG sampling rate, Hz

@@ -55,7 +55,7 @@ def study_datetime(date: int, time: float) -> dt.datetime:
 class _Tables:
     """The CSVs, read once."""
 
-    def __init__(self, cxr_root: Path, ecg_root: Path, reference_reports: bool = False):
+    def __init__(self, cxr_root: Path, ecg_root: Path, reference_reports: bool = False, every_image: bool = False):
         meta = pd.read_csv(find_table(cxr_root, "mimic-cxr-2.0.0-metadata"), dtype={"dicom_id": str})
         split = pd.read_csv(find_table(cxr_root, "mimic-cxr-2.0.0-split"), dtype={"dicom_id": str})
         self.labels = pd.read_csv(find_table(cxr_root, "mimic-cxr-2.0.0-chexpert")).set_index("study_id")
@@ -71,7 +71,10 @@ class _Tables:
                                                                               on="dicom_id", how="left")
         self.not_frontal = len(meta) - len(self.frontal)
         self.frontal = self.frontal.assign(view_rank=self.frontal["ViewPosition"].map({"PA": 0, "AP": 1}))
-        self.frontal = self.frontal.sort_values(["study_id", "view_rank", "dicom_id"]).drop_duplicates("study_id")
+        self.frontal = self.frontal.sort_values(["study_id", "view_rank", "dicom_id"])
+        self.other_frontal = 0 if every_image else int(self.frontal.duplicated("study_id").sum())
+        if not every_image:
+            self.frontal = self.frontal.drop_duplicates("study_id")
         self.subject_split = dict(zip(split["subject_id"], split["split"])) if "subject_id" in split else {}
         self.edema = edema_severity(cxr_root)
 
@@ -93,12 +96,19 @@ class _Tables:
 def mimic_samples(cxr_root: Path, report_root: Path, ecg_root: Path,
                   options: BuildOptions) -> tuple[list[SampleSpec], Counter]:
     """Sample specs (pairs first, then the unpaired ones if kept) and the counts of what was left out."""
-    tables, skipped, samples, paired_ecgs = _Tables(cxr_root, ecg_root, options.reports == "reference"), Counter(), [], set()
+    tables = _Tables(cxr_root, ecg_root, options.reports == "reference", every_image=options.images == "all")
+    skipped, samples, paired_ecgs = Counter(), [], set()
     skipped["not frontal (PA/AP) image"] = tables.not_frontal
+    skipped["another frontal image of a study (--images all keeps it)"] = tables.other_frontal
+    # a study with several frontal images (--images all) names each sample by its image too
+    named = (lambda row: f"{row.study_id}_{row.dicom_id}") if options.images == "all" else (lambda row: f"{row.study_id}")
     ecgs_by_subject = {s: g for s, g in tables.records.groupby("subject_id")}
     window = dt.timedelta(days=options.window_days)
     unpaired_studies = []
     for row in tables.frontal.itertuples(index=False):
+        if options.require_chexpert and row.study_id not in tables.labels.index:
+            skipped["X-ray study without a CheXpert row"] += 1
+            continue
         when = study_datetime(row.StudyDate, row.StudyTime)
         candidates = ecgs_by_subject.get(row.subject_id)
         gaps = [] if candidates is None else [
@@ -109,12 +119,12 @@ def mimic_samples(cxr_root: Path, report_root: Path, ecg_root: Path,
         gaps.sort(key=lambda g: (g[0], g[1].study_id))
         for _, record in gaps[:1] if options.pairing == "nearest" else gaps:
             paired_ecgs.add(record.study_id)
-            samples.append(_spec(f"{row.subject_id}_{row.study_id}_{record.study_id}", tables, cxr_root, report_root,
+            samples.append(_spec(f"{row.subject_id}_{named(row)}_{record.study_id}", tables, cxr_root, report_root,
                                  ecg_root, study=(row, when), record=record))
     no_ecg = f"X-ray study without an ECG within {options.window_days:g} days"
     unpaired_records = [r for r in tables.records.itertuples(index=False) if r.study_id not in paired_ecgs]
     if options.keep_unpaired:
-        samples += [_spec(f"{row.subject_id}_{row.study_id}_none", tables, cxr_root, report_root, ecg_root, study=(row, when))
+        samples += [_spec(f"{row.subject_id}_{named(row)}_none", tables, cxr_root, report_root, ecg_root, study=(row, when))
                     for row, when in unpaired_studies]
         samples += [_spec(f"{r.subject_id}_none_{r.study_id}", tables, cxr_root, report_root, ecg_root, record=r)
                     for r in unpaired_records]
