@@ -35,6 +35,7 @@ class Bookkeeping:
     skipped: dict[str, int] = field(default_factory=dict)  # unreadable samples by reason, since the last batch
     skipped_shards: dict[str, int] = field(default_factory=dict)  # ... and by shard file name
     text_tokens: int = 0  # real (unpadded) report tokens in the batch, counted on the host
+    has_text: list[bool] = field(default_factory=list)  # a report per sample (evaluation may hold image-only ones)
 
 
 @dataclass
@@ -83,5 +84,5 @@ class Batch:
         first = bool(picked) and picked[0] == 0
         info = Bookkeeping(pick(self.info.keys), pick(self.info.meta), pick(self.info.positions),
                            self.info.skipped if first else {}, self.info.skipped_shards if first else {},
-                           int(self.attention_mask[index].sum()))
+                           int(self.attention_mask[index].sum()), pick(self.info.has_text))
         return dataclasses.replace(self._replace(lambda t: t[index]), info=info)

@@ -38,12 +38,17 @@ BUILD_SHARDS_DOC = """Build WebDataset shards (+ shards.json index per split, + 
   python launch/build_shards.py --source mimic --root RAW --out SHARDS [--workers 4] [--keep-unpaired]
   python launch/build_shards.py --source ptbxl --root PTBXL --out SHARDS [--ptbxl-rate 500]
   python launch/build_shards.py --source csv --manifest MINE.csv --out SHARDS [--label-columns finding,view]
+  python launch/build_shards.py --source chexpert --manifest CheXpert-v1.0/valid.csv --root DIR --out SHARDS
+                                [--uncertain ignore|positive|negative] [--split test]
 
 mimic: --root holds mimic-cxr-jpg/, mimic-cxr-reports/ and mimic-iv-ecg/ (or name each with --cxr-root,
 --reports-root, --ecg-root, e.g. PhysioNet's physionet.org/files/... folders).
 ptbxl: --root is the PTB-XL folder (ptbxl_database.csv, scp_statements.csv, records100/, records500/).
 csv: a manifest with cxr / ecg / cxr_text / ecg_text / split / key / ecg_rate columns (see
 more_scale/data/manifest.py); relative paths are from --root, default the manifest's folder.
+chexpert: Stanford CheXpert's CSV (Path, Frontal/Lateral, the 14 observations as 1 / 0 / -1 / blank); --root
+holds the dataset's folder (default: the folder above the CSV's). Frontal images only, no reports: for
+evaluation (`evaluate.py --tasks reference` is the MoRE reference's protocol), never for training.
 """
 
 
@@ -66,6 +71,17 @@ def _sample_specs(args, options, parser) -> tuple[list, dict, list[str]]:
         if args.root is None or not args.root.is_dir():
             parser.error(f"--source ptbxl needs --root, the PTB-XL folder (got {args.root})")
         return ptbxl_samples(args.root, args.ptbxl_rate), {}, []
+    if args.source == "chexpert":
+        from more_scale.data.chexpert import chexpert_samples
+
+        if args.manifest is None or not args.manifest.is_file():
+            parser.error(f"--source chexpert needs --manifest, CheXpert's CSV (got {args.manifest})")
+        try:
+            specs, skipped = chexpert_samples(args.manifest, args.root or args.manifest.parent.parent, args.split,
+                                              args.uncertain)
+        except ValueError as error:
+            parser.exit(2, f"error: {error}\n")
+        return specs, dict(skipped), []
     from more_scale.data.manifest import manifest_samples
 
     if args.manifest is None or not args.manifest.is_file():
@@ -87,12 +103,16 @@ def build_shards_main(argv: list[str] | None = None) -> int:
     from more_scale.data.build import BuildOptions, merge_index, write_shards
 
     parser = argparse.ArgumentParser(description=BUILD_SHARDS_DOC, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--source", choices=["mimic", "ptbxl", "csv"], required=True)
+    parser.add_argument("--source", choices=["mimic", "ptbxl", "csv", "chexpert"], required=True)
     parser.add_argument("--root", type=Path, help="mimic: the three datasets' folder | ptbxl: PTB-XL | csv: path base")
     parser.add_argument("--cxr-root", type=Path)
     parser.add_argument("--reports-root", type=Path)
     parser.add_argument("--ecg-root", type=Path)
-    parser.add_argument("--manifest", type=Path, help="csv: the manifest file")
+    parser.add_argument("--manifest", type=Path, help="csv: the manifest file | chexpert: its train/valid CSV")
+    parser.add_argument("--uncertain", choices=["ignore", "positive", "negative"], default="ignore",
+                        help="chexpert: an uncertain (-1) label is left out of scoring, or read as 1 or as 0")
+    parser.add_argument("--split", choices=["train", "validate", "test"], default="test",
+                        help="chexpert: the split its samples go to")
     parser.add_argument("--label-columns", default="", help="csv: comma-separated columns copied into meta.json")
     parser.add_argument("--skip-bad-rows", action="store_true",
                         help="csv: build without the rows that fail the manifest check (listed in shards.json)")
@@ -137,7 +157,8 @@ def build_shards_main(argv: list[str] | None = None) -> int:
              "X-ray only": sum(bool(s.cxr and not s.ecg) for s in specs),
              "ECG only": sum(bool(s.ecg and not s.cxr) for s in specs)}
     console.print(f"{len(specs)} samples {kinds}; left out: {left_out}")
-    source = {"source": args.source, **({"rejected_rows": rejected} if rejected else {})}
+    source = {"source": args.source, **({"rejected_rows": rejected} if rejected else {}),
+              **({"uncertain": args.uncertain} if args.source == "chexpert" else {})}
     summary = write_shards(specs, args.out, options, source, args.num_parts, args.part)
     console.print(f"written to {args.out}: {summary}")
     return 0

@@ -246,3 +246,51 @@ def test_more_embed_reads_a_built_split(trained, shards, tmp_path, capsys):
     (other / "shards.json").write_text(json.dumps(index))
     with pytest.raises(SystemExit, match=r"built with short_side \d+ \(the model's shards: \d+\)"):
         embed_main(["--model", str(export), "--shards", str(other), "--out", str(tmp_path / "x")])
+
+
+def test_chexpert_csv_builds_and_evaluates_zero_shot_with_the_uncertain_policy(trained, raw_root, tmp_path, capsys):
+    """Stanford CheXpert's layout (Path, Frontal/Lateral, observations as 1 / 0 / -1 / blank) built with
+    --source chexpert: frontal images only, labels as written with -1 kept (ignore) or read as 1 (positive),
+    blank left out; image-only samples pass evaluation's loader, are scored zero-shot by the reference's
+    protocol (a -1 never a target), and get no text retrieval. A cell that is none of the four is refused by
+    row and column."""
+    from launch_helpers import build_shards_main, evaluate_main
+
+    from more_scale.eval.tasks import load_tasks
+
+    images = sorted(raw_root.rglob("*.jpg"))[:8]
+    folder = tmp_path / "CheXpert-v1.0-small"
+    cardiomegaly = [1, 0, -1, None, 1, 0, 1, 0]
+    lines = ["Path,Sex,Age,Frontal/Lateral,AP/PA,Cardiomegaly,Edema,Pleural Effusion,Atelectasis"]
+    for n, (image, label) in enumerate(zip(images, cardiomegaly)):
+        relative = f"CheXpert-v1.0-small/valid/patient{n:05d}/study1/view1_frontal.jpg"
+        (tmp_path / relative).parent.mkdir(parents=True)
+        shutil.copy(image, tmp_path / relative)
+        cell = "" if label is None else f"{label:.1f}"
+        lines.append(f"{relative},Female,60,Frontal,AP,{cell},{(n % 2):.1f},0.0,{1.0 if n < 4 else 0.0}")
+    lines.append("CheXpert-v1.0-small/valid/patient00000/study1/view2_lateral.jpg,Female,60,Lateral,,1.0,,,")
+    (folder / "valid.csv").write_text("\n".join(lines) + "\n")
+    for policy in ("ignore", "positive"):
+        assert build_shards_main(["--source", "chexpert", "--manifest", str(folder / "valid.csv"), "--out",
+                                  str(tmp_path / policy), "--uncertain", policy, "--tokenizer-vocab", "0",
+                                  "--short-side", "72"]) == 0
+    index = json.loads((tmp_path / "ignore" / "test" / "shards.json").read_text())
+    assert index["samples"] == 8 and index["build"]["uncertain"] == "ignore"  # the lateral image left out
+
+    run, _ = trained
+    for policy, uncertain_as in (("ignore", -1.0), ("positive", 1.0)):  # ignore keeps -1: never a target
+        out = tmp_path / f"eval_{policy}"
+        assert evaluate_main(["--checkpoint", str(run), "--shards", str(tmp_path / policy / "test"), "--out",
+                              str(out), "--tasks", "reference"]) == 0
+        results = json.loads((out / "results.json").read_text())
+        task = next(t for t in load_tasks("reference") if t.name == "Cardiomegaly")
+        expected = [task.label({"chexpert": {} if v is None else {"Cardiomegaly": uncertain_as if v == -1 else v}})
+                    for v in cardiomegaly]
+        assert results["zero_shot"]["Cardiomegaly"]["n"] == sum(v is not None for v in expected)
+        assert results["zero_shot"]["Cardiomegaly"]["n_positive"] == sum(v == 1.0 for v in expected)
+        assert results["retrieval"]["text->cxr"] == {"n": 0}
+        assert (out / "report.html").is_file() and "Retrieval" not in results["figures"]  # no report to query with
+    (folder / "valid.csv").write_text("\n".join(lines[:2] + [lines[2].replace(",0.0,1.0,", ",0.0,yes,")]) + "\n")
+    with pytest.raises(SystemExit):
+        build_shards_main(["--source", "chexpert", "--manifest", str(folder / "valid.csv"), "--out", str(tmp_path / "x")])
+    assert "row 3, column 'Edema': 'yes', expected 1, 0, -1 or blank" in capsys.readouterr().err

@@ -56,6 +56,7 @@ class SampleSpec:
     ecg_npy_rate: float = 0.0  # sampling rate of a .npy ECG, Hz
     ecg_text: str = ""
     meta: dict = field(default_factory=dict, hash=False)
+    needs_text: bool = True  # False: a labelled image for evaluation only (CheXpert has no reports)
 
 
 def build_sample(spec: SampleSpec, options: BuildOptions) -> dict:
@@ -87,7 +88,7 @@ def build_sample(spec: SampleSpec, options: BuildOptions) -> dict:
             text = text[:MAX_REPORT_CHARS]
         if text:
             sample[member] = text.encode()
-    if "rad.txt" not in sample and "ecg.txt" not in sample:
+    if spec.needs_text and "rad.txt" not in sample and "ecg.txt" not in sample:
         raise ValueError(f"{spec.key}: no report text (neither a radiology report nor an ECG report)")
     sample["meta.json"] = json.dumps(meta, sort_keys=True).encode()
     return sample

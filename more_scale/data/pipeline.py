@@ -81,8 +81,9 @@ class ModelInputs:
         return ecg.to_model_input(signal, self.shape.ecg_samples)
 
 
-def decode_sample(sample: dict, inputs: ModelInputs, seed: int = 0) -> dict:
-    """Shard members -> arrays; raises BadSample when a present member is corrupt or nothing is usable."""
+def decode_sample(sample: dict, inputs: ModelInputs, seed: int = 0, require_text: bool = True) -> dict:
+    """Shard members -> arrays; raises BadSample when a present member is corrupt or nothing is usable.
+    `require_text=False` (evaluation) lets a sample without reports through (CheXpert's labelled images)."""
     key = sample.get("__key__", "?")
     out = {"key": key, "cxr": None, "ecg": None}
     draws = inputs.random(seed)
@@ -102,7 +103,7 @@ def decode_sample(sample: dict, inputs: ModelInputs, seed: int = 0) -> dict:
             out["ecg"] = inputs.signal(signal, draws)
         radiology, cardiology = (sample.get(m, b"").decode().strip() for m in ("rad.txt", "ecg.txt"))
         out["reports"] = (radiology, cardiology)
-        if not (radiology or cardiology):
+        if require_text and not (radiology or cardiology):
             raise ValueError("both report texts are empty")
         out["meta"] = json.loads(sample["meta.json"]) if "meta.json" in sample else {}
         if not isinstance(out["meta"], dict):
@@ -130,7 +131,8 @@ def collate(samples: list[dict], tokenizer, cfg: DataConfig, shape: InputShape, 
     info = Bookkeeping(keys=[s["key"] for s in samples], meta=[s["meta"] for s in samples],
                        positions=[s["position"] for s in samples if "position" in s],
                        skipped=skipped, skipped_shards=skipped_shards,
-                       text_tokens=int(tokens["attention_mask"].sum()))
+                       text_tokens=int(tokens["attention_mask"].sum()),
+                       has_text=[any(s["reports"]) for s in samples])
     return Batch(cxr=torch.from_numpy(images), cxr_mask=torch.tensor([s["cxr"] is not None for s in samples]),
                  ecg=torch.from_numpy(signals), ecg_mask=torch.tensor([s["ecg"] is not None for s in samples]),
                  input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"], info=info)
@@ -256,7 +258,8 @@ def iter_batches(directory: str | Path, cfg: DataConfig, shape: InputShape, toke
                     skips.count(unreadable, paths[shard])
                 else:
                     try:
-                        pending.append({**decode_sample(reader.read(shard, index), inputs), "position": position - 1})
+                        sample = decode_sample(reader.read(shard, index), inputs, require_text=False)
+                        pending.append({**sample, "position": position - 1})
                     except BadSample as bad:
                         skips.count(bad.reason, paths[shard])
                     except (ValueError, OSError) as error:

@@ -86,7 +86,7 @@ def embed(model: MoRE, shards: str | Path, data_cfg: DataConfig, shape: InputSha
         lo, hi = small.amin((1, 2), keepdim=True), small.amax((1, 2), keepdim=True)
         parts.append({"vectors": {m: out[m].float().cpu().numpy() for m in MODALITIES},
                       "masks": {"cxr": batch.cxr_mask.numpy(), "ecg": batch.ecg_mask.numpy(),
-                                "text": np.ones(len(batch), bool)},
+                                "text": np.array(batch.info.has_text, bool)},
                       "keys": batch.info.keys, "meta": batch.info.meta, "positions": batch.info.positions,
                       "texts": tokenizer.batch_decode(batch.input_ids, skip_special_tokens=True),
                       "thumbnails": ((small - lo) / (hi - lo).clamp(min=1e-6) * 255).to(torch.uint8).numpy()})

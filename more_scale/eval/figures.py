@@ -133,9 +133,10 @@ def retrieval_grid(emb: Embeddings, path: Path, queries: int = 4, top: int = 5, 
     """For a few reports: the X-rays ranked first for them, then the report's own X-ray with its rank; the own
     X-ray is framed in green wherever it appears (always in the last column)."""
     rows = np.flatnonzero(emb.masks["cxr"])
-    if len(rows) < top or emb.thumbnails is None:
+    reported = np.flatnonzero(emb.masks["cxr"] & emb.masks["text"])  # a query needs a report and its own X-ray
+    if len(rows) < top or not len(reported) or emb.thumbnails is None:
         return None
-    chosen = np.random.default_rng(seed).choice(rows, min(queries, len(rows)), replace=False)
+    chosen = np.random.default_rng(seed).choice(reported, min(queries, len(reported)), replace=False)
     sims = emb.vectors["text"][chosen] @ emb.vectors["cxr"][rows].T
     with plt.rc_context(STYLE):
         fig, axes = plt.subplots(len(chosen), top + 2, figsize=(1.8 * (top + 1) + 3.6, 2.1 * len(chosen)),
