@@ -60,7 +60,9 @@ def test_embeddings_of_raw_files_equal_the_shards_through_evaluation(trained, sh
     long_report = " ".join(["Heart size is normal."] * 200)  # far past max_text_tokens: cut where training cut
     assert model.embed_text([long_report]).shape == (1, cfg.model.embed_dim)
     scores = model.zero_shot(model.embed_cxr(images), "cxr")
-    assert set(scores["Cardiomegaly"]) == {"positive", "negative"} and scores["Cardiomegaly"]["positive"].shape == (4,)
+    cardiomegaly = scores["Cardiomegaly"]
+    assert set(cardiomegaly) == {"positive", "negative", "score"} and cardiomegaly["positive"].shape == (4,)
+    np.testing.assert_allclose(cardiomegaly["score"], cardiomegaly["positive"] - cardiomegaly["negative"], atol=1e-6)
 
 
 @pytest.mark.parametrize("pairing", ["joined", "pair"])
