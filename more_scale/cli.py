@@ -422,11 +422,8 @@ def shard_set_vectors(model, shards: Path, modality: str, batch_size: int):
         index = read_index(shards)
     except (ValueError, OSError) as error:
         raise SystemExit(f"error: {error}") from error
-    fmt, build = model.inputs, index["build"]
-    stored = {"short_side": (fmt.cxr_short_side, int(build["short_side"])),
-              "squash": (fmt.cxr_squash, int(build.get("squash", 0))),
-              "ecg_rate": (fmt.ecg_rate_hz, float(build["ecg_rate"]))}
-    differ = [f"{k} {theirs} (the model's shards: {ours})" for k, (ours, theirs) in stored.items() if ours != theirs]
+    fmt = model.inputs
+    differ = fmt.differences(index["build"])
     if differ:
         raise SystemExit(f"error: {shards}: built with {', '.join(differ)}; rebuild it with the model's options")
     data = DataConfig(max_text_tokens=fmt.max_text_tokens, text_pairing=fmt.text_pairing)

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import yaml
 
+TEXT_PAIRINGS = ("joined", "pair")  # data.text_pairing: see tokenize_reports in data/reports.py
+
 ECG_STEM_KERNEL = 5  # the paper's ECG stem: Conv1d(kernel 5, stride 5), then Conv1d(kernel 5, stride 1)
 
 
@@ -352,7 +354,7 @@ def validate(cfg: Config) -> None:
          f"model.ecg.samples ({m.ecg.samples}) is not a multiple of model.ecg.patch_samples ({m.ecg.patch_samples})"),
         (m.head in ("layernorm", "batchnorm", "reference"),
          f"model.head must be layernorm, batchnorm or reference, got {m.head!r}"),
-        (d.text_pairing in ("joined", "pair"), f"data.text_pairing must be joined or pair, got {d.text_pairing!r}"),
+        (d.text_pairing in TEXT_PAIRINGS, f"data.text_pairing must be joined or pair, got {d.text_pairing!r}"),
         (t.schedule in ("cosine", "cosine_restarts"), f"train.schedule must be cosine or cosine_restarts, got {t.schedule!r}"),
         (t.schedule != "cosine_restarts" or t.restart_steps >= 1,
          f"train.schedule=cosine_restarts needs train.restart_steps >= 1, got {t.restart_steps}"),

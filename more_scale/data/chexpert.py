@@ -50,14 +50,15 @@ def chexpert_samples(csv_path: Path, root: Path, split: str = "test",
         if str(row["Frontal/Lateral"]).strip().lower() != "frontal":
             skipped["lateral image"] += 1
             continue
-        labels = {name: float(row[name]) for name in observations if not pd.isna(row[name])}
-        labels = {name: UNCERTAIN_POLICIES[uncertain] if v == -1.0 else v for name, v in labels.items()}
+        values = {name: float(row[name]) for name in observations if not pd.isna(row[name])}  # blank: left out
+        labels = {name: UNCERTAIN_POLICIES[uncertain] if v == -1.0 else v for name, v in values.items()}
         path = row["Path"]
         # "CheXpert-v1.0/valid/patient64541/study1/view1_frontal.jpg" -> "valid_patient64541_study1_view1_frontal"
         key = re.sub(r"[^A-Za-z0-9]+", "_", Path(path).with_suffix("").as_posix().split("/", 1)[-1]).strip("_")
-        view = "" if pd.isna(row.get("AP/PA")) else str(row.get("AP/PA", ""))
+        view = row.get("AP/PA")
         specs.append(SampleSpec(key=key, split=split, cxr=str(root / path), needs_text=False,
-                                meta={"chexpert": labels, "path": path, "view": view, "uncertain_policy": uncertain}))
+                                meta={"chexpert": labels, "path": path, "view": "" if pd.isna(view) else str(view),
+                                      "uncertain_policy": uncertain}))
     return specs, +skipped
 
 

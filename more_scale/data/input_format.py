@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from more_scale.config import TEXT_PAIRINGS
 from more_scale.data import cxr, ecg
 
 
@@ -21,6 +22,12 @@ def stored_members(short_side: int, squash: int, ecg_rate: float) -> dict[str, s
                        f"NaN/inf runs up to {ecg.MAX_GAP_S:g} s filled with 0",
             "rad.txt": "the radiology report, UTF-8", "ecg.txt": "the ECG's machine statements, UTF-8",
             "meta.json": "identifiers and labels (CheXpert, edema severity, ECG statements, PTB-XL codes)"}
+
+
+def _stored_form(build: dict) -> dict:
+    """The build options (shards.json "build") that decide what a shard's cxr.jpg and ecg.npy hold."""
+    return {"short_side": int(build["short_side"]), "squash": int(build.get("squash", 0)),
+            "ecg_rate": float(build["ecg_rate"])}
 
 
 class InputsUnknown(ValueError):
@@ -43,9 +50,16 @@ class InputFormat:
     @classmethod
     def of_training(cls, build: dict, cfg) -> InputFormat:
         """From a shard set's build options (shards.json "build") and the training Config."""
-        return cls(int(build["short_side"]), int(build.get("squash", 0)), cfg.model.cxr.image_size,
-                   float(build["ecg_rate"]), cfg.model.ecg.samples, cfg.data.max_text_tokens,
-                   text_pairing=cfg.data.text_pairing)
+        stored = _stored_form(build)
+        return cls(stored["short_side"], stored["squash"], cfg.model.cxr.image_size, stored["ecg_rate"],
+                   cfg.model.ecg.samples, cfg.data.max_text_tokens, text_pairing=cfg.data.text_pairing)
+
+    def differences(self, build: dict) -> list[str]:
+        """Where a shard set's stored form (shards.json "build") is not this format's, as 'option theirs (the
+        model's shards: ours)'; [] when the shards hold what the model was trained on."""
+        ours = {"short_side": self.cxr_short_side, "squash": self.cxr_squash, "ecg_rate": self.ecg_rate_hz}
+        theirs = _stored_form(build)
+        return [f"{k} {theirs[k]} (the model's shards: {v})" for k, v in ours.items() if theirs[k] != v]
 
     @classmethod
     def from_dict(cls, fields: dict, where: str | Path) -> InputFormat:
@@ -53,7 +67,7 @@ class InputFormat:
             fmt = cls(**{**fields, "leads": tuple(fields.get("leads", ecg.LEADS))})
         except TypeError as error:
             raise InputsUnknown(f"{where}: not an input format ({error})") from None
-        if fmt.text_pairing not in ("joined", "pair"):
+        if fmt.text_pairing not in TEXT_PAIRINGS:
             raise InputsUnknown(f"{where}: text_pairing {fmt.text_pairing!r}, expected joined or pair")
         return fmt
 

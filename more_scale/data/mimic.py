@@ -72,9 +72,11 @@ class _Tables:
         self.not_frontal = len(meta) - len(self.frontal)
         self.frontal = self.frontal.assign(view_rank=self.frontal["ViewPosition"].map({"PA": 0, "AP": 1}))
         self.frontal = self.frontal.sort_values(["study_id", "view_rank", "dicom_id"])
-        self.other_frontal = 0 if every_image else int(self.frontal.duplicated("study_id").sum())
+        self.other_frontal = 0  # frontal images left out: a study's after its first (PA before AP)
         if not every_image:
+            every = len(self.frontal)
             self.frontal = self.frontal.drop_duplicates("study_id")
+            self.other_frontal = every - len(self.frontal)
         self.subject_split = dict(zip(split["subject_id"], split["split"])) if "subject_id" in split else {}
         self.edema = edema_severity(cxr_root)
 
@@ -100,8 +102,10 @@ def mimic_samples(cxr_root: Path, report_root: Path, ecg_root: Path,
     skipped, samples, paired_ecgs = Counter(), [], set()
     skipped["not frontal (PA/AP) image"] = tables.not_frontal
     skipped["another frontal image of a study (--images all keeps it)"] = tables.other_frontal
-    # a study with several frontal images (--images all) names each sample by its image too
-    named = (lambda row: f"{row.study_id}_{row.dicom_id}") if options.images == "all" else (lambda row: f"{row.study_id}")
+
+    def study_key(row) -> str:  # a study with several frontal images (--images all): each sample names its image
+        return f"{row.subject_id}_{row.study_id}" + (f"_{row.dicom_id}" if options.images == "all" else "")
+
     ecgs_by_subject = {s: g for s, g in tables.records.groupby("subject_id")}
     window = dt.timedelta(days=options.window_days)
     unpaired_studies = []
@@ -119,12 +123,12 @@ def mimic_samples(cxr_root: Path, report_root: Path, ecg_root: Path,
         gaps.sort(key=lambda g: (g[0], g[1].study_id))
         for _, record in gaps[:1] if options.pairing == "nearest" else gaps:
             paired_ecgs.add(record.study_id)
-            samples.append(_spec(f"{row.subject_id}_{named(row)}_{record.study_id}", tables, cxr_root, report_root,
+            samples.append(_spec(f"{study_key(row)}_{record.study_id}", tables, cxr_root, report_root,
                                  ecg_root, study=(row, when), record=record))
     no_ecg = f"X-ray study without an ECG within {options.window_days:g} days"
     unpaired_records = [r for r in tables.records.itertuples(index=False) if r.study_id not in paired_ecgs]
     if options.keep_unpaired:
-        samples += [_spec(f"{row.subject_id}_{named(row)}_none", tables, cxr_root, report_root, ecg_root, study=(row, when))
+        samples += [_spec(f"{study_key(row)}_none", tables, cxr_root, report_root, ecg_root, study=(row, when))
                     for row, when in unpaired_studies]
         samples += [_spec(f"{r.subject_id}_none_{r.study_id}", tables, cxr_root, report_root, ecg_root, record=r)
                     for r in unpaired_records]

@@ -253,17 +253,18 @@ def iter_batches(directory: str | Path, cfg: DataConfig, shape: InputShape, toke
             unreadable = f"unreadable shard: {type(error).__name__}"
         for index in range(entry["samples"]):
             position += 1
-            if (position - 1) // size % world == rank:
-                if unreadable:
-                    skips.count(unreadable, paths[shard])
-                else:
-                    try:
-                        sample = decode_sample(reader.read(shard, index), inputs, require_text=False)
-                        pending.append({**sample, "position": position - 1})
-                    except BadSample as bad:
-                        skips.count(bad.reason, paths[shard])
-                    except (ValueError, OSError) as error:
-                        skips.count(f"unreadable tar member: {type(error).__name__}", paths[shard])
+            if (position - 1) // size % world != rank:
+                pass  # another part's batch: passed over unread
+            elif unreadable:
+                skips.count(unreadable, paths[shard])
+            else:
+                try:
+                    sample = decode_sample(reader.read(shard, index), inputs, require_text=False)
+                    pending.append({**sample, "position": position - 1})
+                except BadSample as bad:
+                    skips.count(bad.reason, paths[shard])
+                except (ValueError, OSError) as error:
+                    skips.count(f"unreadable tar member: {type(error).__name__}", paths[shard])
             if position % size == 0 and pending:  # the end of batch k
                 yield collate(pending, tokenizer, cfg, shape, skips)
                 pending = []
