@@ -137,11 +137,11 @@ class Fp32Masters:
     bf16 optimizer does the same), so the plain step is a fair baseline for the engine's. Gradients are copied
     to the masters, clipped by their global norm, stepped, and the masters copied back into the parameters."""
 
-    def __init__(self, params: list[torch.nn.Parameter], lr: float, clip: float, fused: bool):
+    def __init__(self, params: list[torch.nn.Parameter], lr: float, clip: float):
         self.params = params
         self.masters = [p.detach().float().requires_grad_() for p in params]
         self.clip = clip
-        self.optimizer = torch.optim.AdamW(self.masters, lr=lr, fused=fused, foreach=None if fused else True)
+        self.optimizer = torch.optim.AdamW(self.masters, lr=lr, fused=True)  # as the engine's (train/engine.py)
 
     def step(self) -> None:
         for master, p in zip(self.masters, self.params):
@@ -227,12 +227,11 @@ def measure_model(cfg: ModelConfig, v: Variant, host_batch: Batch, real_tokens: 
         step = lambda lap: engine_step(engine, loss_fn, batch, lap)  # noqa: E731
     else:
         model = model.to(dtype=dtype)
-        fused = device == "cuda"
         trained = [p for p in model.parameters() if p.requires_grad]
         if v.precision == "bf16":  # fp32 masters and clipping, as the engine's bf16 step: equal work
-            optimizer = Fp32Masters(trained, lr=1e-4, clip=TrainConfig().grad_clip, fused=fused)
+            optimizer = Fp32Masters(trained, lr=1e-4, clip=TrainConfig().grad_clip)
         else:
-            optimizer = torch.optim.AdamW(trained, lr=1e-4, fused=fused)
+            optimizer = torch.optim.AdamW(trained, lr=1e-4, fused=True)
         step = lambda lap: plain_step(model, loss_fn, optimizer, batch, v, lap)  # noqa: E731
     for _ in range(WARMUP_STEPS):  # allocations, kernel choices and tuning, DeepSpeed's lazy buffers
         step(lambda name: None)

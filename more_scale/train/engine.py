@@ -82,8 +82,7 @@ def engine_device() -> torch.device:
 
 def build_engine(cfg: TrainConfig, model: nn.Module, ds: dict):
     """The DeepSpeed engine for `ds` (deepspeed_config's). A client torch AdamW (no JIT-compiled DeepSpeed
-    optimizer ops), fused on a GPU: the model moves to its device first, so the optimizer is built on device
-    tensors."""
+    optimizer ops), fused: the model moves to its device first, so the optimizer is built on device tensors."""
     device = engine_device()
     offload = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") != "none"
     if not offload:
@@ -94,9 +93,11 @@ def build_engine(cfg: TrainConfig, model: nn.Module, ds: dict):
         for p in model.parameters():
             if not hasattr(p, "ds_id"):
                 p.data = p.data.to(torch.bfloat16)
-    fused = device.type == "cuda" and not offload  # one kernel for all parameters instead of a loop of many
+    # fused on every device: one pass over each parameter. On a CPU torch's default is a loop of separate ops
+    # per tensor, and DeepSpeed hands the optimizer one flat fp32 partition, so each op streams the whole
+    # partition through memory: 0.94 s per step for 174M parameters here against 0.09 s fused (2 cores)
     optimizer = torch.optim.AdamW(parameter_groups(model, cfg.weight_decay, cfg.decay_all), lr=cfg.lr, betas=tuple(cfg.betas),
-                                  fused=fused)
+                                  fused=True)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, config=ds,
         # a callable: DeepSpeed hands it the optimizer it wraps, and saves/loads the schedule state
