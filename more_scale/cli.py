@@ -1,5 +1,5 @@
 """Command-line entry points (console scripts more-synthetic, more-build-shards, more-train,
-more-evaluate, more-export, more-embed, more-retrieve, more-plan; launch/*.py call the same functions)."""
+more-evaluate, more-finetune, more-export, more-embed, more-retrieve, more-plan; launch/*.py call the same functions)."""
 
 from __future__ import annotations
 
@@ -265,6 +265,64 @@ def evaluate_main(argv: list[str] | None = None) -> int:
         return 0
     print_results(results)
     print(f"wrote {args.out}/results.json" + ("" if args.no_figures else f" and {args.out}/report.html"))
+    return 0
+
+
+FINETUNE_DOC = """Fine-tune a trained run's tower on labelled splits, as the MoRE reference does (multimodal_infer.py):
+the tower and its projection head, dropout and a new linear layer; the last blocks' qkv weights, the head and the
+layer train with BCE; samples with an uncertain or missing target label are left out; the epoch with the best
+validation macro AUROC is kept; the test split is scored by macro AUROC and mAP.
+
+  python launch/finetune.py --checkpoint OUT --shards SHARDS --out FT [key=value ...]
+  python launch/finetune.py --checkpoint OUT --shards SHARDS --out FT targets=[Cardiomegaly,Edema] epochs=5 blocks=2
+
+--shards holds train/, validate/ and test/ (or name each with --train, --validate, --test). Targets are task names
+of a tasks file (default: the shipped more_scale/eval/tasks.yaml, whose label rules read CheXpert's 1 / 0 / -1 /
+blank): a binary task is one column, a multi-label task (PTB-XL superclass) one column per class. Settings
+(more_scale/eval/finetune.py, FinetuneConfig): targets, tasks, epochs, batch_size, lr, weight_decay, restart_epochs,
+min_lr, patience, blocks, block_params (qkv.weight | all), drop_key, dropout, label_fraction, augment, seed, workers.
+Writes FT/results.json, FT/predictions.csv (test), FT/classifier.safetensors and FT/finetune.png.
+"""
+
+
+def finetune_main(argv: list[str] | None = None) -> int:
+    quiet_third_party()
+    from more_scale.config import ConfigError
+    from more_scale.eval.finetune import Splits, finetune, load_finetune_config
+    from more_scale.eval.tasks import TasksError
+    from more_scale.train.checkpoint import CheckpointMismatch
+
+    parser = argparse.ArgumentParser(description=FINETUNE_DOC, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="run folder (output_dir of training)")
+    parser.add_argument("--shards", type=Path, help="shard root holding train/, validate/ and test/")
+    for split in ("train", "validate", "test"):
+        parser.add_argument(f"--{split}", type=Path, help=f"the {split} split's shard directory (default: SHARDS/{split})")
+    parser.add_argument("--out", required=True, type=Path, help="where results.json, predictions.csv, the weights go")
+    parser.add_argument("overrides", nargs="*", help="key=value settings, e.g. epochs=5 targets=[Edema] blocks=2")
+    args = parser.parse_args(argv)
+    folders = {split: getattr(args, split) or (args.shards / split if args.shards else None)
+               for split in ("train", "validate", "test")}
+    missing = [f"--{split}" for split, folder in folders.items() if folder is None]
+    if missing:
+        parser.error(f"name --shards or each of {', '.join(missing)}")
+    try:
+        cfg = load_finetune_config(args.overrides)
+        results = finetune(args.checkpoint, Splits(**folders), args.out, cfg)
+    except (ConfigError, TasksError) as error:
+        print(f"config error: {error}", file=sys.stderr)
+        return 2
+    except (CheckpointMismatch, FileNotFoundError, ValueError) as error:
+        print(f"input error: {error}", file=sys.stderr)
+        return 2
+    test = results["test"]
+    for name, c in test["classes"].items():
+        print(f"{name:>24}: AUROC {c['auroc']:.3f} (chance {c['chance_auroc']:.2f}), AUPRC {c['auprc']:.3f} "
+              f"(chance {c['chance_auprc']:.2f}), {c['n_positive']} of {test['n']} positive")
+    if "macro_auroc" in test:
+        print(f"test: macro AUROC {test['macro_auroc']:.3f} (chance {test['chance_macro_auroc']:.2f}), "
+              f"mAP {test['map']:.3f} (chance {test['chance_map']:.2f}); best epoch {results['best_epoch']} of "
+              f"{len(results['history'])}")
+    print(f"wrote {args.out}/results.json, predictions.csv, classifier.safetensors and finetune.png")
     return 0
 
 

@@ -207,6 +207,14 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
             raise ConfigError(f"{resolved}: not valid YAML ({' '.join(str(error).split())})") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level, got {type(tree).__name__}")
+    apply_overrides(tree, overrides)
+    cfg = build_section(Config, tree, "")
+    validate(cfg)
+    return cfg
+
+
+def apply_overrides(tree: dict, overrides: typing.Sequence[str]) -> dict:
+    """Set each "dotted.key=value" (the value read as YAML) in `tree`; returns it."""
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
@@ -216,9 +224,7 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         except yaml.YAMLError as error:
             raise ConfigError(f"override {item!r}: the value is not valid YAML ({' '.join(str(error).split())})") from None
         _set_dotted(tree, key.strip(), value)
-    cfg = build_section(Config, tree, "")
-    validate(cfg)
-    return cfg
+    return tree
 
 
 def config_to_dict(cfg) -> dict:

@@ -47,6 +47,17 @@ def tokenizer(shards):
     return load_tokenizer(shards / "tokenizer")
 
 
+@pytest.fixture(scope="session")
+def two_step_run(shards, tmp_path_factory) -> Path:
+    """A finished 1-rank tiny run of 2 steps on `shards`, shared by every module: a test that changes a run copies it."""
+    from test_faults_train import _command, _run
+
+    run = tmp_path_factory.mktemp("two_step") / "run"
+    result = _run(_command(shards, run, "train.steps=2", "train.save_every=2", ranks=1))
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return run
+
+
 def tiny_overrides(shards: Path, out: Path) -> list[str]:
     return [f"data.train={shards / 'train'}", f"output_dir={out}", "data.batch_size=4", "data.workers=1",
             "data.augment=true"]

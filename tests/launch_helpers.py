@@ -5,6 +5,7 @@ from more_scale.cli import (  # noqa: F401
     embed_main,
     evaluate_main,
     export_main,
+    finetune_main,
     retrieve_main,
     synthetic_main,
     train_main,

@@ -12,7 +12,7 @@ from launch_helpers import build_shards_main, synthetic_main
 def test_console_scripts_resolve():
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     assert set(scripts) == {"more-train", "more-evaluate", "more-build-shards", "more-synthetic", "more-export", "more-plan",
-                            "more-embed", "more-retrieve"}
+                            "more-embed", "more-retrieve", "more-finetune"}
     for target in scripts.values():
         module, function = target.split(":")
         assert callable(getattr(importlib.import_module(module), function))

@@ -20,7 +20,7 @@ import pytest
 import webdataset as wds
 from conftest import ROOT
 from faults import BAD_SAMPLES, REPORT, record
-from test_faults_train import ENV, _command, _run, _single
+from test_faults_train import ENV, _single
 
 from more_scale.config import ConfigError, input_shape, load_config
 from more_scale.data.build import INDEX_NAME, read_index, write_tar
@@ -165,14 +165,6 @@ def test_a_shard_index_that_lies_fails_before_training(shards, tmp_path, lie):
     record("inputs", f"shards.json claims {lie}", expected, observed)
 
 
-@pytest.fixture(scope="module")
-def finished_run(shards, tmp_path_factory):
-    out = tmp_path_factory.mktemp("finished") / "run"
-    result = _run(_command(shards, out, "train.steps=2", "train.save_every=2", ranks=1))
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    return out
-
-
 class _Payload:
     def __init__(self, marker: str):
         self.marker = marker
@@ -181,12 +173,12 @@ class _Payload:
         return (os.system, (f"touch {self.marker}",))
 
 
-def test_a_checkpoint_carrying_code_is_refused_by_evaluation_and_resume(shards, finished_run, tmp_path):
+def test_a_checkpoint_carrying_code_is_refused_by_evaluation_and_resume(shards, two_step_run, tmp_path):
     import torch
     from launch_helpers import evaluate_main
 
     run = tmp_path / "run"
-    shutil.copytree(finished_run, run)
+    shutil.copytree(two_step_run, run)
     marker = tmp_path / "payload-ran"
     states = run / "checkpoints" / "step_00000002" / "mp_rank_00_model_states.pt"
     saved = torch.load(states, map_location="cpu", weights_only=False)
@@ -203,11 +195,11 @@ def test_a_checkpoint_carrying_code_is_refused_by_evaluation_and_resume(shards, 
            f"; the payload {'ran' if marker.exists() else 'never ran'}")
 
 
-def test_latest_naming_another_run_is_refused(shards, finished_run, tmp_path):
+def test_latest_naming_another_run_is_refused(shards, two_step_run, tmp_path):
     from launch_helpers import evaluate_main
 
     run = tmp_path / "run"
-    shutil.copytree(finished_run, run)
+    shutil.copytree(two_step_run, run)
     (run / "checkpoints" / "latest").write_text("../../other/checkpoints/step_00000002")
     code = evaluate_main(["--checkpoint", str(run), "--shards", str(shards / "test"), "--out", str(tmp_path / "eval"),
                           "--no-figures"])
@@ -227,13 +219,13 @@ TASKS_FILES = {  # --tasks fault -> (file text, the words the error must hold)
 
 
 @pytest.mark.parametrize("fault", list(TASKS_FILES))
-def test_a_bad_tasks_file_fails_naming_the_task_and_field(shards, finished_run, tmp_path, capsys, fault):
+def test_a_bad_tasks_file_fails_naming_the_task_and_field(shards, two_step_run, tmp_path, capsys, fault):
     from launch_helpers import evaluate_main
 
     text, words = TASKS_FILES[fault]
     tasks = tmp_path / "tasks.yaml"
     tasks.write_text(text)
-    code = evaluate_main(["--checkpoint", str(finished_run), "--shards", str(shards / "test"), "--out",
+    code = evaluate_main(["--checkpoint", str(two_step_run), "--shards", str(shards / "test"), "--out",
                           str(tmp_path / "eval"), "--tasks", str(tasks), "--no-figures"])
     said = capsys.readouterr().err
     record("evaluation", f"--tasks with {fault}", f"exit 2: tasks error naming {tasks.name} ({words})",
@@ -241,9 +233,9 @@ def test_a_bad_tasks_file_fails_naming_the_task_and_field(shards, finished_run, 
                                else said[-300:]))
 
 
-def test_a_fresh_run_over_an_earlier_runs_checkpoints_is_refused_unless_told(shards, finished_run, tmp_path):
+def test_a_fresh_run_over_an_earlier_runs_checkpoints_is_refused_unless_told(shards, two_step_run, tmp_path):
     run = tmp_path / "run"
-    shutil.copytree(finished_run, run)
+    shutil.copytree(two_step_run, run)
     refused = _single(shards, run, "train.steps=1")
     said = "continue it with train.resume=auto" in refused.stdout + refused.stderr
     record("train", "a fresh run (train.resume=none) in a folder holding an earlier run's checkpoints",

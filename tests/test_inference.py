@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import ROOT
-from test_faults_train import ENV, _command, _run
+from test_faults_train import ENV
 
 from more_scale.config import input_shape
 
@@ -20,16 +20,13 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
 @pytest.fixture(scope="module")
-def trained(shards, tmp_path_factory):
-    """A 1-rank tiny run of 2 steps and its export, with the shards' input format recorded."""
+def trained(two_step_run, tmp_path_factory):
+    """The shared 1-rank tiny run of 2 steps and its export, with the shards' input format recorded."""
     from launch_helpers import export_main
 
-    root = tmp_path_factory.mktemp("inference")
-    run = root / "run"
-    result = _run(_command(shards, run, "train.steps=2", "train.save_every=2", ranks=1))
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    assert export_main(["--checkpoint", str(run), "--out", str(root / "export")]) == 0
-    return run, root / "export"
+    export = tmp_path_factory.mktemp("inference") / "export"
+    assert export_main(["--checkpoint", str(two_step_run), "--out", str(export)]) == 0
+    return two_step_run, export
 
 
 def test_embeddings_of_raw_files_equal_the_shards_through_evaluation(trained, shards, raw_root):

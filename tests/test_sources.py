@@ -1,5 +1,6 @@
 """The PTB-XL and CSV-manifest builders on the real public files, and MIMIC's unpaired samples."""
 
+import csv
 import io
 import itertools
 import json
@@ -174,14 +175,15 @@ def test_mimic_keep_unpaired_adds_single_modality_samples(raw_root):
 
 
 @needs_real
-def test_real_data_trains_and_evaluates_into_the_full_report(tmp_path):
+def test_real_data_trains_evaluates_and_finetunes(tmp_path):
     """The real X-ray-note and ECG-report pairs through the CSV builder, a short 2-rank training, and the
     evaluation suite on the training split: every figure drawn, every metric finite, PTB-XL superclass
-    zero-shot on its real records, and retrieval recall@5 above the shuffled baseline printed beside it."""
+    zero-shot on its real records, and retrieval recall@5 above the shuffled baseline printed beside it. Then the
+    reference's fine-tuning protocol on the ECG tower: PTB-XL superclass on the real records' own splits."""
     import math
 
     from conftest import launcher, run_launcher
-    from launch_helpers import evaluate_main
+    from launch_helpers import evaluate_main, finetune_main
     from test_faults_train import _port
 
     manifest = tmp_path / "real.csv"
@@ -221,3 +223,20 @@ def test_real_data_trains_and_evaluates_into_the_full_report(tmp_path):
     assert any(n.startswith("Relevance: X-ray") for n in results["figures"])
     # the COVID films carry no CheXpert label: explained all the same, and captioned as unlabelled
     assert all(c.endswith(": not labelled") for c in results["relevance"]["cxr"]["samples"])
+
+    # fine-tuning: every PTB-XL record of a split is kept (strat_fold 9 validates, 10 tests); the CinC records have
+    # no superclass and the COVID films no ECG, each counted as left out
+    ft = tmp_path / "finetune"
+    assert finetune_main(["--checkpoint", str(run), "--shards", str(out), "--out", str(ft), "targets=[PTB-XL superclass]",
+                          "epochs=3", "blocks=1", "batch_size=8", "workers=0", "lr=1e-3"]) == 0
+    tuned = json.loads((ft / "results.json").read_text())
+    rows = list(csv.DictReader(manifest.open()))
+    for split in ("train", "validate", "test"):
+        ptbxl_rows = [r for r in rows if r["split"] == split and r["source"] == "ptb-xl"]
+        assert tuned["samples"][split] == len(ptbxl_rows), split
+        assert tuned["left_out"][split].get("PTB-XL superclass unknown", 0) == \
+            sum(r["split"] == split and r["source"] == "cinc2021" for r in rows), split
+    assert tuned["columns"] == ["NORM", "MI", "STTC", "CD", "HYP"] and tuned["test"]["n"] == 10
+    assert set(tuned["test"]["classes"]) == {"NORM", "MI", "STTC", "CD", "HYP"}  # each present in fold 10
+    assert math.isfinite(tuned["test"]["macro_auroc"]) and 0 < tuned["test"]["map"] <= 1
+    assert all(math.isfinite(h["train_loss"]) and math.isfinite(h["val_loss"]) for h in tuned["history"])

@@ -101,3 +101,21 @@ class ShardReader:
             raise ValueError(f"{self.paths[shard]} ends inside sample {table.keys[index]!r}")
         sample = {ext: blob[at:at + size] for ext, at, size in zip(exts, data_at, table.sizes[lo:hi])}
         return {**sample, "__key__": table.keys[index], "__url__": self.paths[shard]}
+
+    def member(self, shard: int, index: int, name: str) -> bytes | None:
+        """One member of a sample (e.g. meta.json) by one pread of its data alone; None when the sample has none."""
+        table = self.table(shard)
+        lo = int(table.first[index])
+        exts = table.exts[index]
+        if name not in exts:
+            return None
+        at = lo + exts.index(name)
+        size = int(table.sizes[at])
+        fd = os.open(self.paths[shard], os.O_RDONLY)
+        try:
+            blob = os.pread(fd, size, int(table.data[at]))
+        finally:
+            os.close(fd)
+        if len(blob) < size:
+            raise ValueError(f"{self.paths[shard]} ends inside sample {table.keys[index]!r}")
+        return blob

@@ -202,6 +202,42 @@ def training_curves(run_dir: Path, path: Path) -> Path | None:
         return _save(fig, path)
 
 
+def finetune_curves(results: dict, path: Path) -> Path:
+    """A fine-tuning run: BCE per epoch (training, validation) with the kept epoch marked, validation macro AUROC,
+    and the test split's ROC curve per column beside chance."""
+    history, test = results["history"], results["test"]
+    epochs = [h["epoch"] for h in history]
+    best = results["best_epoch"]
+    classes = sorted(test["classes"].items(), key=lambda item: -item[1]["n_positive"])[:CLASS_CURVES]
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(1, 3, figsize=(11.4, 3.5))
+        loss, auroc, roc = axes
+        loss.plot(epochs, [h["train_loss"] for h in history], "o-", lw=1.6, label="training")
+        loss.plot(epochs, [h["val_loss"] for h in history], "o--", lw=1.6, color="black", label="validation")
+        auroc.plot(epochs, [np.nan if h["val_macro_auroc"] is None else h["val_macro_auroc"] for h in history], "o-",
+                   lw=1.6, color="#1f5fa8")
+        for ax in (loss, auroc):
+            ax.axvline(best, color="#c0392b", lw=1, ls=":", label=f"kept: epoch {best}")
+        loss.set(title="loss", xlabel="epoch", ylabel="binary cross-entropy")
+        loss.legend(frameon=False)
+        auroc.set(title="validation macro AUROC", xlabel="epoch", ylabel="macro AUROC", ylim=(0, 1))
+        auroc.axhline(0.5, color="#999999", lw=1, ls="--")
+        for i, (name, c) in enumerate(classes):
+            roc.plot(c["roc"]["fpr"], c["roc"]["tpr"], color=plt.cm.tab10(i), lw=1.4,
+                     label=f"{name} {c['auroc']:.2f} ({c['n_positive']} pos.)")
+        roc.plot([0, 1], [0, 1], ls="--", color="#999999", lw=1)
+        macro = f"macro AUROC {test['macro_auroc']:.2f}, mAP {test['map']:.2f}" if "macro_auroc" in test else "no column scored"
+        roc.set(title=f"test ({test['n']} samples): {macro}", xlabel="false positive rate", ylabel="true positive rate",
+                xlim=(0, 1), ylim=(0, 1.02), aspect="equal")
+        if classes:
+            roc.legend(loc="lower right", frameon=False, fontsize=7)
+        where = "X-ray" if results["modality"] == "cxr" else "ECG"
+        fig.suptitle(f"Fine-tuning the {where} tower ({results['trained_parameters']:,} trained parameters)",
+                     fontweight="bold")
+        fig.tight_layout()
+        return _save(fig, path)
+
+
 def relevance_cxr(images: torch.Tensor, relevance, query: str, path: Path, captions: list[str]) -> Path | None:
     """X-rays (positives and negatives side by side), the trained model's continuous relevance map over each,
     and the same map from randomised weights with its rank correlation (the sanity check)."""

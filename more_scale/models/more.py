@@ -53,8 +53,8 @@ class MoRE(nn.Module):
     def scale(self) -> torch.Tensor:
         return self.logit_scale.float().clamp(max=self.max_log_scale).exp()
 
-    def encode(self, modality: str, *inputs: torch.Tensor) -> torch.Tensor:
-        """One tower and its head on model inputs: unit-norm fp32 embeddings (B, D). cxr: images (B, C, H, W);
+    def project(self, modality: str, *inputs: torch.Tensor) -> torch.Tensor:
+        """One tower and its head on model inputs, before normalisation (B, D). cxr: images (B, C, H, W);
         ecg: signals (B, 12, T); text: token ids and attention mask (B, L) each."""
         if modality == "cxr":
             image = inputs[0]
@@ -63,7 +63,11 @@ class MoRE(nn.Module):
             features = self.encoders["cxr"](image)
         else:
             features = self.encoders[modality](*inputs)
-        return F.normalize(self.heads[modality](features).float(), dim=-1)
+        return self.heads[modality](features)
+
+    def encode(self, modality: str, *inputs: torch.Tensor) -> torch.Tensor:
+        """`project`, as unit-norm fp32 embeddings (B, D)."""
+        return F.normalize(self.project(modality, *inputs).float(), dim=-1)
 
     def embed(self, modality: str, batch: Batch) -> torch.Tensor:
         """`encode` on a Batch's inputs for `modality`."""
