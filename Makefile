@@ -9,7 +9,7 @@ export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 export HF_HUB_OFFLINE := 1
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: install demo test reliability clean
+.PHONY: install demo test reliability fidelity clean
 
 # torch first, pinned to the CPU build: an unpinned torch pulled in by another package is a multi-GB CUDA build
 $(BIN)/.installed: pyproject.toml
@@ -46,6 +46,9 @@ test: install
 
 reliability: install  # the fault suite -> docs/RELIABILITY.md
 	$(BIN)/python tests/reliability_report.py
+
+fidelity: install  # docs/FIDELITY.md's recipe table, read from the configs
+	$(BIN)/python tests/fidelity_table.py
 
 clean:
 	rm -rf $(DEMO) .cache

@@ -30,3 +30,23 @@ def test_readme_is_short_and_indexes_every_page():
     assert len(readme.splitlines()) < 120
     for page in PAGES[1:]:
         assert f"docs/{page.name}" in readme, f"README does not list docs/{page.name}"
+
+
+def test_fidelity_recipe_table_is_read_from_the_configs():
+    """docs/FIDELITY.md's recipe table is what tests/fidelity_table.py writes from today's configs; reference.yaml
+    sets every value of the reference except the rows that say why it cannot; base.yaml's differences each have
+    their reason, and no reason stands beside a value that does not differ."""
+    import fidelity_table
+
+    text = fidelity_table.PAGE.read_text()
+    assert fidelity_table.page_with_table(text) == text, "docs/FIDELITY.md's recipe table is stale: run make fidelity"
+    reference, base = fidelity_table.configs()
+    for row in fidelity_table.ROWS:
+        ours, default = fidelity_table.read(reference, row.key), fidelity_table.read(base, row.key)
+        if row.deviation:
+            assert ours != row.reference, f"{row.key}: reference.yaml now sets the reference's value; drop the deviation"
+        else:
+            assert ours == row.reference, f"{row.key}: reference.yaml sets {ours!r}, the reference {row.reference!r} " \
+                                          f"({row.source})"
+        assert bool(row.base_why) == (default != ours), f"{row.key}: base.yaml {default!r} vs {ours!r}, reason " \
+                                                        f"{row.base_why!r}"
