@@ -36,6 +36,7 @@ class Bookkeeping:
     skipped_shards: dict[str, int] = field(default_factory=dict)  # ... and by shard file name
     text_tokens: int = 0  # real (unpadded) report tokens in the batch, counted on the host
     has_text: list[bool] = field(default_factory=list)  # a report per sample (evaluation may hold image-only ones)
+    remote_retries: int = 0  # object store requests retried while reading this batch (data/storage.py)
 
 
 @dataclass

@@ -6,7 +6,9 @@ from __future__ import annotations
 import argparse
 import errno
 import functools
+import shutil
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -100,6 +102,7 @@ def _sample_specs(args, options, parser) -> tuple[list, dict, list[str]]:
 def build_shards_main(argv: list[str] | None = None) -> int:
     from rich.console import Console
 
+    from more_scale.data import storage
     from more_scale.data.build import BuildOptions, merge_index, write_shards
 
     parser = argparse.ArgumentParser(description=BUILD_SHARDS_DOC, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -118,7 +121,10 @@ def build_shards_main(argv: list[str] | None = None) -> int:
                         help="csv: build without the rows that fail the manifest check (listed in shards.json)")
     parser.add_argument("--ptbxl-rate", type=int, choices=[100, 500], default=100,
                         help="ptbxl: read records100 (filename_lr) or records500 (filename_hr)")
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", required=True, help="output folder, or an object store prefix (s3://bucket/prefix): "
+                                                      "built in --staging, then uploaded, each shards.json last")
+    parser.add_argument("--staging", type=Path, help="with an s3:// --out: the local folder to build in first "
+                                                     "(default: a temporary folder, removed after the upload)")
     defaults = BuildOptions()
     parser.add_argument("--window-days", type=float, default=defaults.window_days)
     parser.add_argument("--pairing", choices=["nearest", "all"], default=defaults.pairing)
@@ -149,8 +155,11 @@ def build_shards_main(argv: list[str] | None = None) -> int:
                            samples_per_shard=args.samples_per_shard,
                            workers=args.workers, tokenizer_vocab=args.tokenizer_vocab)
     console = Console()
+    remote = storage.is_remote(args.out)
+    if remote and (args.num_parts > 1 or args.merge_index):
+        parser.error("--out s3://...: build the parts into a shared folder, then upload it (a single build uploads itself)")
     if args.merge_index:  # reads only the parts' indexes
-        console.print(f"merged {args.out}: {merge_index(args.out, options, {'source': args.source})}")
+        console.print(f"merged {args.out}: {merge_index(Path(args.out), options, {'source': args.source})}")
         return 0
     specs, left_out, rejected = _sample_specs(args, options, parser)
     kinds = {"X-ray + ECG": sum(bool(s.cxr and s.ecg) for s in specs),
@@ -159,8 +168,13 @@ def build_shards_main(argv: list[str] | None = None) -> int:
     console.print(f"{len(specs)} samples {kinds}; left out: {left_out}")
     source = {"source": args.source, **({"rejected_rows": rejected} if rejected else {}),
               **({"uncertain": args.uncertain} if args.source == "chexpert" else {})}
-    summary = write_shards(specs, args.out, options, source, args.num_parts, args.part)
-    console.print(f"written to {args.out}: {summary}")
+    staging = (args.staging or Path(tempfile.mkdtemp(prefix="more_scale_build_"))) if remote else Path(args.out)
+    summary = write_shards(specs, staging, options, source, args.num_parts, args.part)
+    console.print(f"written to {staging}: {summary}")
+    if remote:
+        console.print(f"uploaded {storage.upload_tree(staging, args.out)} files to {args.out}")
+        if not args.staging:
+            shutil.rmtree(staging)
     return 0
 
 
@@ -288,19 +302,20 @@ Writes FT/results.json, FT/predictions.csv (test), FT/classifier.safetensors and
 def finetune_main(argv: list[str] | None = None) -> int:
     quiet_third_party()
     from more_scale.config import ConfigError
+    from more_scale.data import storage
     from more_scale.eval.finetune import Splits, finetune, load_finetune_config
     from more_scale.eval.tasks import TasksError
     from more_scale.train.checkpoint import CheckpointMismatch
 
     parser = argparse.ArgumentParser(description=FINETUNE_DOC, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="run folder (output_dir of training)")
-    parser.add_argument("--shards", type=Path, help="shard root holding train/, validate/ and test/")
+    parser.add_argument("--shards", help="shard root (a folder or s3://bucket/prefix) holding train/, validate/, test/")
     for split in ("train", "validate", "test"):
-        parser.add_argument(f"--{split}", type=Path, help=f"the {split} split's shard directory (default: SHARDS/{split})")
+        parser.add_argument(f"--{split}", help=f"the {split} split's shard directory (default: SHARDS/{split})")
     parser.add_argument("--out", required=True, type=Path, help="where results.json, predictions.csv, the weights go")
     parser.add_argument("overrides", nargs="*", help="key=value settings, e.g. epochs=5 targets=[Edema] blocks=2")
     args = parser.parse_args(argv)
-    folders = {split: getattr(args, split) or (args.shards / split if args.shards else None)
+    folders = {split: getattr(args, split) or (storage.join(args.shards, split) if args.shards else None)
                for split in ("train", "validate", "test")}
     missing = [f"--{split}" for split, folder in folders.items() if folder is None]
     if missing:

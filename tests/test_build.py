@@ -136,3 +136,48 @@ def test_bad_raw_files_are_reported_not_fatal(raw_root, tmp_path):
     assert sum(summary["failures"].values()) == 2
     text = " ".join(failures)
     assert "broken.jpg: not a readable image" in text and "missing_record: unreadable WFDB record" in text
+
+
+def test_each_shard_carries_its_member_table_and_wids_opens_the_set(shards, tmp_path):
+    """The member table stored beside each tar at build time is the one a scan of the tar gives (readers use it and
+    never scan); a table written for another tar is refused by name; wids (a third-party reader) opens shards.json
+    as it is and reads the samples ours reads."""
+    import shutil
+
+    import wids
+
+    from more_scale.data.pipeline import stored_sample
+    from more_scale.data.shard_reader import ShardMismatch, ShardReader, ShardTable, load_table, table_path
+
+    directory = shards / "train"
+    index = read_index(directory)
+    for entry in index["shards"]:
+        tar = str(directory / entry["name"])
+        stored, scanned = load_table(tar), ShardTable.scan(tar)
+        assert stored.keys == scanned.keys and stored.exts == scanned.exts
+        for name in ("first", "headers", "data", "sizes"):
+            assert np.array_equal(getattr(stored, name), getattr(scanned, name)), name
+
+    dataset = wids.ShardListDataset(str(directory / "shards.json"), cache_dir=str(tmp_path / "wids_cache"))
+    assert len(dataset) == index["samples"]
+    for position in (0, index["shards"][0]["samples"], len(dataset) - 1):  # first, another shard's first, last
+        theirs, ours = dataset[position], stored_sample(directory, position)
+        assert theirs["__key__"] == ours["__key__"]
+        assert theirs[".meta.json"] == json.loads(ours["meta.json"])
+        assert theirs[".rad.txt"] == ours["rad.txt"].decode()
+        assert np.array_equal(theirs[".ecg.npy"], np.load(io.BytesIO(ours["ecg.npy"])))
+
+    copy = tmp_path / "train"
+    shutil.copytree(directory, copy)
+    first = copy / index["shards"][0]["name"]
+    size = first.stat().st_size
+    with first.open("ab") as f:  # the tar replaced by a longer one after its table was written
+        f.write(bytes(10240))
+    with pytest.raises(ShardMismatch, match=f"{first.stem}.table.json describes a tar of {size} bytes, {first} has "
+                                            f"{size + 10240}"):
+        ShardReader([str(first)]).read(0, 0)
+    assert table_path(str(first)) == str(copy / f"{first.stem}.table.json")
+    table_file = Path(table_path(str(first)))
+    table_file.write_text(table_file.read_text()[:100])  # cut short
+    with pytest.raises(ShardMismatch, match=f"{first.stem}.table.json is not a member table"):
+        ShardReader([str(first)]).read(0, 0)

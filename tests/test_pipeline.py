@@ -210,7 +210,7 @@ def test_skip_ledger_stops_above_the_rate_naming_shards():
                         skipped_shards={"train-000007.tar": 3})
     for _ in range(3):
         ledger.add(batch)
-    assert ledger.global_totals() == (9, 291)
+    assert ledger.global_totals() == (9, 291, 0)
     ledger.check(9, 291)  # 3%: fine
     ledger.check(50, MIN_SAMPLES - 51)  # too few read to judge
     with pytest.raises(RuntimeError, match=r"60 of 300 samples read were corrupt \(20.0% > data.max_skip_rate=0.05\); "

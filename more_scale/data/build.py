@@ -12,6 +12,7 @@ import io
 import json
 import multiprocessing
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -19,9 +20,9 @@ import numpy as np
 import webdataset as wds
 from rich.progress import Progress
 
-from more_scale.data import cxr, ecg, reports
+from more_scale.data import cxr, ecg, reports, storage
 from more_scale.data.input_format import stored_members
-from more_scale.data.shard_reader import ShardTable
+from more_scale.data.shard_reader import ShardTable, table_path
 
 INDEX_NAME = "shards.json"
 MAX_REPORT_CHARS = 20_000  # ~5000 tokens; the model reads at most a few hundred
@@ -123,14 +124,18 @@ def write_tar(path: Path, samples: list[dict]) -> dict:
         for sample in samples:
             tar.write(sample)
         tar.close()
-    _check_readable(tmp, path, [s["__key__"] for s in samples])
+    table = _checked_table(tmp, path, [s["__key__"] for s in samples])
     digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
+    size = tmp.stat().st_size
+    # the member table first: a tar on disk always has its table beside it (a crash in between leaves a table
+    # whose tar_bytes name the tar it was written for, which the reader checks)
+    _write_json_atomic(Path(table_path(str(path))), table.to_json(size), compact=True)
     os.replace(tmp, path)
-    return {"name": path.name, "samples": len(samples), "bytes": path.stat().st_size, "sha256": digest}
+    return {"name": path.name, "samples": len(samples), "bytes": size, "sha256": digest}
 
 
-def _check_readable(tmp: Path, path: Path, keys: list[str]) -> None:
-    """The reader's member table of a just-written tar holds exactly the samples written, or the build fails
+def _checked_table(tmp: Path, path: Path, keys: list[str]) -> ShardTable:
+    """The reader's member table of a just-written tar; it holds exactly the samples written, or the build fails
     (a key with a dot, say, would split into other samples in every reader)."""
     table = ShardTable.scan(str(tmp))
     if table.keys != keys:
@@ -139,6 +144,7 @@ def _check_readable(tmp: Path, path: Path, keys: list[str]) -> None:
                      f"{len(keys)} written, {len(table)} read")
         raise ValueError(f"{path}: the shard reader does not index the samples as written ({wrong}); sample keys "
                          "must not contain '.' (webdataset splits a member name at its first dot)")
+    return table
 
 
 def part_index_path(out: Path, split: str, part: int, parts: int) -> Path:
@@ -197,7 +203,10 @@ def merge_index(out: Path, options: BuildOptions, source: dict) -> dict:
         entries.sort(key=lambda e: e["name"])
         index = {"split": split_dir.name, "samples": sum(e["samples"] for e in entries), "shards": entries,
                  "failures": sorted(failures), "build": {**_build_options(options), **source},
-                 "members": stored_members(options.short_side, options.squash, options.ecg_rate)}
+                 "members": stored_members(options.short_side, options.squash, options.ecg_rate),
+                 # what third-party readers look for: wids.ShardListDataset(".../shards.json") opens the set as it is
+                 "wids_version": 1, "name": split_dir.name,
+                 "shardlist": [{"url": e["name"], "nsamples": e["samples"]} for e in entries]}
         _write_json_atomic(split_dir / INDEX_NAME, index)
         summary["samples"][split_dir.name] = index["samples"]
         summary["failures"][split_dir.name] = len(failures)
@@ -219,20 +228,31 @@ def _train_texts(directory: Path):
             yield reports.joined_report(sample.get("rad.txt", b"").decode(), sample.get("ecg.txt", b"").decode())
 
 
-def _write_json_atomic(path: Path, obj) -> None:
+def _size_or_none(location: str) -> int | None:
+    try:
+        return storage.size(location)
+    except FileNotFoundError:
+        return None
+    except storage.RemoteError as error:
+        if "no such object" in str(error):
+            return None
+        raise
+
+
+def _write_json_atomic(path: Path, obj, compact: bool = False) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
+    tmp.write_text(json.dumps(obj, sort_keys=True, **({"separators": (",", ":")} if compact else {"indent": 1})))
     os.replace(tmp, path)
 
 
 def read_index(directory: str | Path) -> dict:
-    """A shard set's index; checks that every listed shard exists with its recorded size."""
-    directory = Path(directory)
-    path = directory / INDEX_NAME
-    if not path.is_file():
+    """A shard set's index, from a folder or an object store prefix; checks that every listed shard exists with its
+    recorded size (on an object store, HEAD requests in parallel)."""
+    path = storage.join(directory, INDEX_NAME)
+    if not storage.exists(path):
         raise FileNotFoundError(f"{directory}: no {INDEX_NAME} (expected a shard directory made by build_shards.py)")
     try:
-        index = json.loads(path.read_text())
+        index = json.loads(storage.read_bytes(path))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{path}: not JSON ({error})") from None
     shards = index.get("shards") if isinstance(index, dict) else None
@@ -250,9 +270,16 @@ def read_index(directory: str | Path) -> dict:
             value = entry.get(field_name)
             if type(value) is not int or value < 0:
                 raise ValueError(f"{where}.{field_name} {value!r}: expected a whole number >= 0")
-        shard = directory / name
-        if not shard.is_file() or shard.stat().st_size != entry["bytes"]:
-            raise ValueError(f"{shard}: missing or truncated (index says {entry['bytes']} bytes)")
+    locations = [storage.join(directory, e["name"]) for e in shards]
+    if storage.is_remote(directory):
+        with ThreadPoolExecutor(16) as pool:  # one HEAD per shard: latency-bound, so overlapped
+            found = list(pool.map(_size_or_none, locations))
+    else:
+        found = [_size_or_none(location) for location in locations]
+    for entry, size in zip(shards, found):
+        if size != entry["bytes"]:
+            raise ValueError(f"{storage.join(directory, entry['name'])}: missing or truncated (index says "
+                             f"{entry['bytes']} bytes, found {'none' if size is None else size})")
     total = sum(e["samples"] for e in shards)
     if index.get("samples", total) != total:
         raise ValueError(f"{path}: samples {index.get('samples')!r} is not the sum over its shards ({total})")

@@ -24,7 +24,7 @@ import torch
 
 from more_scale.batch import Batch, Bookkeeping
 from more_scale.config import DataConfig, InputShape
-from more_scale.data import cxr, ecg, order, reports
+from more_scale.data import cxr, ecg, order, reports, storage
 from more_scale.data.build import read_index
 from more_scale.data.shard_reader import ShardReader
 
@@ -140,7 +140,7 @@ def collate(samples: list[dict], tokenizer, cfg: DataConfig, shape: InputShape, 
 
 def shard_urls(directory: str | Path) -> list[str]:
     index = read_index(directory)
-    return [str(Path(directory) / entry["name"]) for entry in index["shards"]]
+    return [storage.join(directory, entry["name"]) for entry in index["shards"]]
 
 
 def source_dirs(train: str) -> list[str]:
@@ -164,7 +164,7 @@ class TrainStream(torch.utils.data.IterableDataset):
         self.paths, self.shard_sizes, source_sizes = [], [], []
         for directory in source_dirs(cfg.train):
             index = read_index(directory)
-            self.paths += [str(Path(directory) / e["name"]) for e in index["shards"]]
+            self.paths += [storage.join(directory, e["name"]) for e in index["shards"]]
             self.shard_sizes += [e["samples"] for e in index["shards"]]
             source_sizes.append(sum(e["samples"] for e in index["shards"]))
         self.space = order.SampleSpace(tuple(self.shard_sizes), tuple(source_sizes))
@@ -202,7 +202,9 @@ class TrainStream(torch.utils.data.IterableDataset):
         reader, skips = ShardReader(self.paths, self.shard_sizes), SkipCounter()
         for local_step in itertools.count(worker, workers):
             positions = order.rank_positions(self.start, local_step, self.rank, self.world, self.cfg.batch_size)
-            yield collate([self.sample_at(p, reader, skips) for p in positions], self.tokenizer, self.cfg, self.shape, skips)
+            batch = collate([self.sample_at(p, reader, skips) for p in positions], self.tokenizer, self.cfg, self.shape, skips)
+            batch.info.remote_retries = reader.take_retries()
+            yield batch
 
 
 def build_loader(cfg: DataConfig, shape: InputShape, rank: int, world: int, tokenizer, *, start_position: int = 0,
@@ -213,7 +215,15 @@ def build_loader(cfg: DataConfig, shape: InputShape, rank: int, world: int, toke
     # that DropToken/DropKey/dropout draw from (a resumed run creates it after restoring that RNG)
     return torch.utils.data.DataLoader(TrainStream(cfg, shape, rank, world, tokenizer, start_position), batch_size=None,
                                        num_workers=cfg.workers, persistent_workers=cfg.workers > 0,
+                                       multiprocessing_context=worker_start(source_dirs(cfg.train), cfg.workers),
                                        pin_memory=pin_memory, generator=torch.Generator().manual_seed(cfg.seed))
+
+
+def worker_start(sources: list[str], workers: int) -> str | None:
+    """How loader workers start: forked, except for a shard set on an object store. obstore's runtime is
+    process-global and not fork-safe, and this process has used it already (the index, the start-up checks): a
+    forked worker's first request hangs. Spawned workers start clean and make their own store."""
+    return "spawn" if workers > 0 and any(storage.is_remote(s) for s in sources) else None
 
 
 def stored_sample(directory: str | Path, position: int) -> dict:
@@ -221,7 +231,7 @@ def stored_sample(directory: str | Path, position: int) -> dict:
     entries = read_index(directory)["shards"]
     for shard, entry in enumerate(entries):
         if position < entry["samples"]:
-            reader = ShardReader([str(Path(directory) / entry["name"])], [entry["samples"]])
+            reader = ShardReader([storage.join(directory, entry["name"])], [entry["samples"]])
             return reader.read(0, position)
         position -= entry["samples"]
     raise IndexError(f"{directory}: no sample at running index {position} (past the end)")
@@ -242,7 +252,7 @@ def iter_batches(directory: str | Path, cfg: DataConfig, shape: InputShape, toke
     inputs, skips = ModelInputs(cfg, shape, augment=False), SkipCounter()
     size = batch_size or cfg.batch_size
     entries = read_index(directory)["shards"]
-    paths = [str(Path(directory) / e["name"]) for e in entries]
+    paths = [storage.join(directory, e["name"]) for e in entries]
     reader = ShardReader(paths, [e["samples"] for e in entries])
     pending, position = [], 0
     for shard, entry in enumerate(entries):

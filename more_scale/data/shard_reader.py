@@ -1,22 +1,26 @@
 """Random access into WebDataset tars: a sample by (shard, index), one pread each.
 
-Each tar's member table is read once with Python's tarfile, which reads every header form tar itself
-writes (ustar, PAX extended headers for long names, GNU long names, base-256 sizes), and kept compact:
-keys, member names, offsets and sizes. Members group into samples by webdataset's own rule
-(`base_plus_ext`: the key is the name up to the first dot of its last component; a name without a dot
-belongs to no sample), so training and evaluation see the same samples. A sample's members are
+Each tar's member table (keys, member names, offsets and sizes) is written beside it when the shard is built
+(`<shard>.table.json`) and read from there, so opening a shard reads one small file, never the tar's headers;
+a shard without one (built before it existed) is scanned once with Python's tarfile, which reads every header
+form tar itself writes (ustar, PAX extended headers for long names, GNU long names, base-256 sizes).
+Members group into samples by webdataset's own rule (`base_plus_ext`: the key is the name up to the first dot
+of its last component; a name without a dot belongs to no sample), so training and evaluation see the same
+samples. A sample's members are
 contiguous in the tar, so reading it is one pread from its first header to the end of its last member's
 data. A sample that repeats a member is unreadable (a skip), in every reader.
 """
 
 from __future__ import annotations
 
-import os
+import json
 import tarfile
 from dataclasses import dataclass
 
 import numpy as np
 from webdataset.tariterators import base_plus_ext
+
+from more_scale.data import storage
 
 
 class ShardMismatch(RuntimeError):
@@ -65,24 +69,80 @@ class ShardTable:
     def __len__(self) -> int:
         return len(self.keys)
 
+    def to_json(self, tar_bytes: int) -> dict:
+        """The table as written beside its tar; `tar_bytes` ties it to the tar it describes."""
+        return {"tar_bytes": tar_bytes, "keys": self.keys, "exts": [list(e) for e in self.exts],
+                "first": self.first.tolist(), "headers": self.headers.tolist(), "data": self.data.tolist(),
+                "sizes": self.sizes.tolist()}
+
+    @classmethod
+    def from_json(cls, tree: dict) -> ShardTable:
+        shared: dict[tuple[str, ...], tuple[str, ...]] = {}
+        exts = [shared.setdefault(tuple(e), tuple(e)) for e in tree["exts"]]
+        return cls(list(tree["keys"]), exts, *(np.asarray(tree[k], np.int64) for k in ("first", "headers", "data", "sizes")))
+
+
+def table_path(tar_path: str) -> str:
+    """Where a shard's member table is stored: train-000000.tar -> train-000000.table.json."""
+    return tar_path.removesuffix(".tar") + ".table.json"
+
+
+def load_table(tar_path: str) -> ShardTable:
+    """The stored member table of a tar, or a scan of a local tar when none was stored (a remote one must have
+    its table: a scan would read the whole object). A table written for a tar of another size is refused: it
+    describes a shard that has since been replaced."""
+    stored = table_path(tar_path)
+    if not storage.exists(stored):
+        if storage.is_remote(tar_path):
+            raise ShardMismatch(f"{stored}: missing; a shard set read from an object store needs the member tables "
+                                "build_shards.py writes beside each tar (rebuild it with this version)")
+        return ShardTable.scan(tar_path)
+    size = storage.size(tar_path)
+    try:
+        tree = json.loads(storage.read_bytes(stored))
+        written_for = tree["tar_bytes"]
+        table = ShardTable.from_json(tree)
+    except (ValueError, KeyError, TypeError) as error:  # not JSON, or not a table
+        raise ShardMismatch(f"{stored} is not a member table ({type(error).__name__}: {error}); rebuild the shard "
+                            "set") from None
+    if written_for != size:
+        raise ShardMismatch(f"{stored} describes a tar of {written_for} bytes, {tar_path} has {size}: the shard was "
+                            "replaced after it was built; rebuild the shard set")
+    return table
+
 
 class ShardReader:
-    """Samples of a shard set by (shard, index): {member name: bytes, "__key__", "__url__"}."""
+    """Samples of a shard set by (shard, index): {member name: bytes, "__key__", "__url__"}. Paths are files or
+    object URLs (data/storage.py): a sample is one pread or one ranged GET either way."""
 
     def __init__(self, paths: list[str], samples: list[int] | None = None):
         """`samples`: what the shard index says each tar holds; a tar whose table disagrees raises ShardMismatch."""
         self.paths, self.samples = paths, samples
         self.tables: dict[int, ShardTable] = {}
+        self.retries = 0  # object store requests retried since the last take_retries()
 
     def table(self, shard: int) -> ShardTable:
         if shard not in self.tables:
-            table = ShardTable.scan(self.paths[shard])
+            table = load_table(self.paths[shard])
             if self.samples is not None and len(table) != self.samples[shard]:
                 raise ShardMismatch(f"{self.paths[shard]} holds {len(table)} samples, shards.json says "
                                     f"{self.samples[shard]}: the shard was replaced or the index edited; rebuild the "
                                     "shard set")
             self.tables[shard] = table
         return self.tables[shard]
+
+    def take_retries(self) -> int:
+        retries, self.retries = self.retries, 0
+        return retries
+
+    def _count_retry(self) -> None:
+        self.retries += 1
+
+    def _bytes(self, shard: int, index: int, start: int, length: int) -> bytes:
+        try:
+            return storage.read_range(self.paths[shard], start, length, self._count_retry)
+        except ValueError:  # a file cut short (an object store's short answer is a RemoteError, said as such)
+            raise ValueError(f"{self.paths[shard]} ends inside sample {self.table(shard).keys[index]!r}") from None
 
     def read(self, shard: int, index: int) -> dict:
         table = self.table(shard)
@@ -92,30 +152,15 @@ class ShardReader:
             raise ValueError(f"sample {table.keys[index]!r} repeats a member ({', '.join(exts)})")
         start = int(table.headers[lo])
         data_at = table.data[lo:hi] - start
-        fd = os.open(self.paths[shard], os.O_RDONLY)
-        try:
-            blob = os.pread(fd, int(data_at[-1] + table.sizes[hi - 1]), start)
-        finally:
-            os.close(fd)
-        if len(blob) < data_at[-1] + table.sizes[hi - 1]:
-            raise ValueError(f"{self.paths[shard]} ends inside sample {table.keys[index]!r}")
+        blob = self._bytes(shard, index, start, int(data_at[-1] + table.sizes[hi - 1]))
         sample = {ext: blob[at:at + size] for ext, at, size in zip(exts, data_at, table.sizes[lo:hi])}
         return {**sample, "__key__": table.keys[index], "__url__": self.paths[shard]}
 
     def member(self, shard: int, index: int, name: str) -> bytes | None:
-        """One member of a sample (e.g. meta.json) by one pread of its data alone; None when the sample has none."""
+        """One member of a sample (e.g. meta.json) by one read of its data alone; None when the sample has none."""
         table = self.table(shard)
-        lo = int(table.first[index])
         exts = table.exts[index]
         if name not in exts:
             return None
-        at = lo + exts.index(name)
-        size = int(table.sizes[at])
-        fd = os.open(self.paths[shard], os.O_RDONLY)
-        try:
-            blob = os.pread(fd, size, int(table.data[at]))
-        finally:
-            os.close(fd)
-        if len(blob) < size:
-            raise ValueError(f"{self.paths[shard]} ends inside sample {table.keys[index]!r}")
-        return blob
+        at = int(table.first[index]) + exts.index(name)
+        return self._bytes(shard, index, int(table.data[at]), int(table.sizes[at]))

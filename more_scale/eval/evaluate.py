@@ -65,7 +65,7 @@ def evaluate(run_dir: str | Path, shards: str | Path, out_dir: str | Path, tasks
     out_dir.mkdir(parents=True, exist_ok=True)
     if pictures:
         results["figures"] = _pictures(model, cfg, tokenizer, emb, tasks, prompt_embeddings, results, run_dir,
-                                       Path(shards), out_dir)
+                                       str(shards), out_dir)
     tmp = out_dir / "results.json.tmp"
     tmp.write_text(json.dumps(results, indent=1))
     os.replace(tmp, out_dir / "results.json")
@@ -75,7 +75,7 @@ def evaluate(run_dir: str | Path, shards: str | Path, out_dir: str | Path, tasks
 
 
 def _pictures(model, cfg, tokenizer, emb, tasks: list[Task], prompt_embeddings, results, run_dir: Path,
-              shards: Path, out_dir: Path) -> dict[str, str]:
+              shards: str, out_dir: Path) -> dict[str, str]:
     folder = out_dir / "figures"
     folder.mkdir(exist_ok=True)
     made = {

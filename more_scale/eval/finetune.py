@@ -90,9 +90,10 @@ def load_finetune_config(overrides: typing.Sequence[str] = ()) -> FinetuneConfig
 
 @dataclass(frozen=True)
 class Splits:
-    train: Path
-    validate: Path
-    test: Path
+    """The three shard directories (folders or s3:// prefixes)."""
+    train: str
+    validate: str
+    test: str
 
 
 class Classifier(nn.Module):

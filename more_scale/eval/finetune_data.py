@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from more_scale.data import order
+from more_scale.data import order, storage
 from more_scale.data.build import read_index
-from more_scale.data.pipeline import BadSample, ModelInputs, decode_sample
+from more_scale.data.pipeline import BadSample, ModelInputs, decode_sample, worker_start
 from more_scale.data.shard_reader import ShardReader
 from more_scale.eval.tasks import Task, TasksError
 
@@ -75,9 +75,9 @@ class LabelledSet(torch.utils.data.Dataset):
 
     def __init__(self, directory: str | Path, targets: Targets, inputs: ModelInputs, seed: int = 0,
                  fraction: float = 1.0):
-        self.directory, self.targets, self.inputs, self.seed = Path(directory), targets, inputs, seed
+        self.directory, self.targets, self.inputs, self.seed = str(directory), targets, inputs, seed
         entries = read_index(directory)["shards"]
-        self.reader = ShardReader([str(self.directory / e["name"]) for e in entries], [e["samples"] for e in entries])
+        self.reader = ShardReader([storage.join(directory, e["name"]) for e in entries], [e["samples"] for e in entries])
         self.dropped: Counter = Counter()
         rows, labels = [], []
         member = MEMBERS[targets.modality]
@@ -143,4 +143,5 @@ class LabelledSet(torch.utils.data.Dataset):
         self.epoch = epoch  # workers are started per pass (not persistent), so each gets this epoch
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         return torch.utils.data.DataLoader(self, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
-                                           collate_fn=self.collate, generator=generator, pin_memory=pin_memory)
+                                           collate_fn=self.collate, generator=generator, pin_memory=pin_memory,
+                                           multiprocessing_context=worker_start([self.directory], workers))

@@ -209,9 +209,9 @@ def _train(cfg: Config, rank: int, world: int, console: Console, out: Path) -> c
                 speed = meter.report(batches.wait_s)
                 batches.wait_s = 0.0
                 speed["text_tokens_per_s"] = world * dist.mean_over_ranks({"t": speed["text_tokens_per_s"]})["t"]
-                skipped, used = skips.global_totals()
+                skipped, used, retries = skips.global_totals()
                 status = health.check(state.step, logged)
-                logged.update(lr=engine.get_lr()[0], samples=state.samples, skipped=skipped,
+                logged.update(lr=engine.get_lr()[0], samples=state.samples, skipped=skipped, remote_retries=retries,
                               nonfinite_steps=status["nonfinite_steps"], skipped_steps=status["skipped_steps"], **speed)
                 metrics.log(state.step, logged)
                 progress.update(task, info=f"loss {logged['loss']:.4f}  {logged['samples_per_s']:.1f} samples/s  "

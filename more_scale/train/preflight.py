@@ -3,12 +3,12 @@ fails in a second, naming what was given, instead of after minutes of start-up o
 
 from __future__ import annotations
 
-import hashlib
 import tarfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from more_scale.config import Config
+from more_scale.data import storage
 from more_scale.data.build import INDEX_NAME, read_index
 from more_scale.data.pipeline import source_dirs
 from more_scale.data.shard_reader import ShardMismatch, ShardReader
@@ -20,31 +20,26 @@ class InputError(ValueError):
 
 
 def tokenizer_dir(cfg: Config) -> Path:
-    """data.tokenizer, or the tokenizer the shard builder stored beside the first training split."""
-    return Path(cfg.data.tokenizer) if cfg.data.tokenizer else Path(source_dirs(cfg.data.train)[0]).parent / "tokenizer"
+    """data.tokenizer, or the tokenizer the shard builder stored beside the first training split; one on an object
+    store is fetched to a local cache first (storage.local_folder)."""
+    where = cfg.data.tokenizer or storage.join(storage.parent(source_dirs(cfg.data.train)[0]), "tokenizer")
+    return storage.local_folder(where)
 
 
-def validation_dir(cfg: Config) -> Path | None:
+def validation_dir(cfg: Config) -> str | None:
     """data.validate, or the `validate` split the builder wrote beside the first training split (None: none)."""
     if cfg.data.validate:
-        return Path(cfg.data.validate)
-    beside = Path(source_dirs(cfg.data.train)[0]).parent / "validate"
-    return beside if (beside / INDEX_NAME).is_file() else None
+        return cfg.data.validate
+    beside = storage.join(storage.parent(source_dirs(cfg.data.train)[0]), "validate")
+    return beside if storage.exists(storage.join(beside, INDEX_NAME)) else None
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _check_sample_counts(directory: Path, index: dict) -> None:
+def _check_sample_counts(directory: str, index: dict) -> None:
     """Each tar holds the samples shards.json says (the reader's own check, ShardMismatch), read from the tars'
-    member tables (headers only, a few milliseconds a shard): an index edited or a shard replaced fails here,
-    not as stand-ins or a crash."""
-    reader = ShardReader([str(directory / e["name"]) for e in index["shards"]], [e["samples"] for e in index["shards"]])
+    member tables (the stored .table.json, else the tar's headers; milliseconds a shard): an index edited, a shard
+    replaced or a table broken fails here, not as stand-ins or a crash."""
+    reader = ShardReader([storage.join(directory, e["name"]) for e in index["shards"]],
+                         [e["samples"] for e in index["shards"]])
     with ThreadPoolExecutor(8) as pool:  # header reads: I/O-bound, so threads overlap them on network filesystems
         for shard, future in enumerate([pool.submit(reader.table, i) for i in range(len(reader.paths))]):
             try:
@@ -53,6 +48,11 @@ def _check_sample_counts(directory: Path, index: dict) -> None:
                 raise InputError(f"data.train: {reader.paths[shard]} is not a readable tar ({error})") from error
             except ShardMismatch as error:
                 raise InputError(f"data.train: {error}") from None
+    if storage.is_remote(directory):  # one sample by a ranged GET: a server that ignores Range fails here, by name
+        try:
+            reader.read(0, 0)
+        except OSError as error:
+            raise InputError(f"data.train: {error}") from None
 
 
 def check_inputs(cfg: Config, world: int) -> dict[str, int]:
@@ -61,25 +61,34 @@ def check_inputs(cfg: Config, world: int) -> dict[str, int]:
         raise InputError("data.train is empty: name a shard folder made by build_shards.py (e.g. data.train=SHARDS/train)")
     sizes = {}
     for directory in source_dirs(cfg.data.train):
-        if not Path(directory).is_dir():
+        if not storage.is_remote(directory) and not Path(directory).is_dir():
             raise InputError(f"data.train: no such folder {directory}")
-        if not (Path(directory) / INDEX_NAME).is_file():
-            raise InputError(f"data.train: {directory} holds no {INDEX_NAME} (expected a split folder made by "
-                             "build_shards.py, such as SHARDS/train)")
-        try:
+        try:  # on an object store: the endpoint reachable, the credentials accepted, the bucket and index there
+            if not storage.exists(storage.join(directory, INDEX_NAME)):
+                where = " (or its bucket does not exist)" if storage.is_remote(directory) else ""
+                raise InputError(f"data.train: {directory} holds no {INDEX_NAME}{where} (expected a split folder made "
+                                 "by build_shards.py, such as SHARDS/train)")
             index = read_index(directory)
         except (ValueError, OSError) as error:
             raise InputError(f"data.train: {error}") from error
         if index["samples"] == 0 or not index["shards"]:
             raise InputError(f"data.train: {directory} holds no samples ({INDEX_NAME} lists {len(index['shards'])} shards)")
-        _check_sample_counts(Path(directory), index)
+        _check_sample_counts(directory, index)
         if cfg.data.verify_shards:
             for entry in index["shards"]:
-                if entry.get("sha256") and sha256_of(Path(directory) / entry["name"]) != entry["sha256"]:
-                    raise InputError(f"data.verify_shards: {Path(directory) / entry['name']} does not match the sha256 "
-                                     f"in {INDEX_NAME} (corrupt or replaced): rebuild or restore it")
+                shard = storage.join(directory, entry["name"])
+                try:
+                    digest = storage.sha256(shard)
+                except OSError as error:
+                    raise InputError(f"data.verify_shards: {error}") from error
+                if entry.get("sha256") and digest != entry["sha256"]:
+                    raise InputError(f"data.verify_shards: {shard} does not match the sha256 in {INDEX_NAME} (corrupt "
+                                     "or replaced): rebuild or restore it")
         sizes[directory] = index["samples"]
-    where = tokenizer_dir(cfg)
+    try:
+        where = tokenizer_dir(cfg)
+    except OSError as error:
+        raise InputError(f"tokenizer: {error}") from error
     first = source_dirs(cfg.data.train)[0]
     how = "data.tokenizer" if cfg.data.tokenizer else f"data.tokenizer is empty, so the one beside {first}"
     if not where.is_dir():
@@ -92,7 +101,7 @@ def check_inputs(cfg: Config, world: int) -> dict[str, int]:
         check_tokenizer_fits_lm(tokenizer, where, cfg.model.text.pretrained)
     if cfg.train.eval_every:
         where = validation_dir(cfg)
-        if where is None or not (where / INDEX_NAME).is_file():
+        if where is None or not storage.exists(storage.join(where, INDEX_NAME)):
             raise InputError(f"train.eval_every={cfg.train.eval_every} needs a validation split: data.validate "
                              f"({cfg.data.validate or 'empty'}) names none, and there is no validate/ beside data.train")
     total, micro = sum(sizes.values()), cfg.data.batch_size

@@ -1,4 +1,5 @@
-"""Corrupt samples the loaders skipped: counted by reason and shard, summed over ranks, capped by a rate."""
+"""Corrupt samples the loaders skipped: counted by reason and shard, summed over ranks, capped by a rate; and the
+object store requests the loaders retried."""
 
 from __future__ import annotations
 
@@ -16,16 +17,18 @@ class SkipLedger:
         self.reasons: Counter = Counter()
         self.shards: Counter = Counter()
         self.used = 0
+        self.retries = 0
 
     def add(self, info: Bookkeeping) -> None:
         self.reasons.update(info.skipped)
         self.shards.update(info.skipped_shards)
         self.used += len(info.keys)
+        self.retries += info.remote_retries
 
-    def global_totals(self) -> tuple[int, int]:
-        """(skipped, used) summed over ranks: one all-reduce, call at log steps only."""
-        skipped, used = dist.sum_over_ranks([sum(self.reasons.values()), self.used])
-        return skipped, used
+    def global_totals(self) -> tuple[int, int, int]:
+        """(skipped, used, remote retries) summed over ranks: one all-reduce, call at log steps only."""
+        skipped, used, retries = dist.sum_over_ranks([sum(self.reasons.values()), self.used, self.retries])
+        return skipped, used, retries
 
     def check(self, skipped: int, used: int) -> None:
         """Raise (on every rank alike: the totals are global) when too many samples were corrupt."""
