@@ -16,6 +16,7 @@ import json
 import random
 import tarfile
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import cv2
@@ -200,11 +201,34 @@ class TrainStream(torch.utils.data.IterableDataset):
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         cv2.setNumThreads(1)  # one core per loader worker; OpenCV's own pool would oversubscribe
         reader, skips = ShardReader(self.paths, self.shard_sizes), SkipCounter()
-        for local_step in itertools.count(worker, workers):
-            positions = order.rank_positions(self.start, local_step, self.rank, self.world, self.cfg.batch_size)
-            batch = collate([self.sample_at(p, reader, skips) for p in positions], self.tokenizer, self.cfg, self.shape, skips)
-            batch.info.remote_retries = reader.take_retries()
-            yield batch
+        steps = itertools.count(worker, workers)
+        if not any(storage.is_remote(path) for path in self.paths[:1]):
+            for local_step in steps:
+                yield self._batch(local_step, reader, skips)
+            return
+        # an object store: the next micro-batch's samples are fetched (together, in a thread) while this one decodes;
+        # the look-ahead is one micro-batch, so at most two batches' bytes are held
+        with ThreadPoolExecutor(1) as ahead:
+            local_step = next(steps)
+            fetching = ahead.submit(reader.prefetch, self._locations(local_step))
+            for following in steps:
+                fetching.result()
+                fetching = ahead.submit(reader.prefetch, self._locations(following))
+                yield self._batch(local_step, reader, skips)
+                local_step = following
+
+    def _positions(self, local_step: int) -> range:
+        return order.rank_positions(self.start, local_step, self.rank, self.world, self.cfg.batch_size)
+
+    def _locations(self, local_step: int) -> list[tuple[int, int]]:
+        """(shard, index) of a micro-batch's samples (a stand-in, should one be needed, is read on its own)."""
+        return [self.space.locate(self.order.sample_at(p)) for p in self._positions(local_step)]
+
+    def _batch(self, local_step: int, reader: ShardReader, skips: SkipCounter) -> Batch:
+        samples = [self.sample_at(p, reader, skips) for p in self._positions(local_step)]
+        batch = collate(samples, self.tokenizer, self.cfg, self.shape, skips)
+        batch.info.remote_retries = reader.take_retries()
+        return batch
 
 
 def build_loader(cfg: DataConfig, shape: InputShape, rank: int, world: int, tokenizer, *, start_position: int = 0,

@@ -90,9 +90,9 @@ def _remote(call, url: str, what: str, on_retry=None):
             if attempt == REMOTE_RETRIES:
                 raise RemoteError(f"{url}: {what} failed {REMOTE_RETRIES + 1} times; last: "
                                   f"{type(error).__name__}: {str(error).splitlines()[0][:200]}") from None
-            if on_retry is not None:
-                on_retry()
-            time.sleep(BACKOFF_S * 2 ** attempt)
+        if on_retry is not None:
+            on_retry()
+        time.sleep(BACKOFF_S * 2 ** attempt)
 
 
 def _endpoint() -> str:
@@ -149,6 +149,16 @@ def read_range(location: str | Path, start: int, length: int, on_retry=None) -> 
         raise RemoteError(f"{location}: asked for bytes {start}-{start + length - 1} and got {len(blob)} bytes: the server "
                           f"at {_endpoint()} does not honour Range requests (206 Partial Content)")
     return blob
+
+
+def read_ranges(location: str | Path, starts: list[int], lengths: list[int], on_retry=None) -> list[bytes]:
+    """Several ranges of one object in one call: obstore sends them concurrently and merges neighbours."""
+    import obstore
+
+    ends = [s + n for s, n in zip(starts, lengths)]
+    blobs = _remote(lambda store, key: obstore.get_ranges(store, key, starts=starts, ends=ends), str(location),
+                    "ranged GETs", on_retry)
+    return [bytes(b) for b in blobs]
 
 
 def write_file(local: Path, location: str | Path) -> None:
