@@ -170,7 +170,8 @@ def main() -> None:
                         "One process, one thread: one loader worker, augmentation on, the same shard set and stream from "
                         "local disk and from the object store in the same run. Bytes per sample: what the reader fetched "
                         "(one ranged GET a sample) against downloading each touched shard whole."))
-        command = f"python benchmarks/data_pipeline.py --samples {args.samples}" + (f" --shards {args.shards}" if args.shards else "")
+        command = f"python benchmarks/data_pipeline.py --samples {args.samples}" + \
+            (f" --shards {args.shards}" if args.shards else "")
         print(write("data_pipeline_cpu", rows, command,
                     f"One process, torch and OpenCV at 1 thread: one loader worker on one core. Micro-batch "
                     f"{args.batch}, {args.samples} samples end to end; stages timed alone on 512 samples; the last "
