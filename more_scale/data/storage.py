@@ -4,8 +4,9 @@ module for a file's size, its bytes, or a byte range of it, and never care which
 Remote access goes through obstore (the Rust object_store crate: S3 and S3-compatible servers; GCS and Azure by
 the same calls, untested here). The endpoint and credentials come from the usual environment: AWS_ACCESS_KEY_ID,
 AWS_SECRET_ACCESS_KEY (AWS_SESSION_TOKEN), AWS_REGION / AWS_DEFAULT_REGION and AWS_ENDPOINT_URL for a server
-other than AWS; never from a config file, and never printed. obstore's runtime is not fork-safe, so each process
-makes its own store on first use (loader workers included) and none is made before a fork.
+other than AWS; never from a config file, and never printed. obstore's runtime is not fork-safe: each process
+makes its own store on first use, and the loader workers of a remote shard set are spawned, not forked
+(pipeline.worker_start), since the main process has used its store by then.
 
 A request that fails is retried with exponential backoff (REMOTE_RETRIES times); what still fails raises
 RemoteError naming the URL. A server that answers a range request with more or fewer bytes than asked (one that
@@ -165,7 +166,8 @@ def write_file(local: Path, location: str | Path) -> None:
     """Upload a local file to an object (multipart for large ones), or copy it to a folder."""
     if not is_remote(location):
         if Path(location) != local:
-            Path(location).write_bytes(local.read_bytes())
+            Path(location).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(local, location)
         return
     import obstore
 
@@ -178,8 +180,8 @@ def write_file(local: Path, location: str | Path) -> None:
 
 def sha256(location: str | Path) -> str:
     """The file's or object's sha256, read as a stream (a shard is never held in memory whole)."""
-    digest = hashlib.sha256()
     if not is_remote(location):
+        digest = hashlib.sha256()
         with open(location, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)
@@ -187,6 +189,7 @@ def sha256(location: str | Path) -> str:
     import obstore
 
     def stream(store, key):
+        digest = hashlib.sha256()  # per try: a retry streams the object from its start
         for chunk in obstore.get(store, key).stream(min_chunk_size=1 << 20):
             digest.update(chunk)
         return digest.hexdigest()

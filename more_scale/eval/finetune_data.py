@@ -139,9 +139,11 @@ class LabelledSet(torch.utils.data.Dataset):
                              torch.from_numpy(self.labels[rows]), rows, skipped)
 
     def loader(self, batch_size: int, workers: int, shuffle: bool, epoch: int = 0, pin_memory: bool = False):
-        """One pass in batches: shuffled by (seed, epoch) for training, in row order otherwise."""
+        """One pass in batches: shuffled by (seed, epoch) for training, in row order otherwise. Training drops a short
+        last batch (a batch of one cannot pass a BatchNorm head in training mode; the next epoch reshuffles)."""
         self.epoch = epoch  # workers are started per pass (not persistent), so each gets this epoch
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         return torch.utils.data.DataLoader(self, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
                                            collate_fn=self.collate, generator=generator, pin_memory=pin_memory,
+                                           drop_last=shuffle and len(self) > batch_size,
                                            multiprocessing_context=worker_start([self.directory], workers))
