@@ -167,11 +167,22 @@ def test_evaluation_shared_by_ranks_equals_one_process(stopped_and_resumed, shar
     back into index order and alone scores and writes. The metrics equal a single process's: each batch is
     the one a single process builds (same samples, padding and kernel shapes; one thread each, as the
     Makefile sets), so no round-off can swap two near-tied neighbours and move a recall (seen in CI when
-    ranks took samples r, r + N, ...: one cxr->ecg query of 38 flipped)."""
+    ranks took samples r, r + N, ...: one cxr->ecg query of 38 flipped). The towers' attention is pinned to one
+    backend: `auto` times the backends in each process and keeps the fastest, so two processes can run different
+    kernels (seen in CI: one Cardiomegaly pair of 78 swapped, AUROC 0.295 vs 0.308)."""
+    import shutil
+
+    import yaml
     from launch_helpers import evaluate_main
 
     out, _, _ = stopped_and_resumed
-    args = ["--checkpoint", str(out), "--shards", str(shards / "test"), "--train-shards", str(shards / "train"),
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    for tower in ("cxr", "ecg"):
+        config["model"][tower]["attention"] = "math"
+    (run / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    args = ["--checkpoint", str(run), "--shards", str(shards / "test"), "--train-shards", str(shards / "train"),
             "--no-figures"]
     assert evaluate_main([*args, "--out", str(tmp_path / "one")]) == 0
     shared = run_launcher([launcher("torchrun"), "--nproc_per_node", str(ranks), "--master_port", _free_port(),
