@@ -231,12 +231,8 @@ def _train_texts(directory: Path):
 def _size_or_none(location: str) -> int | None:
     try:
         return storage.size(location)
-    except FileNotFoundError:
+    except FileNotFoundError:  # a missing file, or object (storage.MissingObject)
         return None
-    except storage.RemoteError as error:
-        if "no such object" in str(error):
-            return None
-        raise
 
 
 def _write_json_atomic(path: Path, obj, compact: bool = False) -> None:

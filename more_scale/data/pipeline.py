@@ -202,7 +202,7 @@ class TrainStream(torch.utils.data.IterableDataset):
         cv2.setNumThreads(1)  # one core per loader worker; OpenCV's own pool would oversubscribe
         reader, skips = ShardReader(self.paths, self.shard_sizes), SkipCounter()
         steps = itertools.count(worker, workers)
-        if not any(storage.is_remote(path) for path in self.paths[:1]):
+        if not reader.remote:
             for local_step in steps:
                 yield self._batch(local_step, reader, skips)
             return

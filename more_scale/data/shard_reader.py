@@ -125,6 +125,7 @@ class ShardReader:
         self.retries = 0  # object store requests retried since the last take_retries()
         self.bytes_read = 0  # sample bytes read (preads or ranged GETs), for benchmarks
         self.ahead: dict[tuple[int, int], bytes] = {}  # (shard, index) -> its bytes, fetched by prefetch()
+        self.remote = any(storage.is_remote(p) for p in paths)  # some shards on an object store: prefetch pays
 
     def table(self, shard: int) -> ShardTable:
         if shard not in self.tables:
@@ -162,11 +163,12 @@ class ShardReader:
         one call per shard whose ranges go concurrently (neighbours merged), the shards in parallel, so a
         micro-batch waits for about one round trip instead of one per sample. What fails here is read again (and
         retried, or skipped) by read(); a local shard set reads on demand."""
-        if not items or not storage.is_remote(self.paths[items[0][0]]):
-            return
         by_shard: dict[int, list[int]] = {}
         for shard, index in items:
-            by_shard.setdefault(shard, []).append(index)
+            if storage.is_remote(self.paths[shard]):
+                by_shard.setdefault(shard, []).append(index)
+        if not by_shard:
+            return
 
         def fetch(shard: int) -> None:
             try:

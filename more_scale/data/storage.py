@@ -35,6 +35,10 @@ class RemoteError(OSError):
     bucket or object, a server that ignores ranges); the message names the URL and the reason."""
 
 
+class MissingObject(RemoteError, FileNotFoundError):
+    """No such object (or bucket): caught as FileNotFoundError, as a missing file is."""
+
+
 def is_remote(location: str | Path) -> bool:
     return urlparse(str(location)).scheme in REMOTE_SCHEMES
 
@@ -77,7 +81,7 @@ def _remote(call, url: str, what: str, on_retry=None):
         try:
             return call(store, key)
         except (errors.NotFoundError, FileNotFoundError):  # obstore raises either, by version
-            raise RemoteError(f"{url}: no such object (or bucket) on {_endpoint()}") from None
+            raise MissingObject(f"{url}: no such object (or bucket) on {_endpoint()}") from None
         except errors.PermissionDeniedError:
             raise RemoteError(f"{url}: access denied by {_endpoint()}: check AWS_ACCESS_KEY_ID / "
                               "AWS_SECRET_ACCESS_KEY") from None
@@ -101,7 +105,7 @@ def _endpoint() -> str:
 
 
 def size(location: str | Path) -> int:
-    """The file's or object's size in bytes; FileNotFoundError / RemoteError when there is none."""
+    """The file's or object's size in bytes; FileNotFoundError (MissingObject for an object) when there is none."""
     if not is_remote(location):
         return os.path.getsize(location)
     import obstore
@@ -115,10 +119,8 @@ def exists(location: str | Path) -> bool:
     try:
         size(location)
         return True
-    except RemoteError as error:
-        if "no such object" in str(error):
-            return False
-        raise
+    except MissingObject:
+        return False
 
 
 def read_bytes(location: str | Path) -> bytes:
