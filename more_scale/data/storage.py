@@ -27,6 +27,9 @@ from urllib.parse import urlparse
 REMOTE_SCHEMES = ("s3",)  # tested against a real S3 server; obstore's gs:// and az:// stores would slot in here
 REMOTE_RETRIES = 6  # after the first try: 0.25 + 0.5 + ... + 8 = 15.75 s of backoff (a server restart) before failing
 BACKOFF_S = 0.25
+# ranges merged into one GET when at most this far apart: neighbouring samples of a tar (512-byte padding between
+# them), never a gap holding other samples (obstore's default, 1 MiB, would fetch the unread samples in between)
+NEIGHBOURS = 1024
 MULTIPART_BYTES = 16 << 20  # larger uploads go up in parts (a shard is ~1 GB at MIMIC scale)
 
 
@@ -155,12 +158,15 @@ def read_range(location: str | Path, start: int, length: int, on_retry=None) -> 
 
 
 def read_ranges(location: str | Path, starts: list[int], lengths: list[int], on_retry=None) -> list[bytes]:
-    """Several ranges of one object in one call: obstore sends them concurrently and merges neighbours."""
+    """Several ranges of one object in one call: obstore sends them concurrently (10 at a time), ranges closer
+    than NEIGHBOURS bytes merged into one request."""
     import obstore
 
     ends = [s + n for s, n in zip(starts, lengths)]
-    blobs = _remote(lambda store, key: obstore.get_ranges(store, key, starts=starts, ends=ends), str(location),
-                    "ranged GETs", on_retry)
+    def get(store, key):
+        return obstore.get_ranges(store, key, starts=starts, ends=ends, coalesce=NEIGHBOURS)
+
+    blobs = _remote(get, str(location), "ranged GETs", on_retry)
     return [bytes(b) for b in blobs]
 
 
