@@ -124,7 +124,8 @@ def build_shards_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="output folder, or an object store prefix (s3://bucket/prefix): "
                                                       "built in --staging, then uploaded, each shards.json last")
     parser.add_argument("--staging", type=Path, help="with an s3:// --out: the local folder to build in first "
-                                                     "(default: a temporary folder, removed after the upload)")
+                                                     "(default: a temporary folder, removed after the upload; a "
+                                                     "build in parts needs one every part can reach)")
     defaults = BuildOptions()
     parser.add_argument("--window-days", type=float, default=defaults.window_days)
     parser.add_argument("--pairing", choices=["nearest", "all"], default=defaults.pairing)
@@ -156,22 +157,24 @@ def build_shards_main(argv: list[str] | None = None) -> int:
                            workers=args.workers, tokenizer_vocab=args.tokenizer_vocab)
     console = Console()
     remote = storage.is_remote(args.out)
-    if remote and (args.num_parts > 1 or args.merge_index):
-        parser.error("--out s3://...: build the parts into a shared folder, then upload it (a single build uploads itself)")
-    if args.merge_index:  # reads only the parts' indexes
-        console.print(f"merged {args.out}: {merge_index(Path(args.out), options, {'source': args.source})}")
-        return 0
-    specs, left_out, rejected = _sample_specs(args, options, parser)
-    kinds = {"X-ray + ECG": sum(bool(s.cxr and s.ecg) for s in specs),
-             "X-ray only": sum(bool(s.cxr and not s.ecg) for s in specs),
-             "ECG only": sum(bool(s.ecg and not s.cxr) for s in specs)}
-    console.print(f"{len(specs)} samples {kinds}; left out: {left_out}")
-    source = {"source": args.source, **({"rejected_rows": rejected} if rejected else {}),
-              **({"uncertain": args.uncertain} if args.source == "chexpert" else {})}
+    in_parts = args.num_parts > 1 or args.merge_index
+    if remote and in_parts and not args.staging:
+        parser.error("--out s3://... with --num-parts or --merge-index: --staging must name the folder every part "
+                     "builds in (shared by the job array's nodes); the merge uploads it")
     staging = (args.staging or Path(tempfile.mkdtemp(prefix="more_scale_build_"))) if remote else Path(args.out)
-    summary = write_shards(specs, staging, options, source, args.num_parts, args.part)
-    console.print(f"written to {staging}: {summary}")
-    if remote:
+    if args.merge_index:  # reads only the parts' indexes
+        console.print(f"merged {staging}: {merge_index(staging, options, {'source': args.source})}")
+    else:
+        specs, left_out, rejected = _sample_specs(args, options, parser)
+        kinds = {"X-ray + ECG": sum(bool(s.cxr and s.ecg) for s in specs),
+                 "X-ray only": sum(bool(s.cxr and not s.ecg) for s in specs),
+                 "ECG only": sum(bool(s.ecg and not s.cxr) for s in specs)}
+        console.print(f"{len(specs)} samples {kinds}; left out: {left_out}")
+        source = {"source": args.source, **({"rejected_rows": rejected} if rejected else {}),
+                  **({"uncertain": args.uncertain} if args.source == "chexpert" else {})}
+        summary = write_shards(specs, staging, options, source, args.num_parts, args.part)
+        console.print(f"written to {staging}: {summary}")
+    if remote and (args.merge_index or args.num_parts == 1):  # a part leaves the upload to the merge
         console.print(f"uploaded {storage.upload_tree(staging, args.out)} files to {args.out}")
         if not args.staging:
             shutil.rmtree(staging)
