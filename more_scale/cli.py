@@ -155,6 +155,10 @@ def build_shards_main(argv: list[str] | None = None) -> int:
                            short_side=args.short_side, squash=args.squash, ecg_rate=args.ecg_rate, reports=args.reports,
                            samples_per_shard=args.samples_per_shard,
                            workers=args.workers, tokenizer_vocab=args.tokenizer_vocab)
+    try:
+        storage.check_location(args.out)
+    except storage.UnsupportedLocation as error:
+        parser.error(f"--out {error}")
     console = Console()
     remote = storage.is_remote(args.out)
     in_parts = args.num_parts > 1 or args.merge_index
@@ -253,6 +257,7 @@ rank), linear probes, each beside chance; figures and an HTML report.
 def evaluate_main(argv: list[str] | None = None) -> int:
     quiet_third_party()
     from more_scale import dist
+    from more_scale.data import storage
     from more_scale.eval.evaluate import evaluate, print_results
     from more_scale.eval.tasks import TasksError
     from more_scale.train.checkpoint import CheckpointMismatch
@@ -275,6 +280,9 @@ def evaluate_main(argv: list[str] | None = None) -> int:
         return 2
     except TasksError as error:
         print(f"tasks error: {error}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, storage.UnsupportedLocation, storage.RemoteError) as error:  # no run or shards there
+        print(f"input error: {error}", file=sys.stderr)
         return 2
     finally:
         dist.close()

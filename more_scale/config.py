@@ -14,6 +14,8 @@ from pathlib import Path
 
 import yaml
 
+from more_scale.data.storage import UnsupportedLocation, check_location
+
 TEXT_PAIRINGS = ("joined", "pair")  # data.text_pairing: see tokenize_reports in data/reports.py
 
 ECG_STEM_KERNEL = 5  # the paper's ECG stem: Conv1d(kernel 5, stride 5), then Conv1d(kernel 5, stride 1)
@@ -412,6 +414,13 @@ def validate(cfg: Config) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    for key, locations in (("data.train", d.train.split("::")), ("data.validate", [d.validate]),
+                           ("data.tokenizer", [d.tokenizer])):
+        try:
+            for location in locations:
+                check_location(location)
+        except UnsupportedLocation as error:
+            raise ConfigError(f"{key}: {error}") from None
     ds_path = resolve_path(t.deepspeed_config)
     if not ds_path.is_file():
         raise ConfigError(f"train.deepspeed_config: no such file {t.deepspeed_config} "

@@ -33,3 +33,16 @@ def test_build_shards_names_the_missing_root(tmp_path, capsys):
     with pytest.raises(SystemExit):
         build_shards_main(["--source", "mimic", "--root", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")])
     assert "--cxr-root" in capsys.readouterr().err
+
+
+def test_unread_urls_and_missing_runs_are_one_line_each(tmp_path, capsys):
+    """A URL of a scheme this version does not read is refused, not taken for a folder named 'gs:'; evaluating a
+    folder that holds no run says so in one line (it was a traceback)."""
+    from launch_helpers import evaluate_main
+
+    with pytest.raises(SystemExit):
+        build_shards_main(["--source", "mimic", "--root", str(tmp_path), "--out", "gs://bucket/shards"])
+    assert "--out gs://bucket/shards: gs:// is not a shard location this version reads" in capsys.readouterr().err
+    assert evaluate_main(["--checkpoint", str(tmp_path / "no-run"), "--shards", "az://c/test", "--out",
+                          str(tmp_path / "eval")]) == 2
+    assert f"input error: config {tmp_path / 'no-run'}/config.yaml: no such file" in capsys.readouterr().err

@@ -49,6 +49,9 @@ def test_round_trip_through_dict():
     ("data.train_weights=[1,2]", "data.train_weights has 2 weights for 1 sources in data.train"),
     ("data.cxr_crop_scale=[0.5]", "data.cxr_crop_scale must be two numbers 0 < lo <= hi <= 1, got (0.5,)"),
     ("data.ecg_warp=1.5", "data.ecg_warp must be in [0, 1), got 1.5"),
+    # a URL this version does not read would be taken for a relative folder named "gs:"
+    ("data.train=/shards/train::gs://b/train", "data.train: gs://b/train: gs:// is not a shard location this version reads"),
+    ("data.validate=az://c/validate", "data.validate: az://c/validate: az:// is not a shard location"),
 ])
 def test_bad_values_fail_naming_the_key(override, message):
     with pytest.raises(ConfigError, match=re.escape(message)):

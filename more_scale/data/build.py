@@ -244,6 +244,7 @@ def _write_json_atomic(path: Path, obj, compact: bool = False) -> None:
 def read_index(directory: str | Path) -> dict:
     """A shard set's index, from a folder or an object store prefix; checks that every listed shard exists with its
     recorded size (on an object store, HEAD requests in parallel)."""
+    storage.check_location(directory)
     path = storage.join(directory, INDEX_NAME)
     if not storage.exists(path):
         raise FileNotFoundError(f"{directory}: no {INDEX_NAME} (expected a shard directory made by build_shards.py)")

@@ -42,8 +42,23 @@ class MissingObject(RemoteError, FileNotFoundError):
     """No such object (or bucket): caught as FileNotFoundError, as a missing file is."""
 
 
+class UnsupportedLocation(ValueError):
+    """A URL of a scheme this module does not read (gs://, az://, https://, ...)."""
+
+
 def is_remote(location: str | Path) -> bool:
     return urlparse(str(location)).scheme in REMOTE_SCHEMES
+
+
+def check_location(location: str | Path) -> None:
+    """Refuse a URL of another scheme, which would otherwise be taken for a relative folder named 'gs:'."""
+    if "://" in str(location) and not is_remote(location):
+        scheme = urlparse(str(location)).scheme
+        raise UnsupportedLocation(
+            f"{location}: {scheme}:// is not a shard location this version reads: name a folder or "
+            "s3://bucket/prefix. Google Cloud Storage answers S3 requests (AWS_ENDPOINT_URL=https://storage.googleapis.com "
+            "with an HMAC key as AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY; untested here); Azure Blob Storage has no "
+            "S3 API: copy the shards to a filesystem or an S3 bucket")
 
 
 def join(location: str | Path, name: str) -> str:
