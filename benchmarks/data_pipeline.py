@@ -36,7 +36,6 @@ from common import write
 from more_scale.config import DataConfig, InputShape
 from more_scale.data import ecg, order, storage
 from more_scale.data.pipeline import ModelInputs, SkipCounter, TrainStream, build_loader, collate, decode_sample
-from more_scale.data.shard_reader import ShardReader
 from more_scale.data.tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,7 +60,7 @@ def per_sample(fn, items) -> float:
 
 def stage_rows(stream: TrainStream, inputs: ModelInputs, n: int, tokenizer) -> list[dict]:
     """Each stage timed alone on the same n samples (ms per sample)."""
-    reader = ShardReader(stream.paths)
+    reader = stream.reader()
     where = [stream.space.locate(stream.order.sample_at(p)) for p in range(n)]
     raws = [reader.read(*w) for w in where]
     images = [cv2.imdecode(np.frombuffer(r["cxr.jpg"], np.uint8), cv2.IMREAD_GRAYSCALE) for r in raws]
@@ -123,7 +122,7 @@ def remote_rows(url: str, local: Path, tokenizer, batch: int, samples: int) -> l
     first = {name: sum(f for _, f in runs) / len(runs) for name, runs in rates.items()}
 
     stream = TrainStream(DataConfig(train=f"{url}/train", batch_size=batch, workers=0), SHAPE, 0, 1, tokenizer)
-    reader = ShardReader(stream.paths, stream.shard_sizes)
+    reader = stream.reader()
     steps = max(1, samples // batch)
     ranged, touched = [], []  # per micro-batch: bytes fetched by ranged GETs, shards touched
     for step in range(steps):

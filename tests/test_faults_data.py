@@ -71,7 +71,7 @@ def test_bad_samples_of_every_decoding_class_are_skipped_and_counted_by_both_rea
     assert {r.split(": ")[0] + ": " for r in skipped} >= expected_reasons
     # training's reader: the same samples are bad, each one a counted skip served by a stand-in
     stream = TrainStream(cfg.data, shape, 0, 1, tokenizer)
-    reader, skips = ShardReader(stream.paths, stream.shard_sizes), SkipCounter()
+    reader, skips = stream.reader(), SkipCounter()
     inputs = ModelInputs(cfg.data, shape, augment=False)
     train_bad = 0
     for index in range(len(BAD_SAMPLES) + 1):

@@ -165,11 +165,12 @@ class TrainStream(torch.utils.data.IterableDataset):
     def __init__(self, cfg: DataConfig, shape: InputShape, rank: int, world: int, tokenizer, start_position: int = 0):
         self.cfg, self.shape, self.rank, self.world = cfg, shape, rank, world
         self.tokenizer, self.start = tokenizer, start_position
-        self.paths, self.shard_sizes, source_sizes = [], [], []
+        self.paths, self.shard_sizes, self.shard_bytes, source_sizes = [], [], [], []
         for directory in source_dirs(cfg.train):
             index = read_index(directory)
             self.paths += [storage.join(directory, e["name"]) for e in index["shards"]]
             self.shard_sizes += [e["samples"] for e in index["shards"]]
+            self.shard_bytes += [e["bytes"] for e in index["shards"]]
             source_sizes.append(sum(e["samples"] for e in index["shards"]))
         self.space = order.SampleSpace(tuple(self.shard_sizes), tuple(source_sizes))
         self.order = order.GlobalOrder(self.space, cfg.mode, cfg.seed, cfg.shuffle_block, tuple(cfg.train_weights))
@@ -204,7 +205,7 @@ class TrainStream(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         cv2.setNumThreads(1)  # one core per loader worker; OpenCV's own pool would oversubscribe
-        reader, skips = ShardReader(self.paths, self.shard_sizes), SkipCounter()
+        reader, skips = self.reader(), SkipCounter()
         # from an object store, the samples of the next READ_AHEAD micro-batches are in flight (each shard's ranged
         # GETs concurrent, on FETCH_THREADS threads) while this one decodes; from local disk each is read in turn
         depth = READ_AHEAD if reader.remote else 0
@@ -218,6 +219,9 @@ class TrainStream(torch.utils.data.IterableDataset):
                     step, fetches = window.popleft()
                     fetched = {where: blob for fetch in fetches for where, blob in fetch.result().items()}
                     yield self._batch(step, reader, skips, fetched)
+
+    def reader(self) -> ShardReader:
+        return ShardReader(self.paths, self.shard_sizes, self.shard_bytes)
 
     def _positions(self, local_step: int) -> range:
         return order.rank_positions(self.start, local_step, self.rank, self.world, self.cfg.batch_size)
@@ -257,7 +261,7 @@ def stored_sample(directory: str | Path, position: int) -> dict:
     entries = read_index(directory)["shards"]
     for shard, entry in enumerate(entries):
         if position < entry["samples"]:
-            reader = ShardReader([storage.join(directory, entry["name"])], [entry["samples"]])
+            reader = ShardReader.of_index(directory, [entry])
             return reader.read(0, position)
         position -= entry["samples"]
     raise IndexError(f"{directory}: no sample at running index {position} (past the end)")
@@ -278,8 +282,8 @@ def iter_batches(directory: str | Path, cfg: DataConfig, shape: InputShape, toke
     inputs, skips = ModelInputs(cfg, shape, augment=False), SkipCounter()
     size = batch_size or cfg.batch_size
     entries = read_index(directory)["shards"]
-    paths = [storage.join(directory, e["name"]) for e in entries]
-    reader = ShardReader(paths, [e["samples"] for e in entries])
+    reader = ShardReader.of_index(directory, entries)
+    paths = reader.paths
     pending, position = [], 0
     for shard, entry in enumerate(entries):
         try:

@@ -17,6 +17,7 @@ import json
 import tarfile
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from webdataset.tariterators import base_plus_ext
@@ -88,19 +89,22 @@ def table_path(tar_path: str) -> str:
     return tar_path.removesuffix(".tar") + ".table.json"
 
 
-def load_table(tar_path: str) -> ShardTable:
+def load_table(tar_path: str, tar_bytes: int | None = None) -> ShardTable:
     """The stored member table of a tar, or a scan of a local tar when none was stored (a remote one must have
     its table: a scan would read the whole object). A table written for a tar of another size is refused: it
-    describes a shard that has since been replaced."""
+    describes a shard that has since been replaced. `tar_bytes`: the tar's size where the caller knows it (the
+    index, checked against the store by read_index), which spares a remote shard a HEAD: its table is one GET."""
     stored = table_path(tar_path)
-    if not storage.exists(stored):
+    try:
+        text = storage.read_bytes(stored)
+    except FileNotFoundError:  # storage.MissingObject is one
         if storage.is_remote(tar_path):
             raise ShardMismatch(f"{stored}: missing; a shard set read from an object store needs the member tables "
-                                "build_shards.py writes beside each tar (rebuild it with this version)")
+                                "build_shards.py writes beside each tar (rebuild it with this version)") from None
         return ShardTable.scan(tar_path)
-    size = storage.size(tar_path)
+    size = storage.size(tar_path) if tar_bytes is None else tar_bytes
     try:
-        tree = json.loads(storage.read_bytes(stored))
+        tree = json.loads(text)
         written_for = tree["tar_bytes"]
         table = ShardTable.from_json(tree)
     except (ValueError, KeyError, TypeError) as error:  # not JSON, or not a table
@@ -116,17 +120,24 @@ class ShardReader:
     """Samples of a shard set by (shard, index): {member name: bytes, "__key__", "__url__"}. Paths are files or
     object URLs (data/storage.py): a sample is one pread or one ranged GET either way."""
 
-    def __init__(self, paths: list[str], samples: list[int] | None = None):
-        """`samples`: what the shard index says each tar holds; a tar whose table disagrees raises ShardMismatch."""
-        self.paths, self.samples = paths, samples
+    def __init__(self, paths: list[str], samples: list[int] | None = None, tar_bytes: list[int] | None = None):
+        """`samples`: what the shard index says each tar holds; a tar whose table disagrees raises ShardMismatch.
+        `tar_bytes`: each tar's size as the index says (read_index checked it), else asked of the file or store."""
+        self.paths, self.samples, self.tar_bytes = paths, samples, tar_bytes
         self.tables: dict[int, ShardTable] = {}
         self._retries = 0  # object store requests retried since the last take_retries(); fetch threads add to it
         self._lock = threading.Lock()
         self.remote = any(storage.is_remote(p) for p in paths)  # some shards on an object store: read-ahead pays
 
+    @classmethod
+    def of_index(cls, directory: str | Path, entries: list[dict]) -> ShardReader:
+        """The reader of a shard set's index entries (read_index(directory)["shards"])."""
+        return cls([storage.join(directory, e["name"]) for e in entries], [e["samples"] for e in entries],
+                   [e["bytes"] for e in entries])
+
     def table(self, shard: int) -> ShardTable:
         if shard not in self.tables:
-            table = load_table(self.paths[shard])
+            table = load_table(self.paths[shard], None if self.tar_bytes is None else self.tar_bytes[shard])
             if self.samples is not None and len(table) != self.samples[shard]:
                 raise ShardMismatch(f"{self.paths[shard]} holds {len(table)} samples, shards.json says "
                                     f"{self.samples[shard]}: the shard was replaced or the index edited; rebuild the "

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from more_scale.data import order, storage
+from more_scale.data import order
 from more_scale.data.build import read_index
 from more_scale.data.pipeline import BadSample, ModelInputs, decode_sample, worker_start
 from more_scale.data.shard_reader import ShardReader
@@ -77,7 +77,7 @@ class LabelledSet(torch.utils.data.Dataset):
                  fraction: float = 1.0):
         self.directory, self.targets, self.inputs, self.seed = str(directory), targets, inputs, seed
         entries = read_index(directory)["shards"]
-        self.reader = ShardReader([storage.join(directory, e["name"]) for e in entries], [e["samples"] for e in entries])
+        self.reader = ShardReader.of_index(directory, entries)
         self.dropped: Counter = Counter()
         rows, labels = [], []
         member = MEMBERS[targets.modality]

@@ -38,8 +38,7 @@ def _check_sample_counts(directory: str, index: dict) -> None:
     """Each tar holds the samples shards.json says (the reader's own check, ShardMismatch), read from the tars'
     member tables (the stored .table.json, else the tar's headers; milliseconds a shard): an index edited, a shard
     replaced or a table broken fails here, not as stand-ins or a crash."""
-    reader = ShardReader([storage.join(directory, e["name"]) for e in index["shards"]],
-                         [e["samples"] for e in index["shards"]])
+    reader = ShardReader.of_index(directory, index["shards"])
     with ThreadPoolExecutor(8) as pool:  # header reads: I/O-bound, so threads overlap them on network filesystems
         for shard, future in enumerate([pool.submit(reader.table, i) for i in range(len(reader.paths))]):
             try:
