@@ -109,9 +109,9 @@ def test_a_build_in_parts_uploads_at_the_merge(remote_set, raw_root, tmp_path, c
     assert storage.sha256(f"s3://shards/parts/{tar}") == storage.sha256(local / tar)
 
 
-def _train(server: S3Server, train: str, out, *extra: str) -> list[float]:
-    """The losses of a 2-rank run of 4 steps with every random draw on (augmentation, DropToken, DropKey, dropout),
-    fp32 and one attention kernel: bit-identical run to run (tests/test_resume.py)."""
+def _train(server: S3Server, train: str, out, *extra: str) -> list[dict]:
+    """The metrics.jsonl lines of a 2-rank run of 4 steps with every random draw on (augmentation, DropToken,
+    DropKey, dropout), fp32 and one attention kernel: bit-identical run to run (tests/test_resume.py)."""
     from test_faults_train import _port
     from test_resume import RANDOM_EVERYWHERE
 
@@ -121,20 +121,25 @@ def _train(server: S3Server, train: str, out, *extra: str) -> list[float]:
                              "data.workers=1", *RANDOM_EVERYWHERE, "train.steps=4", "train.save_every=4", *extra],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_training_from_s3_resumes_exactly_and_equals_the_local_copy(server, remote_set, tmp_path):
-    """2 ranks train from s3:// (the tokenizer fetched from beside the shards) bit for bit as from the local copy;
-    stopped after step 2 and resumed, the run goes on bit for bit as if never stopped. The remote run then
-    evaluates on s3:// as on the local test split."""
+    """2 ranks train from s3:// (the tokenizer fetched from beside the shards) bit for bit as from the local copy,
+    validating on the validate split beside it as the local run does; stopped after step 2 and resumed, the run
+    goes on bit for bit as if never stopped. The remote run then evaluates on s3:// as on the local test split."""
     from launch_helpers import evaluate_main
 
     url, local = remote_set
-    whole = _train(server, f"{url}/train", tmp_path / "s3")
-    assert _train(server, str(local / "train"), tmp_path / "local") == whole and len(set(whole)) == 4
+    validated = "train.eval_every=4"  # the validate split beside data.train, read from S3 too
+    whole = _train(server, f"{url}/train", tmp_path / "s3", validated)
+    here = _train(server, str(local / "train"), tmp_path / "local", validated)
+    losses = [m["loss"] for m in whole if "loss" in m]
+    assert len(set(losses)) == 4 and [m.get("loss") for m in here] == [m.get("loss") for m in whole]
+    assert [m for m in whole if "val/loss" in m] == [m for m in here if "val/loss" in m] != []
     _train(server, f"{url}/train", tmp_path / "parts", "train.stop_at_step=2")
-    assert _train(server, f"{url}/train", tmp_path / "parts", "train.resume=auto")[2:] == whole[2:]
+    resumed = _train(server, f"{url}/train", tmp_path / "parts", "train.resume=auto")
+    assert [m["loss"] for m in resumed] == losses  # steps 1-2 before the stop, 3-4 after it
     scored = {}
     for name, shards in (("s3", f"{url}/test"), ("local", str(local / "test"))):
         figures = [] if name == "s3" else ["--no-figures"]  # the figures read samples again: from S3 too
