@@ -127,8 +127,9 @@ def _train(server: S3Server, train: str, out, *extra: str) -> list[dict]:
 def test_training_from_s3_resumes_exactly_and_equals_the_local_copy(server, remote_set, tmp_path):
     """2 ranks train from s3:// (the tokenizer fetched from beside the shards) bit for bit as from the local copy,
     validating on the validate split beside it as the local run does; stopped after step 2 and resumed, the run
-    goes on bit for bit as if never stopped. The remote run then evaluates on s3:// as on the local test split."""
-    from launch_helpers import evaluate_main
+    goes on bit for bit as if never stopped. The remote run then evaluates and fine-tunes on s3:// as on the local
+    copy."""
+    from launch_helpers import evaluate_main, finetune_main
 
     url, local = remote_set
     validated = "train.eval_every=4"  # the validate split beside data.train, read from S3 too
@@ -150,6 +151,13 @@ def test_training_from_s3_resumes_exactly_and_equals_the_local_copy(server, remo
     assert scored["s3"]["retrieval"] == scored["local"]["retrieval"] and scored["s3"]["samples"] > 0
     assert (tmp_path / "eval_s3" / "report.html").is_file()
     assert any(name.startswith("Relevance") for name in scored["s3"]["figures"])  # drawn from samples read on S3
+    # fine-tuning selects its labelled samples by every meta.json (one concurrent call per shard), then trains
+    tuned = {}
+    for name, shards in (("s3", url), ("local", str(local))):
+        assert finetune_main(["--checkpoint", str(tmp_path / "s3"), "--shards", shards, "--out", str(tmp_path / f"ft_{name}"),
+                              "epochs=2", "blocks=1", "batch_size=8", "workers=0"]) == 0
+        tuned[name] = json.loads((tmp_path / f"ft_{name}" / "results.json").read_text())
+    assert tuned["s3"]["samples"] == tuned["local"]["samples"] and tuned["s3"]["test"] == tuned["local"]["test"]
 
 
 def test_a_server_restart_mid_run_is_retried_and_counted(server, remote_set, tmp_path):

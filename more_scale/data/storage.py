@@ -173,8 +173,10 @@ def read_range(location: str | Path, start: int, length: int, on_retry=None) -> 
 
 
 def read_ranges(location: str | Path, starts: list[int], lengths: list[int], on_retry=None) -> list[bytes]:
-    """Several ranges of one object in one call: obstore sends them concurrently (10 at a time), ranges closer
-    than NEIGHBOURS bytes merged into one request."""
+    """Several ranges of one file (preads) or object in one call: obstore sends them concurrently (10 at a time),
+    ranges closer than NEIGHBOURS bytes merged into one request."""
+    if not is_remote(location):
+        return [read_range(location, start, length) for start, length in zip(starts, lengths)]
     import obstore
 
     ends = [s + n for s, n in zip(starts, lengths)]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import tarfile
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,19 +82,20 @@ class LabelledSet(torch.utils.data.Dataset):
         self.dropped: Counter = Counter()
         rows, labels = [], []
         member = MEMBERS[targets.modality]
-        for shard, entry in enumerate(entries):
-            try:
-                table = self.reader.table(shard)
-            except (ValueError, OSError, tarfile.TarError) as error:
-                self.dropped[f"unreadable shard: {type(error).__name__}"] += entry["samples"]
+        with ThreadPoolExecutor(8) as pool:  # from an object store: shards overlapped, each one's GETs concurrent
+            shard_metas = list(pool.map(self._metas, range(len(entries))))
+        for shard, (entry, metas) in enumerate(zip(entries, shard_metas)):
+            if isinstance(metas, str):
+                self.dropped[metas] += entry["samples"]
                 continue
-            for index in range(len(table)):
+            table = self.reader.table(shard)
+            for index, blob in enumerate(metas):
                 if member not in table.exts[index]:
                     self.dropped[f"no {member}"] += 1
                     continue
                 try:
-                    meta = json.loads(self.reader.member(shard, index, "meta.json") or b"{}")
-                except (ValueError, OSError) as error:
+                    meta = json.loads(blob or b"{}")
+                except ValueError as error:
                     self.dropped[f"unreadable meta.json: {type(error).__name__}"] += 1
                     continue
                 y, reason = targets.row(meta if isinstance(meta, dict) else {})
@@ -110,6 +112,13 @@ class LabelledSet(torch.utils.data.Dataset):
         self.rows = rows
         self.labels = np.asarray(labels, np.float32).reshape(len(rows), len(targets.columns))
         self.epoch = 0  # set before each pass: a sample's augmentation draws follow (seed, epoch, row)
+
+    def _metas(self, shard: int) -> list[bytes | None] | str:
+        """Every sample's meta.json in a shard, or why the shard cannot be read."""
+        try:
+            return self.reader.members(shard, "meta.json")
+        except (ValueError, OSError, tarfile.TarError) as error:
+            return f"unreadable shard: {type(error).__name__}"
 
     def __len__(self) -> int:
         return len(self.rows)
