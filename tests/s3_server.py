@@ -47,8 +47,10 @@ class S3Server:
 
     def start(self, timeout: float = 60) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        args = [weed_binary(), f"-logdir={self.folder}", "mini", f"-dir={self.folder}",  # its logs, not in /tmp "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-admin.ui=false",
-                "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0", *(f"-{n}={p}" for n, p in self.ports.items())]
+        # -logdir: its logs beside its data, not in /tmp
+        args = [weed_binary(), f"-logdir={self.folder}", "mini", f"-dir={self.folder}", "-ip=127.0.0.1",
+                "-ip.bind=127.0.0.1", "-admin.ui=false", "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
+                *(f"-{n}={p}" for n, p in self.ports.items())]
         log = open(self.folder / "weed.log", "ab")
         self.proc = subprocess.Popen(args, env=self.env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout
