@@ -19,9 +19,11 @@ worker's) and uploads the set there.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
 import itertools
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -92,34 +94,49 @@ def loader_rate(cfg: DataConfig, tokenizer, workers: int, steps: int) -> float:
     return steps * cfg.batch_size / (time.perf_counter() - start)
 
 
-def stream_rate(cfg: DataConfig, tokenizer, samples: int) -> tuple[float, float]:
-    """(samples/s of one worker over `samples` after its first batch, seconds from nothing to the first batch)."""
+def stream_rate(cfg: DataConfig, tokenizer, samples: int) -> tuple[float, float, float]:
+    """(samples/s of one worker over `samples` after its first batch, seconds from nothing to the first batch,
+    CPU seconds per sample of this process over those samples, every thread of it)."""
     start = time.perf_counter()
     batches = iter(TrainStream(cfg, SHAPE, 0, 1, tokenizer))  # this process is the one worker
     next(batches)
     first = time.perf_counter() - start
     steps = max(1, samples // cfg.batch_size)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for _ in itertools.islice(batches, steps):
         pass
-    return steps * cfg.batch_size / (time.perf_counter() - start), first
+    n = steps * cfg.batch_size
+    return n / (time.perf_counter() - start), first, (time.process_time() - cpu) / n
 
 
-def remote_rows(url: str, local: Path, tokenizer, batch: int, samples: int) -> list[dict]:
-    """The stream from `url` beside the same stream from local disk, alternating, two runs each, this process on
+RUNS = 3  # alternating local / remote runs: the machine's speed drifts, so each ratio compares neighbours in time
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, every thread (/proc/PID/stat fields 14 and 15)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def remote_rows(url: str, local: Path, tokenizer, batch: int, samples: int, server: int | None) -> list[dict]:
+    """The stream from `url` beside the same stream from local disk, alternating, RUNS runs each, this process on
     one core (decoding and the HTTP client share it, as in a loader worker); then what reading costs there: bytes
     per sample by ranged GETs, and the whole-shard approach (download every shard a sample touches) on the same
-    samples."""
+    samples. `server`: the pid of a server started here, whose CPU time per sample is reported."""
     cores = sorted(os.sched_getaffinity(0))
     pin(os.getpid(), cores[:1])
-    rates: dict[str, list[tuple[float, float]]] = {"local": [], "remote": []}
-    for _ in range(2):
+    rates: dict[str, list[tuple[float, float, float]]] = {"local": [], "remote": []}
+    served = 0.0
+    for _ in range(RUNS):
         for name, train in (("local", str(local / "train")), ("remote", f"{url}/train")):
             cfg = DataConfig(train=train, batch_size=batch, workers=0, augment=True, max_text_tokens=256)
+            before = cpu_seconds(server) if server and name == "remote" else 0.0
             rates[name].append(stream_rate(cfg, tokenizer, samples))
+            served += cpu_seconds(server) - before if server and name == "remote" else 0.0
     pin(os.getpid(), cores)
-    rate = {name: sum(r for r, _ in runs) / len(runs) for name, runs in rates.items()}
-    first = {name: sum(f for _, f in runs) / len(runs) for name, runs in rates.items()}
+    rate, first, cpu = ({name: statistics.median(run[k] for run in runs) for name, runs in rates.items()} for k in range(3))
+    ratios = sorted(there[0] / here[0] for there, here in zip(rates["remote"], rates["local"]))
+    print("remote / local per run pair:", [round(r, 3) for r in ratios])
 
     stream = TrainStream(DataConfig(train=f"{url}/train", batch_size=batch, workers=0), SHAPE, 0, 1, tokenizer)
     reader = stream.reader()
@@ -127,8 +144,7 @@ def remote_rows(url: str, local: Path, tokenizer, batch: int, samples: int) -> l
     ranged, touched = [], []  # per micro-batch: bytes fetched by ranged GETs, shards touched
     for step in range(steps):
         groups = reader.remote_groups(stream._locations(step))
-        ranged.append(sum(len(blob) for shard, indices in groups.items()
-                          for blob in reader.fetch(shard, indices).values()))
+        ranged.append(sum(len(blob) for blob in asyncio.run(reader.fetch(groups)).values()))
         touched.append(set(groups))
     start = time.perf_counter()
     for shard in touched[0]:
@@ -137,10 +153,13 @@ def remote_rows(url: str, local: Path, tokenizer, batch: int, samples: int) -> l
     whole_first = sum(storage.size(stream.paths[shard]) for shard in touched[0])
     whole_run = sum(storage.size(stream.paths[shard]) for shard in set().union(*touched))  # each shard once
     return [
-        {"what": "local disk", "samples_per_s": rate["local"], "vs_local": 1.0, "first_batch_s": first["local"]},
-        {"what": f"{url}, ranged GETs", "samples_per_s": rate["remote"], "vs_local": rate["remote"] / rate["local"],
-         "first_batch_s": first["remote"], "first_batch_bytes_per_sample": ranged[0] / batch,
-         "run_bytes_per_sample": sum(ranged) / (steps * batch)},
+        {"what": "local disk", "samples_per_s": rate["local"], "vs_local": 1.0, "first_batch_s": first["local"],
+         "worker_cpu_ms_per_sample": 1e3 * cpu["local"]},
+        {"what": f"{url}, ranged GETs", "samples_per_s": rate["remote"], "vs_local": statistics.median(ratios),
+         "vs_local_min": ratios[0], "vs_local_max": ratios[-1], "first_batch_s": first["remote"],
+         "worker_cpu_ms_per_sample": 1e3 * cpu["remote"],
+         "first_batch_bytes_per_sample": ranged[0] / batch, "run_bytes_per_sample": sum(ranged) / (steps * batch),
+         **({"server_cpu_ms_per_sample": 1e3 * served / (RUNS * samples)} if server else {})},
         {"what": f"{url}, whole shards (wids-style: download, then read)",
          "first_batch_s": first["local"] + download_first, "first_batch_bytes_per_sample": whole_first / batch,
          "run_bytes_per_sample": whole_run / (steps * batch)},
@@ -151,7 +170,10 @@ def pin(pid: int, cores: list[int]) -> None:
     """Every thread of a process onto `cores` (an affinity set on a pid binds only its main thread; threads made
     later inherit their maker's)."""
     for task in Path(f"/proc/{pid}/task").iterdir():
-        os.sched_setaffinity(int(task.name), cores)
+        try:
+            os.sched_setaffinity(int(task.name), cores)
+        except ProcessLookupError:  # a thread that ended since the listing
+            pass
 
 
 def serve_s3(folder: Path):
@@ -187,7 +209,7 @@ def main() -> None:
         for augment in (False, True):
             cfg = DataConfig(train=str(shards / "train"), batch_size=args.batch, workers=0, augment=augment,
                              max_text_tokens=256)
-            rate, _ = stream_rate(cfg, tokenizer, args.samples)
+            rate, _, _ = stream_rate(cfg, tokenizer, args.samples)
             stream = TrainStream(cfg, SHAPE, 0, 1, tokenizer)
             stages = stage_rows(stream, ModelInputs(cfg, SHAPE, augment), min(args.samples, 512), tokenizer)
             rows.append({"augment": augment, "what": "end to end (one worker process)", "samples_per_s": rate,
@@ -206,7 +228,7 @@ def main() -> None:
             try:
                 if args.upload or server:
                     storage.upload_tree(shards, url)
-                remote = remote_rows(url, shards, tokenizer, args.batch, args.samples)
+                remote = remote_rows(url, shards, tokenizer, args.batch, args.samples, server and server.proc.pid)
             finally:
                 if server:
                     server.stop()
@@ -216,7 +238,8 @@ def main() -> None:
                         + ("--serve-s3" if server else f"--remote {url}" + (" --upload" if args.upload else "")),
                         f"One loader worker on one core (decoding and the HTTP client share it), augmentation on, "
                         f"micro-batch {args.batch}: the same stream of {args.samples} samples from local disk and from "
-                        f"{where}, alternating, mean of two runs each. First batch: from nothing (the shard index "
+                        f"{where}, alternating, {RUNS} runs each: medians, and the ratio's median, least and greatest "
+                        f"over the run pairs. First batch: from nothing (the shard index "
                         f"read) to the first micro-batch; for whole shards, downloading the shards the first micro-batch "
                         f"touches plus the local first batch. Bytes per sample: what the ranged GETs fetched, against "
                         f"the whole shards the samples touch (each downloaded once); over the run, a shard set "

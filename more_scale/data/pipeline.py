@@ -10,14 +10,16 @@ counted by reason and by shard; each batch carries its worker's counts since its
 
 from __future__ import annotations
 
+import asyncio
 import collections
+import concurrent.futures
 import hashlib
 import itertools
 import json
 import random
 import tarfile
+import threading
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import cv2
@@ -152,7 +154,41 @@ def source_dirs(train: str) -> list[str]:
 
 MAX_STAND_INS = 16  # unreadable samples in a row at one position before the stream gives up
 READ_AHEAD = 2  # micro-batches fetched ahead from an object store: bytes of READ_AHEAD + 1 batches held at most
-FETCH_THREADS = 8  # shards fetched at once (each shard's ranges concurrent within its call)
+
+
+class ReadAhead:
+    """An asyncio event loop on a thread of its own, started at the first submit: where a loader worker's object
+    store reads run while it decodes. On exit, what is still in flight is cancelled."""
+
+    def __init__(self):
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.thread: threading.Thread | None = None
+
+    def submit(self, coroutine) -> concurrent.futures.Future:
+        if self.loop is None:
+            self.loop = asyncio.new_event_loop()
+            self.thread = threading.Thread(target=self.loop.run_forever, name="read-ahead", daemon=True)
+            self.thread.start()
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop)
+
+    def __enter__(self) -> ReadAhead:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.loop is None:
+            return
+
+        async def cancel_in_flight() -> None:
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.get_running_loop().shutdown_default_executor()  # the table loads' threads
+
+        asyncio.run_coroutine_threadsafe(cancel_in_flight(), self.loop).result()
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join()
+        self.loop.close()
 
 
 class TrainStream(torch.utils.data.IterableDataset):
@@ -206,19 +242,17 @@ class TrainStream(torch.utils.data.IterableDataset):
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         cv2.setNumThreads(1)  # one core per loader worker; OpenCV's own pool would oversubscribe
         reader, skips = self.reader(), SkipCounter()
-        # from an object store, the samples of the next READ_AHEAD micro-batches are in flight (each shard's ranged
-        # GETs concurrent, on FETCH_THREADS threads) while this one decodes; from local disk each is read in turn
+        # from an object store, the samples of the next READ_AHEAD micro-batches are in flight (on an event loop of
+        # their own) while this one decodes; from local disk each is read in turn
         depth = READ_AHEAD if reader.remote else 0
         window: collections.deque = collections.deque()
-        with ThreadPoolExecutor(FETCH_THREADS) as pool:
+        with ReadAhead() as ahead:
             for local_step in itertools.count(worker, workers):
                 groups = reader.remote_groups(self._locations(local_step))
-                window.append((local_step, [pool.submit(reader.fetch, shard, indices)
-                                            for shard, indices in groups.items()]))
+                window.append((local_step, ahead.submit(reader.fetch(groups)) if groups else None))
                 if len(window) > depth:
-                    step, fetches = window.popleft()
-                    fetched = {where: blob for fetch in fetches for where, blob in fetch.result().items()}
-                    yield self._batch(step, reader, skips, fetched)
+                    step, fetching = window.popleft()
+                    yield self._batch(step, reader, skips, fetching.result() if fetching else {})
 
     def reader(self) -> ShardReader:
         return ShardReader(self.paths, self.shard_sizes, self.shard_bytes)

@@ -13,6 +13,7 @@ data. A sample that repeats a member is unreadable (a skip), in every reader.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import tarfile
 import threading
@@ -169,18 +170,25 @@ class ShardReader:
                 groups.setdefault(shard, []).append(index)
         return groups
 
-    def fetch(self, shard: int, indices: list[int]) -> dict[tuple[int, int], bytes]:
-        """The bytes of several samples of one remote shard (a remote_groups() entry), ahead of read(): their
-        ranged GETs go concurrently, neighbours merged into one. Fetch threads may load one table at once: the
-        second load is dropped (a dict store is atomic). What fails here is left out, to be read again (and
-        retried, or skipped) by read()."""
-        try:
-            spans = [self.span(shard, i) for i in indices]
-            blobs = storage.read_ranges(self.paths[shard], [s for s, _ in spans], [n for _, n in spans],
-                                        self._count_retry)
-        except (OSError, ValueError, ShardMismatch, tarfile.TarError):
-            return {}
-        return {(shard, index): blob for index, blob in zip(indices, blobs)}
+    async def fetch(self, groups: dict[int, list[int]]) -> dict[tuple[int, int], bytes]:
+        """The bytes of the samples in `groups` (a remote_groups() answer) by (shard, index), ahead of read(): every
+        shard's ranged GETs in flight at once, neighbours merged; a table not loaded yet loads on the event loop's
+        executor threads. What fails here is left out, to be read again (and retried, or skipped) by read()."""
+        async def shard_bytes(shard: int, indices: list[int]) -> dict[tuple[int, int], bytes]:
+            try:
+                if shard not in self.tables:
+                    await asyncio.get_running_loop().run_in_executor(None, self.table, shard)
+                spans = [self.span(shard, i) for i in indices]
+                blobs = await storage.read_ranges_async(self.paths[shard], [s for s, _ in spans], [n for _, n in spans],
+                                                        self._count_retry)
+            except (OSError, ValueError, ShardMismatch, tarfile.TarError):
+                return {}
+            return {(shard, index): blob for index, blob in zip(indices, blobs)}
+
+        fetched: dict[tuple[int, int], bytes] = {}
+        for part in await asyncio.gather(*(shard_bytes(shard, indices) for shard, indices in groups.items())):
+            fetched.update(part)
+        return fetched
 
     def read(self, shard: int, index: int, blob: bytes | None = None) -> dict:
         """The sample's members, from `blob` (its bytes, fetched ahead) or by one pread or ranged GET."""

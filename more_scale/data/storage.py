@@ -92,30 +92,55 @@ def _bucket_store(pid: int, bucket: str, endpoint: str, region: str):
 def _remote(call, url: str, what: str, on_retry=None):
     """`call(store, key)` with retries on failures that may pass (timeouts, 5xx, a server restarting), each one
     reported to `on_retry()`; refused credentials, a missing bucket or object fail at once."""
-    import obstore.exceptions as errors
-
     store, key = _store(url)
     for attempt in range(REMOTE_RETRIES + 1):
         try:
             return call(store, key)
-        except (errors.NotFoundError, FileNotFoundError):  # obstore raises either, by version
-            raise MissingObject(f"{url}: no such object (or bucket) on {_endpoint()}") from None
-        except errors.PermissionDeniedError:
-            raise RemoteError(f"{url}: access denied by {_endpoint()}: check AWS_ACCESS_KEY_ID / "
-                              "AWS_SECRET_ACCESS_KEY") from None
-        except errors.UnauthenticatedError:
-            raise RemoteError(f"{url}: credentials refused by {_endpoint()}") from None
-        except Exception as error:  # noqa: BLE001 - obstore raises its generic error for transport failures
-            if "non-partial response when range requested" in str(error):
-                raise RemoteError(f"{url}: the server at {_endpoint()} does not honour Range requests (it answered a "
-                                  "ranged GET with 200 and the whole object instead of 206 Partial Content); reading "
-                                  "one sample would read its whole shard") from None
-            if attempt == REMOTE_RETRIES:
-                raise RemoteError(f"{url}: {what} failed {REMOTE_RETRIES + 1} times; last: "
-                                  f"{type(error).__name__}: {str(error).splitlines()[0][:200]}") from None
+        except Exception as error:  # noqa: BLE001 - sorted by _final below
+            final = _final(error, url, what, attempt)
+            if final is not None:
+                raise final from None
         if on_retry is not None:
             on_retry()
         time.sleep(BACKOFF_S * 2 ** attempt)
+
+
+async def _remote_async(call, url: str, what: str, on_retry=None):
+    """_remote for a coroutine `call(store, key)`: the same retries, the backoff awaited."""
+    import asyncio
+
+    store, key = _store(url)
+    for attempt in range(REMOTE_RETRIES + 1):
+        try:
+            return await call(store, key)
+        except Exception as error:  # noqa: BLE001 - sorted by _final below
+            final = _final(error, url, what, attempt)
+            if final is not None:
+                raise final from None
+        if on_retry is not None:
+            on_retry()
+        await asyncio.sleep(BACKOFF_S * 2 ** attempt)
+
+
+def _final(error: Exception, url: str, what: str, attempt: int) -> RemoteError | None:
+    """What a failed request at `attempt` (0-based) ends in: None to retry it, else the error to raise."""
+    import obstore.exceptions as errors
+
+    if isinstance(error, (errors.NotFoundError, FileNotFoundError)):  # obstore raises either, by version
+        return MissingObject(f"{url}: no such object (or bucket) on {_endpoint()}")
+    if isinstance(error, errors.PermissionDeniedError):
+        return RemoteError(f"{url}: access denied by {_endpoint()}: check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY")
+    if isinstance(error, errors.UnauthenticatedError):
+        return RemoteError(f"{url}: credentials refused by {_endpoint()}")
+    # obstore raises its generic error for transport failures
+    if "non-partial response when range requested" in str(error):
+        return RemoteError(f"{url}: the server at {_endpoint()} does not honour Range requests (it answered a ranged "
+                           "GET with 200 and the whole object instead of 206 Partial Content); reading one sample "
+                           "would read its whole shard")
+    if attempt == REMOTE_RETRIES:
+        return RemoteError(f"{url}: {what} failed {REMOTE_RETRIES + 1} times; last: "
+                           f"{type(error).__name__}: {str(error).splitlines()[0][:200]}")
+    return None
 
 
 def _endpoint() -> str:
@@ -179,12 +204,21 @@ def read_ranges(location: str | Path, starts: list[int], lengths: list[int], on_
         return [read_range(location, start, length) for start, length in zip(starts, lengths)]
     import obstore
 
-    ends = [s + n for s, n in zip(starts, lengths)]
     def get(store, key):
-        return obstore.get_ranges(store, key, starts=starts, ends=ends, coalesce=NEIGHBOURS)
+        return obstore.get_ranges(store, key, starts=starts, lengths=lengths, coalesce=NEIGHBOURS)
 
-    blobs = _remote(get, str(location), "ranged GETs", on_retry)
-    return [bytes(b) for b in blobs]
+    return [bytes(b) for b in _remote(get, str(location), "ranged GETs", on_retry)]
+
+
+async def read_ranges_async(location: str, starts: list[int], lengths: list[int], on_retry=None) -> list[bytes]:
+    """read_ranges of an object as a coroutine: many objects' ranges in flight on one thread's event loop cost
+    the reading process less CPU than as many blocked threads (measured: 0.145 against 0.19 ms a sample)."""
+    import obstore
+
+    def get(store, key):
+        return obstore.get_ranges_async(store, key, starts=starts, lengths=lengths, coalesce=NEIGHBOURS)
+
+    return [bytes(b) for b in await _remote_async(get, location, "ranged GETs", on_retry)]
 
 
 def write_file(local: Path, location: str | Path) -> None:
