@@ -96,13 +96,8 @@ def _remote(call, url: str, what: str, on_retry=None):
     for attempt in range(REMOTE_RETRIES + 1):
         try:
             return call(store, key)
-        except Exception as error:  # noqa: BLE001 - sorted by _final below
-            final = _final(error, url, what, attempt)
-            if final is not None:
-                raise final from None
-        if on_retry is not None:
-            on_retry()
-        time.sleep(BACKOFF_S * 2 ** attempt)
+        except Exception as error:  # noqa: BLE001 - sorted by _backoff
+            time.sleep(_backoff(error, url, what, attempt, on_retry))
 
 
 async def _remote_async(call, url: str, what: str, on_retry=None):
@@ -113,34 +108,33 @@ async def _remote_async(call, url: str, what: str, on_retry=None):
     for attempt in range(REMOTE_RETRIES + 1):
         try:
             return await call(store, key)
-        except Exception as error:  # noqa: BLE001 - sorted by _final below
-            final = _final(error, url, what, attempt)
-            if final is not None:
-                raise final from None
-        if on_retry is not None:
-            on_retry()
-        await asyncio.sleep(BACKOFF_S * 2 ** attempt)
+        except Exception as error:  # noqa: BLE001 - sorted by _backoff
+            await asyncio.sleep(_backoff(error, url, what, attempt, on_retry))
 
 
-def _final(error: Exception, url: str, what: str, attempt: int) -> RemoteError | None:
-    """What a failed request at `attempt` (0-based) ends in: None to retry it, else the error to raise."""
+def _backoff(error: Exception, url: str, what: str, attempt: int, on_retry) -> float:
+    """The seconds to wait before retrying a request that failed at `attempt` (0-based), the retry reported to
+    `on_retry()`; or the error it ends in, raised."""
     import obstore.exceptions as errors
 
     if isinstance(error, (errors.NotFoundError, FileNotFoundError)):  # obstore raises either, by version
-        return MissingObject(f"{url}: no such object (or bucket) on {_endpoint()}")
+        raise MissingObject(f"{url}: no such object (or bucket) on {_endpoint()}") from None
     if isinstance(error, errors.PermissionDeniedError):
-        return RemoteError(f"{url}: access denied by {_endpoint()}: check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY")
+        raise RemoteError(f"{url}: access denied by {_endpoint()}: check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY") \
+            from None
     if isinstance(error, errors.UnauthenticatedError):
-        return RemoteError(f"{url}: credentials refused by {_endpoint()}")
+        raise RemoteError(f"{url}: credentials refused by {_endpoint()}") from None
     # obstore raises its generic error for transport failures
     if "non-partial response when range requested" in str(error):
-        return RemoteError(f"{url}: the server at {_endpoint()} does not honour Range requests (it answered a ranged "
-                           "GET with 200 and the whole object instead of 206 Partial Content); reading one sample "
-                           "would read its whole shard")
+        raise RemoteError(f"{url}: the server at {_endpoint()} does not honour Range requests (it answered a ranged "
+                          "GET with 200 and the whole object instead of 206 Partial Content); reading one sample "
+                          "would read its whole shard") from None
     if attempt == REMOTE_RETRIES:
-        return RemoteError(f"{url}: {what} failed {REMOTE_RETRIES + 1} times; last: "
-                           f"{type(error).__name__}: {str(error).splitlines()[0][:200]}")
-    return None
+        raise RemoteError(f"{url}: {what} failed {REMOTE_RETRIES + 1} times; last: "
+                          f"{type(error).__name__}: {str(error).splitlines()[0][:200]}") from None
+    if on_retry is not None:
+        on_retry()
+    return BACKOFF_S * 2 ** attempt
 
 
 def _endpoint() -> str:
