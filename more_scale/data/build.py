@@ -246,10 +246,14 @@ def read_index(directory: str | Path) -> dict:
     recorded size (on an object store, HEAD requests in parallel)."""
     storage.check_location(directory)
     path = storage.join(directory, INDEX_NAME)
-    if not storage.exists(path):
-        raise FileNotFoundError(f"{directory}: no {INDEX_NAME} (expected a shard directory made by build_shards.py)")
     try:
-        index = json.loads(storage.read_bytes(path))
+        text = storage.read_bytes(path)
+    except FileNotFoundError:  # a missing file, or object (storage.MissingObject: also a missing bucket)
+        where = " (or its bucket does not exist)" if storage.is_remote(directory) else ""
+        raise FileNotFoundError(f"{directory} holds no {INDEX_NAME}{where} (expected a split folder made by "
+                                "build_shards.py, such as SHARDS/train)") from None
+    try:
+        index = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{path}: not JSON ({error})") from None
     shards = index.get("shards") if isinstance(index, dict) else None

@@ -128,7 +128,8 @@ class ShardReader:
         self.tables: dict[int, ShardTable] = {}
         self._retries = 0  # object store requests retried since the last take_retries(); fetch threads add to it
         self._lock = threading.Lock()
-        self.remote = any(storage.is_remote(p) for p in paths)  # some shards on an object store: read-ahead pays
+        self.on_store = [storage.is_remote(p) for p in paths]  # per shard: on an object store
+        self.remote = any(self.on_store)  # some shards on an object store: read-ahead pays
 
     @classmethod
     def of_index(cls, directory: str | Path, entries: list[dict]) -> ShardReader:
@@ -166,7 +167,7 @@ class ShardReader:
         """The samples at `items` (shard, index) that live on an object store, by shard: what fetch() takes."""
         groups: dict[int, list[int]] = {}
         for shard, index in items:
-            if storage.is_remote(self.paths[shard]):
+            if self.on_store[shard]:
                 groups.setdefault(shard, []).append(index)
         return groups
 

@@ -63,10 +63,6 @@ def check_inputs(cfg: Config, world: int) -> dict[str, int]:
         if not storage.is_remote(directory) and not Path(directory).is_dir():
             raise InputError(f"data.train: no such folder {directory}")
         try:  # on an object store: the endpoint reachable, the credentials accepted, the bucket and index there
-            if not storage.exists(storage.join(directory, INDEX_NAME)):
-                where = " (or its bucket does not exist)" if storage.is_remote(directory) else ""
-                raise InputError(f"data.train: {directory} holds no {INDEX_NAME}{where} (expected a split folder made "
-                                 "by build_shards.py, such as SHARDS/train)")
             index = read_index(directory)
         except (ValueError, OSError) as error:
             raise InputError(f"data.train: {error}") from error
